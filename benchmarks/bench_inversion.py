@@ -1,0 +1,72 @@
+"""OTI / OVI throughput, fast vs reference, in one run (samples x steps per second).
+
+CPU: ViT-B-32 (random weights), OTI 32 samples x 5 steps, OVI 8 samples x 3 steps. GPU (when
+present): 64 and 4096 samples, fp32 and bf16. Under ``--benchmark-disable`` the tiny model is
+used so the file stays a quick smoke test of the same code.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import crossgap_fast as cg
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def cpu_model(request):
+    disabled = request.config.getoption("benchmark_disable", False)
+    torch.manual_seed(0)
+    return cg.load_model("crossgap-tiny" if disabled else "ViT-B-32")
+
+
+@pytest.fixture(scope="module")
+def gpu_model():
+    torch.manual_seed(0)
+    return cg.load_model("ViT-B-32", device="cuda")
+
+
+def _problem(model: cg.ClipModel, n: int, method: str):
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(n, model.embed_dim, generator=gen)
+    dim = (model.model.token_embedding.weight.shape[1] if method == "oti"
+           else model.model.visual.class_embedding.shape[0])
+    return feats, cg.initial_tokens(n, 1, dim)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("method,n,steps", [("oti", 32, 5), ("ovi", 8, 3)])
+def test_cpu_inversion(measure, cpu_model, method, n, steps, backend):
+    feats, init = _problem(cpu_model, n, method)
+    fn = getattr(cg, method)
+    res = measure(
+        lambda: fn(feats, cpu_model, steps=steps, init=init, backend=backend),
+        group=f"cpu {method} {cpu_model.name} n={n} steps={steps}",
+        provider=backend, work=n * steps, unit="sample_steps", rounds=2,
+    )
+    assert res.losses.shape == (n, steps) and torch.isfinite(res.features).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("provider", ["reference", "fast-fp32", "fast-bf16", "fast-bf16-eager"])
+@pytest.mark.parametrize("n", [64, 4096])
+@pytest.mark.parametrize("method,steps", [("oti", 20), ("ovi", 10)])
+def test_gpu_inversion(measure, gpu_model, method, steps, n, provider):
+    if provider == "reference" and n > 64:
+        steps = 2  # the reference at 4096 samples is slow; the rate is per sample-step
+    feats, init = _problem(gpu_model, n, method)
+    fn = getattr(cg, method)
+    kw: dict = {"backend": "reference"} if provider == "reference" else {
+        "precision": "fp32" if provider == "fast-fp32" else "bf16",
+        "compile": provider != "fast-bf16-eager",
+        "cuda_graph": provider != "fast-bf16-eager",
+        "batch_size": n if method == "oti" else min(n, 1024),
+    }
+    res = measure(
+        lambda: fn(feats, gpu_model, steps=steps, init=init, **kw),
+        group=f"gpu {method} ViT-B-32 n={n}", provider=provider, work=n * steps,
+        unit="sample_steps", rounds=3, sync=True,
+    )
+    assert torch.isfinite(res.features).all()

@@ -1,0 +1,32 @@
+"""Progress reporting for long inversions: items done, items/s and time left."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm.auto import tqdm
+
+
+class Progress:
+    """A thin tqdm wrapper that accepts fractional updates (items part-way through steps)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, unit: str = "item"):
+        self.bar = (
+            tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                 bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
+            if enabled
+            else None
+        )
+
+    def update(self, amount: float) -> None:
+        if self.bar is not None:
+            self.bar.update(amount)
+
+    def set_done(self, done: float) -> None:
+        """Snap the count to ``done`` items (fractional updates accumulate rounding)."""
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,26 @@
+"""Shared fixtures: randomly initialised models (weights cannot be downloaded here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import crossgap_fast as cg
+
+
+def _random_model(name: str, seed: int = 0) -> cg.ClipModel:
+    torch.manual_seed(seed)
+    return cg.load_model(name, pretrained=None)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> cg.ClipModel:
+    """A two-layer CLIP with open_clip's architecture: fast enough for most tests."""
+    return _random_model("crossgap-tiny")
+
+
+@pytest.fixture(scope="session")
+def vitb32() -> cg.ClipModel:
+    """Randomly initialised ViT-B-32, the paper's backbone shape."""
+    return _random_model("ViT-B-32")
+
