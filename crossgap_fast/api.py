@@ -26,6 +26,7 @@ class InversionResult:
     tokens: Tensor  # (N, R, d) optimised pseudo tokens / pseudo patches
     losses: Tensor  # (N, steps) float32 per-sample loss 1 - cos, before each update
     info: dict = field(default_factory=dict)  # backend, batch size, seconds, device, ...
+    snapshots: dict[int, Tensor] = field(default_factory=dict)  # step -> (N, D) features
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -89,7 +90,7 @@ def _as_features(x: Any, name: str, width: int) -> Tensor:
 
 
 def _check_common(steps: int, lr: float, weight_decay: float, num_tokens: int, backend: str,
-                  batch_size: int | None, loss_batch: int) -> None:
+                  batch_size: int | None, loss_batch: int, snapshot_steps) -> tuple[int, ...]:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(steps, int) or steps < 1:
@@ -104,6 +105,10 @@ def _check_common(steps: int, lr: float, weight_decay: float, num_tokens: int, b
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     if not isinstance(loss_batch, int) or loss_batch < 1:
         raise ValueError(f"loss_batch must be a positive integer, got {loss_batch!r}")
+    snaps = tuple(sorted({int(k) for k in (snapshot_steps or ())}))
+    if snaps and (snaps[0] < 0 or snaps[-1] > steps):
+        raise ValueError(f"snapshot_steps must lie in [0, steps={steps}], got {list(snaps)}")
+    return snaps
 
 
 def _start(init: Tensor | None, n: int, r: int, d: int, seed: int, sample_ids) -> Tensor:
@@ -151,6 +156,7 @@ def oti(
     batch_size: int | None = None,
     loss_batch: int = 64,
     sample_ids: Sequence[int] | None = None,
+    snapshot_steps: Sequence[int] | None = None,
     precision: str = "auto",
     compile: bool | None = None,
     cuda_graph: bool | None = None,
@@ -167,13 +173,16 @@ def oti(
     chosen from a memory budget). ``loss_batch``: each sample's loss is divided by it (the
     paper's batch mean over 64); fixed so that results do not depend on batching.
     ``sample_ids``: identities that seed each sample's random start (default 0..N-1).
+    ``snapshot_steps``: also return the features after these many updates in
+    ``result.snapshots`` (0 = the start), so a metric-versus-steps curve costs one run.
     Fast-backend knobs: ``precision`` ("auto": bf16 autocast on CUDA, fp32 on CPU),
     ``compile`` and ``cuda_graph`` (default: on CUDA only), ``use_kernels`` (Triton ops).
     """
     cm = as_clip_model(model)
     m = cm.model
     check_text_tower(m)
-    _check_common(steps, lr, weight_decay, num_tokens, backend, batch_size, loss_batch)
+    snaps = _check_common(steps, lr, weight_decay, num_tokens, backend, batch_size, loss_batch,
+                          snapshot_steps)
     targets = _as_features(image_features, "image_features", cm.embed_dim)
     tpl = make_template(template, num_tokens, cm.tokenizer, m)
     d = m.token_embedding.weight.shape[1]
@@ -184,21 +193,22 @@ def oti(
             out = reference.reference_oti(
                 m, cm.tokenizer, tpl, targets, start, steps=steps, lr=lr,
                 weight_decay=weight_decay, batch_size=batch_size or 64, loss_batch=loss_batch,
-                progress=progress, info=info,
+                progress=progress, info=info, snapshot_steps=snaps,
             )
         else:
             fwd = PrefixCachedText(m, tpl, use_kernels=use_kernels)
             cfg = engine.EngineConfig(
                 steps=steps, lr=lr, weight_decay=weight_decay, loss_batch=loss_batch,
                 batch_size=batch_size, precision=precision, compile=compile,
-                cuda_graph=cuda_graph, progress=progress, desc="OTI", info=info,
+                cuda_graph=cuda_graph, use_kernels=use_kernels, progress=progress, desc="OTI", info=info,
+                snapshot_steps=snaps,
             )
             rows = tpl.pool_index + 1 - tpl.prefix_len
             out = engine.run_inversion(
                 fwd, targets, start, cfg, rows=rows, width=d, layers=len(fwd.blocks),
                 device=cm.device,
             )
-    return InversionResult(*out, info=info)
+    return _result(out, info)
 
 
 def ovi(
@@ -215,6 +225,7 @@ def ovi(
     batch_size: int | None = None,
     loss_batch: int = 64,
     sample_ids: Sequence[int] | None = None,
+    snapshot_steps: Sequence[int] | None = None,
     precision: str = "auto",
     compile: bool | None = None,
     cuda_graph: bool | None = None,
@@ -231,7 +242,8 @@ def ovi(
     cm = as_clip_model(model)
     m = cm.model
     check_vision_tower(m)
-    _check_common(steps, lr, weight_decay, num_tokens, backend, batch_size, loss_batch)
+    snaps = _check_common(steps, lr, weight_decay, num_tokens, backend, batch_size, loss_batch,
+                          snapshot_steps)
     targets = _as_features(text_features, "text_features", cm.embed_dim)
     visual = m.visual
     n_patches = visual.grid_size[0] * visual.grid_size[1]
@@ -245,19 +257,26 @@ def ovi(
             out = reference.reference_ovi(
                 m, targets, start, steps=steps, lr=lr, weight_decay=weight_decay,
                 batch_size=batch_size or 64, loss_batch=loss_batch, progress=progress, info=info,
+                snapshot_steps=snaps,
             )
         else:
             fwd = PseudoPatchVision(m, use_kernels=use_kernels)
             cfg = engine.EngineConfig(
                 steps=steps, lr=lr, weight_decay=weight_decay, loss_batch=loss_batch,
                 batch_size=batch_size, precision=precision, compile=compile,
-                cuda_graph=cuda_graph, progress=progress, desc="OVI", info=info,
+                cuda_graph=cuda_graph, use_kernels=use_kernels, progress=progress, desc="OVI", info=info,
+                snapshot_steps=snaps,
             )
             out = engine.run_inversion(
                 fwd, targets, start, cfg, rows=n_patches + 1, width=d,
                 layers=len(fwd.blocks), device=cm.device,
             )
-    return InversionResult(*out, info=info)
+    return _result(out, info)
+
+
+def _result(out: tuple, info: dict) -> InversionResult:
+    features, tokens, losses, snapshots = out
+    return InversionResult(features, tokens, losses, info=info, snapshots=snapshots)
 
 
 # --------------------------------------------------------------------------------------------

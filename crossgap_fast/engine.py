@@ -13,7 +13,6 @@ captured in a CUDA graph.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from contextlib import nullcontext
@@ -21,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import cosine_loss
 from .progress import Progress
 
 
@@ -42,6 +41,8 @@ class EngineConfig:
     compile: bool | None = None  # None: on CUDA only
     cuda_graph: bool | None = None  # None: on CUDA only
     memory_budget: float | None = None  # bytes for activations; None: from the device
+    snapshot_steps: tuple[int, ...] = ()  # also keep features after these many updates
+    use_kernels: bool | None = None  # Triton ops: None = on CUDA when Triton is available
     progress: bool = False
     desc: str = "inverting"
     info: dict = field(default_factory=dict)
@@ -85,11 +86,6 @@ def adamw_step_(
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = (v.sqrt() / bc2_sqrt).add_(eps)
     p.sub_(m / denom * step_size)
-
-
-def cosine_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Per-sample 1 - cos(pred, target) in fp32."""
-    return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)
 
 
 def default_batch_size(
@@ -141,7 +137,7 @@ class _Stepper:
         )
         with ctx:
             feats = self.forward(p)
-        return cosine_loss(feats, target)
+        return cosine_loss(feats, target, use_triton=self.cfg.use_kernels)
 
     def load(self, init: Tensor, target: Tensor) -> None:
         with torch.no_grad():
@@ -213,11 +209,12 @@ def run_inversion(
     layers: int,
     device: torch.device,
     final_forward: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
     """Optimise ``init`` (N, R, d) so that ``forward`` matches ``targets`` (N, E).
 
     ``rows``, ``width``, ``layers`` describe the per-sample activation size for the memory
-    estimate. Returns CPU float32 ``(features, tokens, losses)``.
+    estimate. Returns CPU float32 ``(features, tokens, losses, snapshots)``; ``snapshots`` maps
+    each of ``cfg.snapshot_steps`` to the (N, E) features after that many updates.
     """
     n = targets.shape[0]
     amp = autocast_dtype(cfg.precision, device)
@@ -238,6 +235,9 @@ def run_inversion(
     tokens = torch.empty(init.shape)
     losses = torch.empty(n, cfg.steps)
     loss_buf = torch.empty(b, cfg.steps, device=device)
+    snaps = sorted(set(cfg.snapshot_steps))
+    snapshots = {k: torch.empty(n, targets.shape[1]) for k in snaps}
+    snap_buf = torch.empty(b, len(snaps), targets.shape[1], device=device)
     progress = Progress(n, cfg.desc, enabled=cfg.progress)
     report_every = max(1, cfg.steps // 10)
     start = time.perf_counter()
@@ -254,9 +254,18 @@ def run_inversion(
         if k != stepper.p.shape[0]:
             stepper = _Stepper(forward, k, tuple(init.shape[1:]), targets.shape[1], cfg, device, tables)
         stepper.load(c_init.to(device, torch.float32), c_target.to(device, torch.float32))
+        snap_at = {step: j for j, step in enumerate(snaps)}
+
+        def snapshot(done: int) -> None:
+            if done in snap_at:
+                with torch.no_grad():
+                    snap_buf[:k, snap_at[done]] = final(stepper.p.detach().clone()).float()
+
+        snapshot(0)
         for s in range(cfg.steps):
             stepper.run_step()
             loss_buf[:k, s].copy_(stepper.loss)
+            snapshot(s + 1)
             if (s + 1) % report_every == 0:
                 progress.update((hi - lo) * report_every / cfg.steps)
         with torch.no_grad():
@@ -264,6 +273,8 @@ def run_inversion(
             features[lo:hi] = final(p.clone()).float().cpu()
             tokens[lo:hi] = p.cpu()
             losses[lo:hi] = loss_buf[: hi - lo].cpu()
+            for j, step in enumerate(snaps):
+                snapshots[step][lo:hi] = snap_buf[: hi - lo, j].cpu()
         progress.set_done(hi)
     progress.close()
     cfg.info.update(
@@ -273,4 +284,4 @@ def run_inversion(
         device=str(device),
         precision=str(amp or torch.float32),
     )
-    return features, tokens, losses
+    return features, tokens, losses, snapshots

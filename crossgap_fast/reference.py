@@ -33,12 +33,14 @@ def _loop(
     progress: bool,
     desc: str,
     info: dict,
-) -> tuple[Tensor, Tensor, Tensor]:
+    snapshot_steps: tuple[int, ...] = (),
+) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
     n = targets.shape[0]
     use_amp = device.type == "cuda"
     features = torch.empty(n, targets.shape[1])
     tokens = torch.empty(init.shape)
     losses = torch.empty(n, steps)
+    snapshots = {k: torch.empty(n, targets.shape[1]) for k in sorted(set(snapshot_steps))}
     bar = Progress(n, desc, enabled=progress)
     start = time.perf_counter()
     for lo in range(0, n, batch_size):
@@ -47,6 +49,13 @@ def _loop(
         pseudo = init[lo:hi].to(device, torch.float32).clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([pseudo], lr=lr, weight_decay=weight_decay)
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+        def snapshot(done: int) -> None:
+            if done in snapshots:
+                with torch.no_grad():
+                    snapshots[done][lo:hi] = encode(pseudo.detach(), hi - lo).float().cpu()
+
+        snapshot(0)
         for step in range(steps):
             optimizer.zero_grad()
             ctx = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
@@ -58,13 +67,14 @@ def _loop(
             scaler.step(optimizer)
             scaler.update()
             losses[lo:hi, step] = per_sample.detach().float().cpu()
+            snapshot(step + 1)
         with torch.no_grad():
             features[lo:hi] = encode(pseudo.detach(), hi - lo).float().cpu()
         tokens[lo:hi] = pseudo.detach().cpu()
         bar.update(hi - lo)
     bar.close()
     info.update(batch_size=batch_size, seconds=time.perf_counter() - start, device=str(device))
-    return features, tokens, losses
+    return features, tokens, losses, snapshots
 
 
 def reference_oti(
@@ -81,8 +91,9 @@ def reference_oti(
     loss_batch: int = 64,
     progress: bool = False,
     info: dict | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """OTI as in the paper: returns CPU ``(features, tokens, losses)``."""
+    snapshot_steps: tuple[int, ...] = (),
+) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
+    """OTI as in the paper: returns CPU ``(features, tokens, losses, snapshots)``."""
     device = model.positional_embedding.device
     positions = template.positions.to(device)
 
@@ -91,7 +102,7 @@ def reference_oti(
         return full_text_forward(model, tokens, positions, pseudo)
 
     return _loop(encode, targets, init, steps, lr, weight_decay, batch_size, loss_batch,
-                 device, progress, "OTI reference", info if info is not None else {})
+                 device, progress, "OTI reference", info if info is not None else {}, snapshot_steps)
 
 
 def reference_ovi(
@@ -106,12 +117,13 @@ def reference_ovi(
     loss_batch: int = 64,
     progress: bool = False,
     info: dict | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """OVI as in the paper: returns CPU ``(features, tokens, losses)``."""
+    snapshot_steps: tuple[int, ...] = (),
+) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
+    """OVI as in the paper: returns CPU ``(features, tokens, losses, snapshots)``."""
     device = model.visual.positional_embedding.device
 
     def encode(pseudo: Tensor, b: int) -> Tensor:
         return full_vision_forward(model, pseudo)
 
     return _loop(encode, targets, init, steps, lr, weight_decay, batch_size, loss_batch,
-                 device, progress, "OVI reference", info if info is not None else {})
+                 device, progress, "OVI reference", info if info is not None else {}, snapshot_steps)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import expand_pseudo_patches, insert_pseudo_tokens, patch_source_index
 
 PLACEHOLDER = "£"  # a single BPE token in CLIP's vocabulary, as in the paper
 
@@ -158,19 +159,12 @@ def _pool_indices(model: nn.Module, tokens: Tensor) -> Tensor:
     return (tokens == model.text_eos_id).int().argmax(dim=-1)
 
 
-def patch_index(num_pseudo: int, num_patches: int, device=None) -> Tensor:
-    """Position j of the patch raster takes pseudo patch floor(j * P / N)."""
-    return torch.div(
-        torch.arange(num_patches, device=device) * num_pseudo, num_patches, rounding_mode="floor"
-    )
-
-
 def full_vision_forward(model: nn.Module, pseudo: Tensor) -> Tensor:
     """The image tower with the patch conv bypassed: ``pseudo`` (B, P, width) stretched over
     the patch grid by nearest neighbour along the raster order."""
     visual = model.visual
     n = visual.grid_size[0] * visual.grid_size[1]
-    patches = pseudo[:, patch_index(pseudo.shape[1], n, pseudo.device)]
+    patches = pseudo[:, patch_source_index(n, pseudo.shape[1], pseudo.device)]
     cls = visual.class_embedding.to(patches.dtype).view(1, 1, -1).expand(patches.shape[0], 1, -1)
     x = torch.cat([cls, patches], dim=1)
     x = x + visual.positional_embedding.to(x.dtype)
@@ -275,7 +269,7 @@ class PrefixCachedText(nn.Module):
     def forward(self, pseudo: Tensor) -> Tensor:
         cast = self.model.transformer.get_cast_dtype()
         x = insert_pseudo_tokens(
-            self.suffix_tok, self.suffix_pos, pseudo, self.rel_positions, self.use_kernels
+            self.suffix_tok, self.suffix_pos, pseudo, self.rel_positions, use_triton=self.use_kernels
         ).to(cast)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
@@ -309,7 +303,7 @@ class PseudoPatchVision(nn.Module):
             ln.bias if ln is not None else None,
             ln.eps if ln is not None else 0.0,
             self.num_patches,
-            self.use_kernels,
+            use_triton=self.use_kernels,
         ).to(v.transformer.get_cast_dtype())
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
@@ -319,36 +313,3 @@ class PseudoPatchVision(nn.Module):
         if v.proj is not None:
             pooled = pooled @ v.proj
         return pooled
-
-
-# --------------------------------------------------------------------------------------------
-# Input construction; Triton kernels take over on CUDA when available
-# --------------------------------------------------------------------------------------------
-def insert_pseudo_tokens(
-    token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor, use_kernels: bool | None
-) -> Tensor:
-    """(B, S, D) rows ``token_emb + pos_emb`` with ``pseudo`` (B, R, D) at ``positions``."""
-    b = pseudo.shape[0]
-    x = (token_emb + pos_emb).to(pseudo.dtype).expand(b, -1, -1).clone()
-    x[:, positions] = pseudo + pos_emb[positions].to(pseudo.dtype)
-    return x
-
-
-def expand_pseudo_patches(
-    pseudo: Tensor,
-    class_emb: Tensor,
-    pos_emb: Tensor,
-    ln_weight: Tensor | None,
-    ln_bias: Tensor | None,
-    eps: float,
-    num_patches: int,
-    use_kernels: bool | None,
-) -> Tensor:
-    """``ln_pre([class; pseudo stretched over the patches] + pos)``, (B, N + 1, D)."""
-    b, p, d = pseudo.shape
-    patches = pseudo[:, patch_index(p, num_patches, pseudo.device)]
-    cls = class_emb.to(pseudo.dtype).view(1, 1, d).expand(b, 1, d)
-    x = torch.cat([cls, patches], dim=1) + pos_emb.to(pseudo.dtype)
-    if ln_weight is None:
-        return x
-    return F.layer_norm(x, (d,), ln_weight, ln_bias, eps)

@@ -24,3 +24,9 @@ def vitb32() -> cg.ClipModel:
     """Randomly initialised ViT-B-32, the paper's backbone shape."""
     return _random_model("ViT-B-32")
 
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rng():
+    """Test data drawn from the global RNG is the same whatever the test order."""
+    torch.manual_seed(1234)

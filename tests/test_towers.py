@@ -11,8 +11,8 @@ from crossgap_fast.towers import (
     full_text_forward,
     full_vision_forward,
     make_template,
-    patch_index,
 )
+from crossgap_fast.kernels import patch_source_index
 
 TEMPLATES = [
     ("a photo of {}", 1),
@@ -73,7 +73,7 @@ def test_template_positions_and_pool_index(tiny):
     (4, 4, [0, 1, 2, 3]),
 ])
 def test_patch_index_is_nearest_neighbour_along_the_raster(p, n, expected):
-    assert patch_index(p, n).tolist() == expected
+    assert patch_source_index(n, p).tolist() == expected
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 16])

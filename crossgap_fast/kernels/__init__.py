@@ -1,0 +1,45 @@
+"""Fused kernels around the frozen CLIP encoders (Triton, with plain-torch fallbacks).
+
+Functional entry points (each takes ``use_triton: bool | None = None``; see
+:mod:`crossgap_fast.kernels.dispatch` for the dispatch rule):
+
+* :func:`insert_pseudo_tokens` — OTI text-tower input (``crossgap_fast.kernels.pseudo_tokens``)
+* :func:`expand_pseudo_patches` — OVI vision-tower input (``crossgap_fast.kernels.pseudo_patches``)
+* :func:`cosine_loss` — per-sample ``1 - cos`` with fused backward (``crossgap_fast.kernels.cosine``)
+* :func:`adamw_step` — fused in-place AdamW step (``crossgap_fast.kernels.adamw``)
+
+Importing this package never initialises CUDA and works without Triton installed.
+"""
+
+from .adamw import adamw_step, adamw_step_torch, adamw_step_triton
+from .cosine import COSINE_EPS, cosine_loss, cosine_loss_torch, cosine_loss_triton
+from .dispatch import HAS_TRITON, get_use_triton, set_use_triton, should_use_triton, triton_available
+from .pseudo_patches import (
+    expand_pseudo_patches,
+    expand_pseudo_patches_torch,
+    expand_pseudo_patches_triton,
+    patch_source_index,
+)
+from .pseudo_tokens import insert_pseudo_tokens, insert_pseudo_tokens_torch, insert_pseudo_tokens_triton
+
+__all__ = [
+    "HAS_TRITON",
+    "COSINE_EPS",
+    "adamw_step",
+    "adamw_step_torch",
+    "adamw_step_triton",
+    "cosine_loss",
+    "cosine_loss_torch",
+    "cosine_loss_triton",
+    "expand_pseudo_patches",
+    "expand_pseudo_patches_torch",
+    "expand_pseudo_patches_triton",
+    "get_use_triton",
+    "insert_pseudo_tokens",
+    "insert_pseudo_tokens_torch",
+    "insert_pseudo_tokens_triton",
+    "patch_source_index",
+    "set_use_triton",
+    "should_use_triton",
+    "triton_available",
+]

@@ -1,0 +1,222 @@
+"""Fused single-tensor AdamW step (one kernel per parameter tensor, in place).
+
+``adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)``
+updates ``param``, ``exp_avg`` and ``exp_avg_sq`` in place following the update order of
+``torch.optim.AdamW(foreach=False, capturable=False)`` (``_single_tensor_adamw``)::
+
+    param      *= 1 - lr * weight_decay
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq  = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    bc1 = 1 - beta1 ** step ;  bc2 = 1 - beta2 ** step          (double precision)
+    denom = sqrt(exp_avg_sq) / sqrt(bc2) + eps
+    param += -(lr / bc1) * exp_avg / denom
+
+``step`` is the *already incremented* step count (torch increments ``state["step"]`` before
+the update); on the Triton path it is a 0-d tensor read on the device, so the step is
+CUDA-graph capturable (no host sync). Python scalars (``lr``, betas, ...) are rounded to fp32
+on the host exactly as torch's scalar ops do; ``beta1``, ``beta2`` and ``lr`` are also
+passed as fp32 hi/lo pairs so that the bias corrections are computed in fp64 in the kernel.
+Element math is fp32 (fp32 ``param`` / states; lower-precision params are loaded to fp32 and
+stored back rounded once, unlike torch's per-op rounding). The Triton kernel needs the four
+tensors contiguous and of the same shape; otherwise the torch fallback is used (auto) or a
+``ValueError`` is raised (forced).
+
+The torch fallback is a transcription of the update above with in-place torch ops (it reads
+``step`` with ``float()``, i.e. a host sync for a CUDA tensor).
+
+Triton path: custom op ``torch.ops.crossgap.adamw_step`` (``triton_op`` with
+``mutates_args={"param", "exp_avg", "exp_avg_sq"}``; no autograd).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .dispatch import HAS_TRITON_OP, launcher, should_use_triton
+
+__all__ = ["adamw_step", "adamw_step_torch", "adamw_step_triton"]
+
+
+def _split_f32(x: float) -> tuple[float, float]:
+    """x ~= hi + lo with hi, lo exactly representable in fp32."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    lo = float(torch.tensor(x - hi, dtype=torch.float32))
+    return hi, lo
+
+
+def _check(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.shape != param.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} != param shape {tuple(param.shape)}")
+
+
+# --------------------------------------------------------------------------- torch fallback
+@torch.no_grad()
+def adamw_step_torch(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Union[Tensor, float, int],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """In-place AdamW step with torch ops, in ``_single_tensor_adamw`` order."""
+    _check(param, grad, exp_avg, exp_avg_sq)
+    s = float(step)
+    param.mul_(1.0 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    bias_correction1 = 1.0 - beta1**s
+    bias_correction2 = 1.0 - beta2**s
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+# --------------------------------------------------------------------------- triton
+if HAS_TRITON_OP:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _adamw_kernel(
+        p_ptr, g_ptr, m_ptr, v_ptr, step_ptr,
+        n,
+        decay, w1, beta2, omb2, eps,
+        lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo,
+        LERP_FROM_END: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < n
+
+        # bias corrections in fp64 (torch computes them with Python floats)
+        step = tl.load(step_ptr).to(tl.float64)
+        b1 = tl.cast(b1_hi, tl.float64) + tl.cast(b1_lo, tl.float64)
+        b2 = tl.cast(b2_hi, tl.float64) + tl.cast(b2_lo, tl.float64)
+        lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)
+        bc1 = 1.0 - tl.exp(step * tl.log(b1))
+        bc2 = 1.0 - tl.exp(step * tl.log(b2))
+        neg_step_size = (-(lr / bc1)).to(tl.float32)
+        bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
+
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+        p = p * decay
+        if LERP_FROM_END:  # ATen's lerp, weight >= 0.5 branch
+            m = g - (g - m) * (1.0 - w1)
+        else:  # weight < 0.5 branch (fused multiply-add, as ATen's vectorised lerp)
+            m = tl.fma(w1, g - m, m)
+        v = v * beta2
+        v = v + (omb2 * g) * g
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p + tl.div_rn(neg_step_size * m, denom)
+
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+
+    def _adamw_impl(
+        param: Tensor,
+        grad: Tensor,
+        exp_avg: Tensor,
+        exp_avg_sq: Tensor,
+        step: Tensor,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+    ) -> None:
+        n = param.numel()
+        if n == 0:
+            return
+        block = 1024
+        lr_hi, lr_lo = _split_f32(lr)
+        b1_hi, b1_lo = _split_f32(beta1)
+        b2_hi, b2_lo = _split_f32(beta2)
+        grid = (triton.cdiv(n, block),)
+        launcher(_adamw_kernel, param)[grid](
+            param, grad, exp_avg, exp_avg_sq, step,
+            n,
+            1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+            lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo,
+            LERP_FROM_END=(1.0 - beta1) >= 0.5, BLOCK=block, num_warps=4,
+        )
+
+    _adamw_op = dispatch.define_triton_op(
+        "adamw_step", _adamw_impl, mutates_args={"param", "exp_avg", "exp_avg_sq"}
+    )
+
+
+def _triton_ok(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> bool:
+    return all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq))
+
+
+@torch.no_grad()
+def adamw_step_triton(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Union[Tensor, float, int],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """In-place AdamW step with the Triton kernel (custom op ``crossgap::adamw_step``)."""
+    if not HAS_TRITON_OP:
+        raise RuntimeError("Triton is not available")
+    _check(param, grad, exp_avg, exp_avg_sq)
+    if not _triton_ok(param, grad, exp_avg, exp_avg_sq):
+        raise ValueError("the Triton AdamW kernel needs contiguous param/grad/exp_avg/exp_avg_sq")
+    if not isinstance(step, Tensor):
+        step = torch.tensor(float(step), dtype=torch.float32, device=param.device)
+    elif step.device != param.device:
+        step = step.to(param.device)
+    _adamw_op(
+        param, grad, exp_avg, exp_avg_sq, step,
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+    )
+
+
+def adamw_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Union[Tensor, float, int],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    *,
+    use_triton: Optional[bool] = None,
+) -> None:
+    """In-place AdamW update of ``param``/``exp_avg``/``exp_avg_sq`` (see module doc).
+
+    ``use_triton``: ``None`` = dispatch rule of :mod:`crossgap_fast.kernels.dispatch` (plus
+    contiguity), ``True`` = Triton kernel (Triton interpreter for CPU tensors), ``False`` = torch.
+    """
+    flag = should_use_triton(use_triton, param, grad, exp_avg, exp_avg_sq)
+    if flag and use_triton is None and dispatch.get_use_triton() is None:
+        flag = _triton_ok(param, grad, exp_avg, exp_avg_sq)
+    if flag:
+        adamw_step_triton(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
+    else:
+        adamw_step_torch(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)

@@ -1,0 +1,238 @@
+"""Fused construction of the text-tower input for OTI (pseudo-token insertion).
+
+``insert_pseudo_tokens(token_emb, pos_emb, pseudo, positions) -> x`` with
+
+* ``token_emb`` (S, D): token embeddings of the shared prompt template,
+* ``pos_emb``   (S, D): positional embeddings (frozen),
+* ``pseudo``    (B, R, D): learnt pseudo-token embeddings, one set per sample,
+* ``positions`` (R,) int64: distinct indices in [0, S) where the pseudo tokens go,
+
+returns ``x`` (B, S, D) of dtype ``pseudo.dtype``::
+
+    x[b, s]            = token_emb[s] + pos_emb[s]            (s not in positions)
+    x[b, positions[r]] = pseudo[b, r] + pos_emb[positions[r]]
+
+computed in fp32 (fp64 in the torch fallback when ``pseudo`` is fp64). Backward only
+w.r.t. ``pseudo``: ``grad_pseudo[b, r] = grad_x[b, positions[r]]``; the template and
+positional embeddings are treated as frozen constants on both paths (no gradient, even if
+they require grad).
+
+Preconditions that are *not* checked on the Triton path (checking would need a device
+sync): ``positions`` values are distinct and in [0, S).
+
+Triton path: custom op ``torch.ops.crossgap.insert_pseudo_tokens`` (a
+``torch.library.triton_op``) whose autograd is registered with
+``torch.library.register_autograd``; its backward calls the custom op
+``torch.ops.crossgap.insert_pseudo_tokens_backward``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .dispatch import HAS_TRITON_OP, launcher, next_pow2, should_use_triton
+
+__all__ = [
+    "insert_pseudo_tokens",
+    "insert_pseudo_tokens_torch",
+    "insert_pseudo_tokens_triton",
+]
+
+
+# --------------------------------------------------------------------------- checks
+def _check(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor) -> None:
+    if token_emb.dim() != 2 or pos_emb.dim() != 2 or pseudo.dim() != 3:
+        raise ValueError(
+            "expected token_emb (S, D), pos_emb (S, D), pseudo (B, R, D); got "
+            f"{tuple(token_emb.shape)}, {tuple(pos_emb.shape)}, {tuple(pseudo.shape)}"
+        )
+    if token_emb.shape != pos_emb.shape:
+        raise ValueError(f"token_emb {tuple(token_emb.shape)} != pos_emb {tuple(pos_emb.shape)}")
+    if pseudo.shape[2] != token_emb.shape[1]:
+        raise ValueError(f"pseudo D={pseudo.shape[2]} != token_emb D={token_emb.shape[1]}")
+    if positions.dim() != 1 or positions.shape[0] != pseudo.shape[1]:
+        raise ValueError(f"positions must be (R,) with R={pseudo.shape[1]}; got {tuple(positions.shape)}")
+    if positions.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"positions must be int64 (or int32), got {positions.dtype}")
+
+
+# --------------------------------------------------------------------------- torch fallback
+def insert_pseudo_tokens_torch(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor) -> Tensor:
+    """Plain-torch implementation (differentiable by autograd; traceable by torch.compile)."""
+    _check(token_emb, pos_emb, pseudo, positions)
+    B, R, D = pseudo.shape
+    S = token_emb.shape[0]
+    ct = torch.promote_types(pseudo.dtype, torch.float32)
+    positions = positions.to(device=pseudo.device, dtype=torch.int64)
+    pos = pos_emb.detach().to(ct)  # frozen (no gradient), as on the Triton path
+    base = (token_emb.detach().to(ct) + pos).unsqueeze(0).expand(B, S, D)
+    inserted = pseudo.to(ct) + pos.index_select(0, positions).unsqueeze(0)
+    # out-of-place index_copy: differentiable w.r.t. the source (grad = index_select)
+    return base.index_copy(1, positions, inserted).to(pseudo.dtype)
+
+
+# --------------------------------------------------------------------------- triton
+if HAS_TRITON_OP:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _insert_fwd_kernel(
+        tok_ptr, pos_ptr, pseudo_ptr, positions_ptr, out_ptr,
+        B, R, D,
+        s_tok_s, s_tok_d,
+        s_pos_s, s_pos_d,
+        s_ps_b, s_ps_r, s_ps_d,
+        s_idx,
+        s_out_b, s_out_s, s_out_d,
+        BLOCK_B: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # program (pid_b, s): rows b in [pid_b*BLOCK_B, +BLOCK_B) of sequence position s
+        pid_b = tl.program_id(0).to(tl.int64)
+        s = tl.program_id(1).to(tl.int64)
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+        mask_b = offs_b < B
+        mask_d = offs_d < D
+        mask = mask_b[:, None] & mask_d[None, :]
+
+        # which pseudo token (if any) sits at position s; R is small (1..few)
+        slot = s * 0 - 1
+        for r in range(0, R):
+            p = tl.load(positions_ptr + r * s_idx).to(tl.int64)
+            slot = tl.where(p == s, r, slot)
+        is_ps = slot >= 0
+        slot_safe = tl.maximum(slot, 0)
+
+        pos = tl.load(pos_ptr + s * s_pos_s + offs_d * s_pos_d, mask=mask_d, other=0.0).to(tl.float32)
+        tok = tl.load(tok_ptr + s * s_tok_s + offs_d * s_tok_d, mask=mask_d & (slot < 0), other=0.0).to(tl.float32)
+        ps = tl.load(
+            pseudo_ptr + offs_b[:, None] * s_ps_b + slot_safe * s_ps_r + offs_d[None, :] * s_ps_d,
+            mask=mask & is_ps,
+            other=0.0,
+        ).to(tl.float32)
+        val = tl.where(is_ps, ps, tok[None, :]) + pos[None, :]
+        tl.store(
+            out_ptr + offs_b[:, None] * s_out_b + s * s_out_s + offs_d[None, :] * s_out_d,
+            val.to(out_ptr.dtype.element_ty),
+            mask=mask,
+        )
+
+    @triton.jit
+    def _insert_bwd_kernel(
+        grad_ptr, positions_ptr, gps_ptr,
+        B, D,
+        s_g_b, s_g_s, s_g_d,
+        s_idx,
+        s_o_b, s_o_r, s_o_d,
+        BLOCK_B: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # program (pid_b, r): grad_pseudo[b, r] = grad_x[b, positions[r]]
+        pid_b = tl.program_id(0).to(tl.int64)
+        r = tl.program_id(1).to(tl.int64)
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+        mask = (offs_b < B)[:, None] & (offs_d < D)[None, :]
+        s = tl.load(positions_ptr + r * s_idx).to(tl.int64)
+        g = tl.load(grad_ptr + offs_b[:, None] * s_g_b + s * s_g_s + offs_d[None, :] * s_g_d, mask=mask, other=0.0)
+        tl.store(
+            gps_ptr + offs_b[:, None] * s_o_b + r * s_o_r + offs_d[None, :] * s_o_d,
+            g.to(tl.float32).to(gps_ptr.dtype.element_ty),
+            mask=mask,
+        )
+
+    def _blocks(B: int, D: int) -> tuple[int, int, int]:
+        block_d = next_pow2(D)
+        block_b = max(1, min(next_pow2(B), 4096 // block_d if block_d < 4096 else 1))
+        num_warps = 4 if block_b * block_d <= 2048 else 8
+        return block_b, block_d, num_warps
+
+    def _insert_fwd_impl(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor) -> Tensor:
+        B, R, D = pseudo.shape
+        S = token_emb.shape[0]
+        out = torch.empty((B, S, D), device=pseudo.device, dtype=pseudo.dtype)
+        if B == 0 or S == 0 or D == 0:
+            return out
+        block_b, block_d, num_warps = _blocks(B, D)
+        grid = (triton.cdiv(B, block_b), S)
+        launcher(_insert_fwd_kernel, pseudo)[grid](
+            token_emb, pos_emb, pseudo, positions, out,
+            B, R, D,
+            token_emb.stride(0), token_emb.stride(1),
+            pos_emb.stride(0), pos_emb.stride(1),
+            pseudo.stride(0), pseudo.stride(1), pseudo.stride(2),
+            positions.stride(0),
+            out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps,
+        )
+        return out
+
+    def _insert_bwd_impl(grad_x: Tensor, positions: Tensor) -> Tensor:
+        B, S, D = grad_x.shape
+        R = positions.shape[0]
+        gps = torch.empty((B, R, D), device=grad_x.device, dtype=grad_x.dtype)
+        if B == 0 or R == 0 or D == 0:
+            return gps
+        block_b, block_d, num_warps = _blocks(B, D)
+        grid = (triton.cdiv(B, block_b), R)
+        launcher(_insert_bwd_kernel, grad_x)[grid](
+            grad_x, positions, gps,
+            B, D,
+            grad_x.stride(0), grad_x.stride(1), grad_x.stride(2),
+            positions.stride(0),
+            gps.stride(0), gps.stride(1), gps.stride(2),
+            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps,
+        )
+        return gps
+
+    _insert_op = dispatch.define_triton_op("insert_pseudo_tokens", _insert_fwd_impl)
+    _insert_bwd_op = dispatch.define_triton_op("insert_pseudo_tokens_backward", _insert_bwd_impl)
+
+    def _insert_setup_context(ctx, inputs, output):
+        token_emb, pos_emb, pseudo, positions = inputs
+        ctx.save_for_backward(positions)
+        ctx.pseudo_dtype = pseudo.dtype
+
+    def _insert_backward(ctx, grad_x):
+        (positions,) = ctx.saved_tensors
+        grad_pseudo = None
+        if ctx.needs_input_grad[2]:
+            grad_pseudo = _insert_bwd_op(grad_x, positions)
+            if grad_pseudo.dtype != ctx.pseudo_dtype:
+                grad_pseudo = grad_pseudo.to(ctx.pseudo_dtype)
+        return None, None, grad_pseudo, None
+
+    _insert_op.register_autograd(_insert_backward, setup_context=_insert_setup_context)
+
+
+def insert_pseudo_tokens_triton(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor) -> Tensor:
+    """Triton implementation (custom op ``crossgap::insert_pseudo_tokens``), differentiable w.r.t. ``pseudo``."""
+    if not HAS_TRITON_OP:
+        raise RuntimeError("Triton is not available")
+    _check(token_emb, pos_emb, pseudo, positions)
+    positions = positions.to(device=pseudo.device, dtype=torch.int64)
+    return _insert_op(token_emb, pos_emb, pseudo, positions)
+
+
+def insert_pseudo_tokens(
+    token_emb: Tensor,
+    pos_emb: Tensor,
+    pseudo: Tensor,
+    positions: Tensor,
+    *,
+    use_triton: Optional[bool] = None,
+) -> Tensor:
+    """Build the (B, S, D) text-tower input with the pseudo tokens inserted (see module doc).
+
+    ``use_triton``: ``None`` = dispatch rule of :mod:`crossgap_fast.kernels.dispatch`,
+    ``True`` = Triton kernel (Triton interpreter for CPU tensors), ``False`` = torch.
+    """
+    if should_use_triton(use_triton, token_emb, pos_emb, pseudo):
+        return insert_pseudo_tokens_triton(token_emb, pos_emb, pseudo, positions)
+    return insert_pseudo_tokens_torch(token_emb, pos_emb, pseudo, positions)

@@ -1,0 +1,110 @@
+"""Independent, deliberately naive references for the fused kernels (tests only).
+
+They are written differently from the library's torch fallbacks (explicit per-row loops,
+``torch.stack`` / ``torch.cat``, hand-written LayerNorm and cosine) so that a shared bug
+is unlikely. All compute in the dtype of their inputs (call them with fp64 for a tight
+reference).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# make `crossgap_fast` importable when the repo is not installed and pytest was not run
+# from the repository root
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+
+def ref_insert(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor) -> Tensor:
+    B, R, D = pseudo.shape
+    S = token_emb.shape[0]
+    where = {int(p): r for r, p in enumerate(positions.tolist())}
+    rows = []
+    for s in range(S):
+        if s in where:
+            rows.append(pseudo[:, where[s], :] + pos_emb[s])
+        else:
+            rows.append((token_emb[s] + pos_emb[s]).expand(B, D))
+    return torch.stack(rows, dim=1)
+
+
+def ref_layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)  # biased
+    y = (x - mean) / torch.sqrt(var + eps) * weight
+    return y if bias is None else y + bias
+
+
+def ref_expand(
+    pseudo: Tensor,
+    class_emb: Tensor,
+    pos_emb: Tensor,
+    ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor],
+    eps: float,
+    num_patches: int,
+) -> Tensor:
+    B, P, D = pseudo.shape
+    N = num_patches
+    rows = [(class_emb + pos_emb[0]).expand(B, D)]
+    for j in range(N):
+        src = (j * P) // N  # floor(j * P / N) with integers
+        rows.append(pseudo[:, src, :] + pos_emb[1 + j])
+    x = torch.stack(rows, dim=1)
+    if ln_weight is None:
+        return x
+    return ref_layer_norm(x, ln_weight, ln_bias, eps)
+
+
+def ref_cosine_loss(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
+    dot = (pred * target).sum(-1)
+    n_p = pred.pow(2).sum(-1).sqrt().clamp_min(eps)
+    n_t = target.pow(2).sum(-1).sqrt().clamp_min(eps)
+    return 1.0 - dot / (n_p * n_t)
+
+
+def ref_cosine_grad(pred: Tensor, target: Tensor, grad_loss: Tensor, eps: float = 1e-8) -> Tensor:
+    """Closed form d loss / d pred (the documented convention, also for degenerate pred)."""
+    n_p = pred.norm(dim=-1, keepdim=True).clamp_min(eps)
+    n_t = target.norm(dim=-1, keepdim=True).clamp_min(eps)
+    cos = (pred * target).sum(-1, keepdim=True) / (n_p * n_t)
+    return -(target / (n_p * n_t) - cos * pred / n_p**2) * grad_loss[:, None]
+
+
+def grads(out: Tensor, inputs, grad_out: Tensor):
+    return torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+
+
+def make_insert_inputs(B, S, R, D, dtype=torch.float32, device="cpu", seed=0, positions=None):
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randn(S, D, generator=g).to(device)
+    pos = torch.randn(S, D, generator=g).to(device)
+    pseudo = torch.randn(B, R, D, generator=g).to(device=device, dtype=dtype)
+    if positions is None:
+        positions = torch.randperm(S, generator=g)[:R]
+    positions = torch.as_tensor(positions, dtype=torch.int64).to(device)
+    return tok, pos, pseudo, positions
+
+
+def make_expand_inputs(B, P, N, D, ln=True, bias=True, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pseudo = torch.randn(B, P, D, generator=g).to(device=device, dtype=dtype)
+    cls = torch.randn(D, generator=g).to(device)
+    pos = torch.randn(N + 1, D, generator=g).to(device)
+    w = (1.0 + 0.5 * torch.randn(D, generator=g)).to(device) if ln else None
+    b = (0.5 * torch.randn(D, generator=g)).to(device) if (ln and bias) else None
+    return pseudo, cls, pos, w, b
+
+
+def make_cosine_inputs(B, E, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randn(B, E, generator=g).to(device=device, dtype=dtype)
+    target = torch.randn(B, E, generator=g).to(device=device, dtype=dtype)
+    return pred, target
