@@ -7,7 +7,7 @@ sample's trajectory never depends on which samples share its batch.
 
 Hot-loop discipline: nothing in a step reads a value back to the host. Losses go into a
 preallocated device buffer that is copied out once per chunk; the AdamW step count lives on
-the device with bias corrections looked up from a table, so the step can be compiled once and
+the device and the bias corrections are computed there, so the step can be compiled once and
 captured in a CUDA graph.
 """
 
@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .kernels import cosine_loss
+from .kernels import adamw_step, cosine_loss
 from .progress import Progress
 
 
@@ -58,36 +58,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return table[precision]
 
 
-def adamw_tables(steps: int, lr: float, betas: tuple[float, float], device) -> tuple[Tensor, Tensor]:
-    """Per-step AdamW step size lr / (1 - b1^t) and sqrt(1 - b2^t), computed in float64 as
-    torch.optim.AdamW does on the host, so the device never needs the step as a number."""
-    t = torch.arange(1, steps + 1, dtype=torch.float64)
-    step_size = lr / (1 - betas[0] ** t)
-    bc2_sqrt = (1 - betas[1] ** t).sqrt()
-    return step_size.float().to(device), bc2_sqrt.float().to(device)
-
-
-def adamw_step_(
-    p: Tensor,
-    g: Tensor,
-    m: Tensor,
-    v: Tensor,
-    step_size: Tensor,
-    bc2_sqrt: Tensor,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """torch.optim.AdamW's single-tensor update, in its order, with device-side scalars."""
-    p.mul_(1 - lr * weight_decay)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = (v.sqrt() / bc2_sqrt).add_(eps)
-    p.sub_(m / denom * step_size)
-
-
 def default_batch_size(
     n: int, rows: int, width: int, layers: int, device: torch.device, elem_bytes: int, budget: float | None
 ) -> int:
@@ -113,7 +83,6 @@ class _Stepper:
         embed_dim: int,
         cfg: EngineConfig,
         device: torch.device,
-        tables: tuple[Tensor, Tensor],
     ):
         self.forward = forward
         self.cfg = cfg
@@ -124,8 +93,7 @@ class _Stepper:
         self.v = torch.zeros(b, *token_shape, device=device)
         self.target = torch.zeros(b, embed_dim, device=device)
         self.loss = torch.zeros(b, device=device)
-        self.t = torch.zeros(1, dtype=torch.long, device=device)
-        self.step_table, self.bc2_table = tables
+        self.t = torch.zeros((), dtype=torch.float64, device=device)  # AdamW step count
         self.scale = 1.0 / cfg.loss_batch
         use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
         self.loss_fn = torch.compile(self._loss, dynamic=False) if use_compile else self._loss
@@ -152,22 +120,11 @@ class _Stepper:
             loss = self.loss_fn(self.p, self.target)
             (g,) = torch.autograd.grad(loss.sum() * self.scale, self.p)
         with torch.no_grad():
-            b1, b2 = self.cfg.betas
-            adamw_step_(
-                self.p,
-                g,
-                self.m,
-                self.v,
-                self.step_table.index_select(0, self.t),
-                self.bc2_table.index_select(0, self.t),
-                self.cfg.lr,
-                b1,
-                b2,
-                self.cfg.eps,
-                self.cfg.weight_decay,
-            )
-            self.loss.copy_(loss.detach())
             self.t.add_(1)
+            b1, b2 = self.cfg.betas
+            adamw_step(self.p, g, self.m, self.v, self.t, self.cfg.lr, b1, b2, self.cfg.eps,
+                       self.cfg.weight_decay, use_triton=self.cfg.use_kernels)
+            self.loss.copy_(loss.detach())
 
     def capture(self) -> bool:
         """Record one step as a CUDA graph (after warm-up, which also compiles); False if the
@@ -224,8 +181,7 @@ def run_inversion(
     use_graph = cfg.cuda_graph if cfg.cuda_graph is not None else device.type == "cuda"
     if use_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model on a CUDA device")
-    tables = adamw_tables(cfg.steps, cfg.lr, cfg.betas, device)
-    stepper = _Stepper(forward, b, tuple(init.shape[1:]), targets.shape[1], cfg, device, tables)
+    stepper = _Stepper(forward, b, tuple(init.shape[1:]), targets.shape[1], cfg, device)
     if use_graph:
         stepper.load(init[:1].expand(b, -1, -1), targets[:1].expand(b, -1))
         stepper.capture()
@@ -252,7 +208,7 @@ def run_inversion(
             c_target = torch.cat([c_target, c_target[:1].expand(pad, -1)])
         k = c_init.shape[0]
         if k != stepper.p.shape[0]:
-            stepper = _Stepper(forward, k, tuple(init.shape[1:]), targets.shape[1], cfg, device, tables)
+            stepper = _Stepper(forward, k, tuple(init.shape[1:]), targets.shape[1], cfg, device)
         stepper.load(c_init.to(device, torch.float32), c_target.to(device, torch.float32))
         snap_at = {step: j for j, step in enumerate(snaps)}
 

@@ -21,8 +21,8 @@ stored back rounded once, unlike torch's per-op rounding). The Triton kernel nee
 tensors contiguous and of the same shape; otherwise the torch fallback is used (auto) or a
 ``ValueError`` is raised (forced).
 
-The torch fallback is a transcription of the update above with in-place torch ops (it reads
-``step`` with ``float()``, i.e. a host sync for a CUDA tensor).
+The torch fallback is a transcription of the update above with in-place torch ops; given a
+tensor ``step`` it keeps the bias corrections on the device (no host sync).
 
 Triton path: custom op ``torch.ops.crossgap.adamw_step`` (``triton_op`` with
 ``mutates_args={"param", "exp_avg", "exp_avg_sq"}``; no autograd).
@@ -68,12 +68,24 @@ def adamw_step_torch(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """In-place AdamW step with torch ops, in ``_single_tensor_adamw`` order."""
+    """In-place AdamW step with torch ops, in ``_single_tensor_adamw`` order.
+
+    A tensor ``step`` stays on the device: the bias corrections are computed there in float64
+    (0-d, so they do not promote the fp32 update), with no host sync, which keeps a step
+    capturable in a CUDA graph even on this fallback.
+    """
     _check(param, grad, exp_avg, exp_avg_sq)
-    s = float(step)
     param.mul_(1.0 - lr * weight_decay)
     exp_avg.lerp_(grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    if isinstance(step, Tensor):
+        s = step.reshape(()).to(torch.float64)
+        step_size = lr / (1.0 - torch.pow(beta1, s))
+        bc2_sqrt = (1.0 - torch.pow(beta2, s)).sqrt()
+        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+        param.sub_(exp_avg * step_size / denom)
+        return
+    s = float(step)
     bias_correction1 = 1.0 - beta1**s
     bias_correction2 = 1.0 - beta2**s
     step_size = lr / bias_correction1
