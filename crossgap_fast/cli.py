@@ -1,0 +1,258 @@
+"""``crossgap``: invert or encode a whole gallery from the command line.
+
+    crossgap invert images --input DIR_OR_LIST --out OUTDIR --pretrained TAG_OR_PATH [...]
+    crossgap invert texts  --input FILE.txt|.jsonl|.csv --out OUTDIR --pretrained ... [...]
+    crossgap encode images|texts --input ... --out OUTDIR --pretrained ...
+    crossgap eval retrieval --dataset NAME --dataroot DIR --pretrained ... [--modes intra,oti,ovi]
+    crossgap eval zeroshot  --dataset NAME --dataroot DIR --pretrained ...
+
+A thin layer over :func:`crossgap_fast.invert_gallery` / :func:`crossgap_fast.encode_gallery`;
+``python -m crossgap_fast`` is the same. Under ``torchrun --nproc-per-node K`` the gallery is
+split over the K ranks (see :mod:`crossgap_fast.gallery`).
+
+``--pretrained random`` builds a randomly initialised model under
+``torch.manual_seed(RANDOM_MODEL_SEED)``, so that every process (a resumed run, each torchrun
+rank) builds the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from typing import Sequence
+
+import torch
+
+from .gallery import DEFAULT_ENCODE_BATCH, DEFAULT_SHARD_SIZE, default_workers, encode_gallery, invert_gallery
+from .models import UnsupportedModelError, load_model
+from .store import GalleryError
+
+#: ``--pretrained`` when none is given; None: the option is required. A built-in demo model
+#: can be plugged in here (a tag or a checkpoint path).
+DEFAULT_PRETRAINED: str | None = None
+DEFAULT_MODEL = "ViT-B-32"
+#: Seed of the random weights of ``--pretrained random`` (same model in every process).
+RANDOM_MODEL_SEED = 0
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser, kind: str) -> None:
+    inp = (
+        "an image folder (searched recursively), a file listing image paths, or a .npy/.pt "
+        "file of (N, D) image features"
+        if kind == "images"
+        else "a .txt file (one text per line), a .jsonl file (field 'text'), a .csv file "
+        "(column 'text'), or a .npy/.pt file of (N, D) text features"
+    )
+    p.add_argument("--input", required=True, help=inp)
+    p.add_argument("--out", required=True, help="output directory (must be empty unless --resume)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"open_clip architecture (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--pretrained", default=DEFAULT_PRETRAINED,
+        help="open_clip pretrained tag (e.g. openai), checkpoint path, or 'random' "
+        f"(random weights under torch.manual_seed({RANDOM_MODEL_SEED}))",
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, skipping finished shards")
+    p.add_argument("--shard-size", type=_positive, default=DEFAULT_SHARD_SIZE,
+                   help=f"items per output shard (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--workers", type=_non_negative, default=None,
+                   help=f"image decoding processes (default min(4, cpus) = {default_workers()})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossgap", description="Modality inversion (OTI / OVI) and encoding of whole galleries."
+    )
+    top = parser.add_subparsers(dest="command", required=True, metavar="{invert,encode,eval}")
+    inv = top.add_parser("invert", help="invert images (OTI) or texts (OVI) into the other modality")
+    enc = top.add_parser("encode", help="plain CLIP features of a gallery")
+    for parent, command in ((inv, "invert"), (enc, "encode")):
+        sub = parent.add_subparsers(dest="kind", required=True, metavar="{images,texts}")
+        for kind in ("images", "texts"):
+            what = {("invert", "images"): "OTI: images -> pseudo tokens and text features",
+                    ("invert", "texts"): "OVI: texts -> pseudo patches and image features",
+                    ("encode", "images"): "CLIP image features",
+                    ("encode", "texts"): "CLIP text features"}[command, kind]
+            p = sub.add_parser(kind, help=what, description=what)
+            _common(p, kind)
+            if command == "invert":
+                p.add_argument("--steps", type=_positive, default=None,
+                               help="optimisation steps (default 150 for images, 1000 for texts)")
+                p.add_argument("--num-tokens", type=_positive, default=1,
+                               help="pseudo tokens (images) / pseudo patches (texts) per item")
+                if kind == "images":
+                    p.add_argument("--template", default="a photo of {}",
+                                   help="text template; {} is where the pseudo tokens go")
+                p.add_argument("--batch-size", type=_positive, default=None,
+                               help="items optimised together (default: from the memory budget)")
+                p.add_argument("--encode-batch-size", type=_positive, default=DEFAULT_ENCODE_BATCH,
+                               help=f"items per encoder call (default {DEFAULT_ENCODE_BATCH})")
+                p.add_argument("--seed", type=int, default=0, help="seed of the per-item random starts")
+                p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-2)")
+                p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
+                p.add_argument("--keep-loss-curve", action="store_true",
+                               help="also store every item's loss at every step")
+            else:
+                p.add_argument("--batch-size", type=_positive, default=DEFAULT_ENCODE_BATCH,
+                               help=f"items per encoder call (default {DEFAULT_ENCODE_BATCH})")
+    _eval_parsers(top)
+    return parser
+
+
+def _eval_parsers(top) -> None:
+    ev = top.add_parser("eval", help="intra- vs inter-modal evaluation on a dataset")
+    sub = ev.add_subparsers(dest="task", required=True, metavar="{retrieval,zeroshot}")
+    for task, what in (("retrieval", "image-image (OTI) or text-text (OVI) retrieval, intra vs inter"),
+                       ("zeroshot", "zero-shot classification, inter (standard) vs intra via OTI")):
+        p = sub.add_parser(task, help=what, description=what)
+        p.add_argument("--dataset", required=True, help="dataset name (see crossgap_fast.datasets.list_datasets)")
+        p.add_argument("--dataroot", required=True, help="folder holding the dataset (or the CSV file for 'csv')")
+        p.add_argument("--split", default="paper" if task == "retrieval" else "test",
+                       help="'paper' (the paper's query/gallery splits), 'test', 'all', or QUERY:GALLERY")
+        p.add_argument("--model", default=DEFAULT_MODEL, help=f"open_clip architecture (default {DEFAULT_MODEL})")
+        p.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
+                       help="open_clip pretrained tag, checkpoint path, or 'random'")
+        if task == "retrieval":
+            p.add_argument("--modes", default="intra,oti,ovi",
+                           help="comma list: intra, oti (image sets), ovi (text sets)")
+            p.add_argument("--snapshot-steps", default="",
+                           help="comma list of step counts for the mAP-versus-steps curve, e.g. 10,25,50,100,150")
+            p.add_argument("--exclude-self-inter", action="store_true",
+                           help="also drop each inverted query's own item from its gallery on a shared split")
+        p.add_argument("--steps", type=_positive, default=None,
+                       help="inversion steps (default 150 for OTI, 1000 for OVI)")
+        p.add_argument("--num-tokens", type=_positive, default=1, help="pseudo tokens / patches")
+        p.add_argument("--template", default="a photo of {}", help="OTI text template")
+        p.add_argument("--seed", type=int, default=0, help="seed of the per-item random starts")
+        p.add_argument("--cache", default=None,
+                       help="where encoded features and inversions are kept (default ~/.cache/crossgap)")
+        p.add_argument("--out", default=None, help="also write report.json and report.png here")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_eval(args: argparse.Namespace, model) -> int:
+    from .evaluation import evaluate_retrieval, evaluate_zeroshot, write_outputs
+
+    common = dict(split=args.split, num_tokens=args.num_tokens, template=args.template,
+                  seed=args.seed, cache_dir=args.cache, device=args.device,
+                  progress=not args.no_progress)
+    if args.task == "retrieval":
+        snaps = [int(x) for x in args.snapshot_steps.split(",") if x.strip()]
+        report = evaluate_retrieval(
+            args.dataset, args.dataroot, model, modes=[m.strip() for m in args.modes.split(",")],
+            steps=args.steps, snapshot_steps=snaps or None,
+            exclude_self_inter=args.exclude_self_inter, **common,
+        )
+    else:
+        report = evaluate_zeroshot(args.dataset, args.dataroot, model,
+                                   steps=150 if args.steps is None else args.steps, **common)
+    print(report.format())
+    if args.out:
+        for path in write_outputs(report, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _fail(message: str, code: int = 2) -> int:
+    if _is_rank0():
+        print(f"crossgap: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.pretrained is None:
+        return _fail(
+            "no --pretrained given: pass an open_clip pretrained tag (e.g. --pretrained openai), "
+            "the path of a checkpoint file, or --pretrained random for a randomly initialised model"
+        )
+    previous = warnings.formatwarning
+    warnings.formatwarning = _format_warning
+    try:
+        return _main(args)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    if issubclass(category, UserWarning) and not issubclass(category, DeprecationWarning):
+        return f"crossgap: warning: {message}\n"
+    return f"{filename}:{lineno}: {category.__name__}: {message}\n"
+
+
+def _load(name: str, pretrained: str):
+    """The model; random weights are made under a fixed seed (same weights in every process)."""
+    torch.manual_seed(RANDOM_MODEL_SEED)
+    root = logging.getLogger()
+    level = root.level
+    if pretrained == "random":  # open_clip warns that no weights were loaded: that is the point
+        root.setLevel(logging.ERROR)
+    try:
+        return load_model(name, pretrained, device="cpu")
+    finally:
+        root.setLevel(level)
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        model = _load(args.model, args.pretrained)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        return _fail(f"cannot load model {args.model!r} with --pretrained {args.pretrained!r}: {err}")
+    if args.command == "eval":
+        try:
+            return _run_eval(args, model)
+        except (GalleryError, UnsupportedModelError, FileNotFoundError) as err:
+            return _fail(str(err))
+        except ValueError as err:
+            return _fail(f"invalid settings: {err}")
+    common = dict(
+        kind=args.kind, shard_size=args.shard_size, resume=args.resume, device=args.device,
+        progress=not args.no_progress, workers=args.workers,
+    )
+    try:
+        if args.command == "invert":
+            engine = {k: v for k, v in (("lr", args.lr), ("weight_decay", args.weight_decay)) if v is not None}
+            summary = invert_gallery(
+                args.input, args.out, model, steps=args.steps, num_tokens=args.num_tokens,
+                template=getattr(args, "template", "a photo of {}"), seed=args.seed,
+                batch_size=args.batch_size, encode_batch_size=args.encode_batch_size,
+                keep_loss_curve=args.keep_loss_curve, **common, **engine,
+            )
+        else:
+            summary = encode_gallery(args.input, args.out, model, encode_batch_size=args.batch_size, **common)
+    except (GalleryError, UnsupportedModelError) as err:
+        return _fail(str(err))
+    except ValueError as err:  # bad settings (steps, template, ...), found before any work
+        return _fail(f"invalid settings: {err}")
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; finished shards in {args.out!r} are kept: rerun with --resume", 130)
+    if _is_rank0():
+        print(summary.format())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Evaluation harness: baselines, report rules, and an end-to-end run on a generated set."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from crossgap_fast import baselines
+from crossgap_fast.evaluation import (
+    evaluate_retrieval,
+    evaluate_zeroshot,
+    image_retrieval_report,
+    write_outputs,
+    zeroshot_report,
+)
+
+
+def test_modality_gap_is_distance_between_normalised_means():
+    a = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # normalised: e1, e2 -> mean (0.5, 0.5)
+    b = torch.tensor([[-1.0, 0.0]])  # normalised: -e1
+    assert baselines.modality_gap(a, a) == pytest.approx(0.0)
+    assert baselines.modality_gap(a, b) == pytest.approx(float(np.hypot(1.5, 0.5)))
+
+
+def test_mean_centering_removes_the_shared_offset():
+    torch.manual_seed(0)
+    offset = torch.tensor([5.0, 0, 0, 0])
+    x = torch.randn(50, 4) + offset
+    c = baselines.mean_centered(x)
+    assert torch.allclose(c.norm(dim=1), torch.ones(50))
+    # Before, every pair is very similar (the offset dominates); after, they are not.
+    assert (F.normalize(x, dim=1) @ F.normalize(x, dim=1).T).mean() > 0.8
+    assert (c @ c.T).mean().abs() < 0.1
+
+
+def test_text_subspace_projection_keeps_the_span_and_drops_the_rest():
+    # Class texts span directions e1 and e2 around the centre e3 (their mean is removed).
+    texts = torch.tensor([[1.0, 0, 1, 0], [-1.0, 0, 1, 0], [0, 1.0, 1, 0], [0, -1.0, 1, 0]])
+    inside = torch.tensor([[3.0, 4.0, 0, 0]])
+    torch.testing.assert_close(baselines.text_subspace_projection(inside, texts), torch.tensor([[0.6, 0.8, 0, 0]]))
+    outside = torch.tensor([[1.0, 0, 0, 5.0]])  # the e4 part is not expressible by the texts
+    torch.testing.assert_close(baselines.text_subspace_projection(outside, texts), torch.tensor([[1.0, 0, 0, 0]]))
+
+
+def test_inverted_queries_keep_their_own_image_in_a_shared_split():
+    """Intra-modal on a shared split drops query i from its gallery; an inverted query is
+    another kind of feature and keeps it, unless asked otherwise (PAPER.md protocol)."""
+    feats = torch.eye(4)  # every image unlike every other
+    labels = np.array([0, 0, 1, 1])
+    rep = image_retrieval_report(feats, feats, labels, labels, same_split=True, oti_features=feats)
+    # Intra: the only other same-label item has similarity 0, tied with the two others; ties
+    # are pessimistic, so it ranks 3rd of 3 -> AP 1/3 and R@1 0.
+    assert rep.rows["intra"]["mAP"] == pytest.approx(100 / 3)
+    assert rep.rows["intra"]["R@1"] == 0
+    # OTI row: the query's own image (cos 1) is first, then the other same-label image last of
+    # 4 -> AP = (1/1 + 2/4) / 2 = 0.75.
+    assert rep.rows["oti"]["R@1"] == 100
+    assert rep.rows["oti"]["mAP"] == pytest.approx(75.0)
+    strict = image_retrieval_report(feats, feats, labels, labels, same_split=True, oti_features=feats,
+                                    exclude_self_inter=True)
+    assert strict.rows["oti"]["mAP"] == pytest.approx(100 / 3)
+
+
+def test_zeroshot_report_counts_correct_classes():
+    prompts = torch.eye(3)
+    images = torch.tensor([[1.0, 0.1, 0], [0.1, 1.0, 0], [0, 0.2, 1.0], [1.0, 0, 0]])
+    labels = [0, 1, 2, 1]  # the last one is wrong
+    oti_feats = torch.tensor([[0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0], [0, 1.0, 0]])  # 3 of 4 right
+    rep = zeroshot_report(images, labels, prompts, oti_feats)
+    assert rep.rows["inter"]["top-1"] == pytest.approx(75.0)
+    assert rep.rows["intra (OTI)"]["top-1"] == pytest.approx(75.0)
+    assert "inter" in rep.format()
+
+
+@pytest.fixture(scope="module")
+def labelled_images(tmp_path_factory):
+    """Three colour classes of small generated images, one sub-folder per class."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for label, rgb in enumerate([(220, 30, 30), (30, 200, 40), (40, 50, 210)]):
+        (root / f"class_{label}").mkdir()
+        for i in range(5):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (24, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / f"class_{label}" / f"{i}.png")
+    return root
+
+
+def test_evaluate_retrieval_end_to_end_and_reuses_inversions(tiny, labelled_images, tmp_path):
+    kw = dict(steps=4, snapshot_steps=[0, 2, 4], cache_dir=tmp_path / "cache", progress=False)
+    rep = evaluate_retrieval("imagefolder", labelled_images, tiny, **kw)
+    assert set(rep.rows) == {"intra", "oti", "centered", "text-subspace"}
+    for row in rep.rows.values():
+        assert 0 <= row["mAP"] <= 100 and row["num_queries"] == 15
+    assert sorted(rep.curve) == [0, 2, 4]
+    runs = sorted(p.name for p in (tmp_path / "cache").rglob("oti-*"))
+    assert len(runs) == 1
+    shard = next((tmp_path / "cache").rglob("oti-*/shard-*.pt"))
+    written = shard.stat().st_mtime_ns
+    again = evaluate_retrieval("imagefolder", labelled_images, tiny, **kw)
+    assert again.rows == rep.rows
+    assert shard.stat().st_mtime_ns == written  # the inversion was reused, not redone
+    files = write_outputs(rep, tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["rows"]["oti"]["mAP"] == pytest.approx(rep.rows["oti"]["mAP"])
+    assert all(f.exists() for f in files)
+
+
+def test_evaluate_zeroshot_end_to_end(tiny, labelled_images, tmp_path):
+    rep = evaluate_zeroshot("imagefolder", labelled_images, tiny, steps=3,
+                            cache_dir=tmp_path / "cache", progress=False)
+    assert set(rep.rows) == {"inter", "intra (OTI)"}
+    assert all(0 <= r["top-1"] <= 100 for r in rep.rows.values())
+
+
+def test_unknown_dataset_is_named(tiny, tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+        evaluate_retrieval("nope", tmp_path, tiny)
+
+
+def test_eval_retrieval_command_on_texts(tmp_path, capsys):
+    from crossgap_fast import cli
+
+    csv = tmp_path / "texts.csv"
+    rows = ["text,label", "a red car,0", "a crimson automobile,0", "a small dog,1", "a puppy playing,1",
+            "a tall tree,2", "an old oak in a park,2"]
+    csv.write_text("\n".join(rows) + "\n")
+    code = cli.main(["eval", "retrieval", "--dataset", "csv", "--dataroot", str(csv),
+                     "--model", "crossgap-tiny", "--pretrained", "random", "--steps", "3",
+                     "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "text retrieval on csv" in out and "ovi" in out and "vs intra" in out
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(data["rows"]) == {"intra", "ovi", "centered"}
+    assert data["rows"]["intra"]["num_queries"] == 6
+
+
+def test_eval_command_reports_a_missing_dataset(tmp_path, capsys):
+    from crossgap_fast import cli
+
+    code = cli.main(["eval", "retrieval", "--dataset", "cub", "--dataroot", str(tmp_path),
+                     "--model", "crossgap-tiny", "--pretrained", "random", "--no-progress"])
+    assert code == 2
+    assert "CUB_200_2011" in capsys.readouterr().err
