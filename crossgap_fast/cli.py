@@ -27,13 +27,13 @@ from typing import Sequence
 import torch
 
 from .gallery import DEFAULT_ENCODE_BATCH, DEFAULT_SHARD_SIZE, default_workers, encode_gallery, invert_gallery
-from .models import UnsupportedModelError, load_model
+from .models import DEMO_MODEL, UnsupportedModelError, load_model
 from .store import GalleryError
 
-#: ``--pretrained`` when none is given; None: the option is required. A built-in demo model
-#: can be plugged in here (a tag or a checkpoint path).
+#: The built-in default: the shipped demo model. ``--pretrained`` may be left out for it (its
+#: trained weights ship with the package); any other ``--model`` needs ``--pretrained``.
+DEFAULT_MODEL = DEMO_MODEL
 DEFAULT_PRETRAINED: str | None = None
-DEFAULT_MODEL = "ViT-B-32"
 #: Seed of the random weights of ``--pretrained random`` (same model in every process).
 RANDOM_MODEL_SEED = 0
 
@@ -66,7 +66,8 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument(
         "--pretrained", default=DEFAULT_PRETRAINED,
         help="open_clip pretrained tag (e.g. openai), checkpoint path, or 'random' "
-        f"(random weights under torch.manual_seed({RANDOM_MODEL_SEED}))",
+        f"(random weights under torch.manual_seed({RANDOM_MODEL_SEED})); "
+        f"optional for {DEMO_MODEL}, whose weights ship with the package",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, skipping finished shards")
@@ -81,7 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossgap", description="Modality inversion (OTI / OVI) and encoding of whole galleries."
     )
-    top = parser.add_subparsers(dest="command", required=True, metavar="{invert,encode,eval}")
+    top = parser.add_subparsers(dest="command", required=True, metavar="{demo,invert,encode,eval}")
+    demo = top.add_parser("demo", help="the main job on the built-in demo model and gallery",
+                          description="Invert the shipped clip-art queries with OTI (crossgap-demo "
+                          "model), compare intra-modal and OTI retrieval, print the tables and "
+                          "the throughput, write report.json and report.png.")
+    demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; reused on a rerun)")
+    demo.add_argument("--steps", type=_positive, default=150, help="OTI steps (default 150)")
+    demo.add_argument("--variant", default=None, help="demo checkpoint variant (e.g. t1, when shipped)")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     inv = top.add_parser("invert", help="invert images (OTI) or texts (OVI) into the other modality")
     enc = top.add_parser("encode", help="plain CLIP features of a gallery")
     for parent, command in ((inv, "invert"), (enc, "encode")):
@@ -184,10 +194,22 @@ def _fail(message: str, code: int = 2) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo.job import run_demo
+
+        try:
+            run_demo(args.out, steps=args.steps, variant=args.variant, device=args.device,
+                     progress=not args.no_progress)
+        except (GalleryError, FileNotFoundError, ValueError) as err:
+            return _fail(str(err))
+        return 0
+    if args.pretrained is None and args.model == DEMO_MODEL:
+        args.pretrained = "demo"
     if args.pretrained is None:
         return _fail(
-            "no --pretrained given: pass an open_clip pretrained tag (e.g. --pretrained openai), "
-            "the path of a checkpoint file, or --pretrained random for a randomly initialised model"
+            f"no --pretrained given for --model {args.model} (only {DEMO_MODEL} ships its weights): "
+            "pass an open_clip pretrained tag (e.g. --pretrained openai), the path of a checkpoint "
+            "file, or --pretrained random for a randomly initialised model"
         )
     previous = warnings.formatwarning
     warnings.formatwarning = _format_warning

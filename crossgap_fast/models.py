@@ -15,6 +15,7 @@ from open_clip.model import CLIP
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
+DEMO_MODEL = "crossgap-demo"  # the built-in default, trained here (crossgap_fast/demo)
 _registered = False
 
 
@@ -147,11 +148,17 @@ def load_model(
         name: an open_clip architecture (``"ViT-B-32"``, ``"ViT-L-14"``, ...) or one of this
             package's configs (``"crossgap-tiny"``).
         pretrained: ``None`` (or ``"random"``) for random weights, deterministic under
-            ``torch.manual_seed``; an open_clip pretrained tag (``"openai"``,
+            ``torch.manual_seed`` (for ``"crossgap-demo"``, ``None`` or ``"demo"`` means its
+            shipped trained weights; ``"random"`` still gives random ones); an open_clip
+            pretrained tag (``"openai"``,
             ``"laion2b_s34b_b79k"``, ...); or the path of a local checkpoint file.
         device: where to put the model.
     """
     register_model_configs()
+    if name == DEMO_MODEL and (pretrained is None or str(pretrained) == "demo"):
+        from .demo import demo_checkpoint_path
+
+        pretrained = demo_checkpoint_path()
     if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(
             f"unknown model name {name!r}; see open_clip.list_models() for the architectures"

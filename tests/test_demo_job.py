@@ -1,0 +1,50 @@
+"""`crossgap demo` and the built-in default model."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import crossgap_fast as cg
+from crossgap_fast import cli
+from crossgap_fast.demo import demo_checkpoint_path
+
+
+def test_demo_model_is_the_default_and_loads_the_shipped_weights():
+    model = cg.load_model("crossgap-demo")
+    shipped = torch.load(demo_checkpoint_path(), map_location="cpu", weights_only=True)
+    shipped = shipped.get("state_dict", shipped)
+    key = "token_embedding.weight"
+    torch.testing.assert_close(model.model.state_dict()[key], shipped[key].float())
+    torch.manual_seed(0)
+    random = cg.load_model("crossgap-demo", pretrained="random")
+    assert not torch.allclose(random.model.state_dict()[key], model.model.state_dict()[key])
+    assert cli.DEFAULT_MODEL == "crossgap-demo"
+
+
+def test_demo_command_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--steps", "4", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "image retrieval on crossgap demo gallery" in printed
+    assert "zero-shot classification" in printed and "items/s" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert {"intra", "oti", "centered", "text-subspace"} <= set(report["rows"])
+    assert report["rows"]["intra"]["num_queries"] == 128
+    assert sorted(int(k) for k in report["curve"]) == [0, 4]
+    assert (out / "report.png").stat().st_size > 0
+    inverted = cg.load_inversions(out / "oti-4")
+    assert len(inverted) == 128 and inverted.tokens.shape == (128, 1, 128)
+    # A rerun reuses the stored inversions and gives the same table.
+    assert cli.main(["demo", "--out", str(out), "--steps", "4", "--no-progress"]) == 0
+    assert "reused from an earlier run" in capsys.readouterr().out
+    again = json.loads((out / "report.json").read_text())
+    assert again["rows"] == report["rows"]
+
+
+def test_cli_without_pretrained_uses_the_demo_weights_only_for_the_demo_model(tmp_path, capsys):
+    code = cli.main(["invert", "texts", "--input", str(tmp_path / "x.txt"), "--out", str(tmp_path / "o"),
+                     "--model", "ViT-B-32"])
+    assert code == 2
+    assert "no --pretrained given for --model ViT-B-32" in capsys.readouterr().err
