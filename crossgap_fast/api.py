@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import engine, reference
 from .models import ClipModel, as_clip_model, check_text_tower, check_vision_tower
+from .progress import Progress
 from .towers import PrefixCachedText, PseudoPatchVision, make_template, text_too_long
 
 INIT_STD = 0.02
@@ -161,7 +162,7 @@ def oti(
     compile: bool | None = None,
     cuda_graph: bool | None = None,
     use_kernels: bool | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
 ) -> InversionResult:
     """Optimisation-based Textual Inversion: image features -> text features.
 
@@ -230,7 +231,7 @@ def ovi(
     compile: bool | None = None,
     cuda_graph: bool | None = None,
     use_kernels: bool | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
 ) -> InversionResult:
     """Optimisation-based Visual Inversion: text features -> image features.
 

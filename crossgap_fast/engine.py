@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import adamw_step, cosine_loss
-from .progress import Progress
+from .progress import Progress, as_progress
 
 
 @dataclass
@@ -43,7 +43,7 @@ class EngineConfig:
     memory_budget: float | None = None  # bytes for activations; None: from the device
     snapshot_steps: tuple[int, ...] = ()  # also keep features after these many updates
     use_kernels: bool | None = None  # Triton ops: None = on CUDA when Triton is available
-    progress: bool = False
+    progress: bool | Progress = False  # a Progress: report into the caller's bar
     desc: str = "inverting"
     info: dict = field(default_factory=dict)
 
@@ -194,7 +194,7 @@ def run_inversion(
     snaps = sorted(set(cfg.snapshot_steps))
     snapshots = {k: torch.empty(n, targets.shape[1]) for k in snaps}
     snap_buf = torch.empty(b, len(snaps), targets.shape[1], device=device)
-    progress = Progress(n, cfg.desc, enabled=cfg.progress)
+    progress, owned = as_progress(cfg.progress, n, cfg.desc)
     report_every = max(1, cfg.steps // 10)
     start = time.perf_counter()
     for lo in range(0, n, b):
@@ -218,12 +218,15 @@ def run_inversion(
                     snap_buf[:k, snap_at[done]] = final(stepper.p.detach().clone()).float()
 
         snapshot(0)
+        reported = 0.0
         for s in range(cfg.steps):
             stepper.run_step()
             loss_buf[:k, s].copy_(stepper.loss)
             snapshot(s + 1)
             if (s + 1) % report_every == 0:
+                # Host-side only: the bar advances as steps are queued, never waits on the device.
                 progress.update((hi - lo) * report_every / cfg.steps)
+                reported += (hi - lo) * report_every / cfg.steps
         with torch.no_grad():
             p = stepper.p.detach()[: hi - lo]
             features[lo:hi] = final(p.clone()).float().cpu()
@@ -231,8 +234,9 @@ def run_inversion(
             losses[lo:hi] = loss_buf[: hi - lo].cpu()
             for j, step in enumerate(snaps):
                 snapshots[step][lo:hi] = snap_buf[: hi - lo, j].cpu()
-        progress.set_done(hi)
-    progress.close()
+        progress.update((hi - lo) - reported)
+    if owned:
+        progress.close()
     cfg.info.update(
         batch_size=b,
         cuda_graph=stepper.graph is not None,

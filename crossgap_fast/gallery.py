@@ -454,7 +454,7 @@ def _run_ranked(ctx: DistContext, inputs, out_dir: Path, cm: ClipModel, dev: tor
             payload = _payload(method, gallery, idx, feats, cm, steps=steps, num_tokens=num_tokens,
                                template=template, seed=seed, batch_size=batch_size,
                                token_dim=token_dim, keep_loss_curve=keep_loss_curve,
-                               engine_kwargs=engine_kwargs)
+                               engine_kwargs=engine_kwargs, bar=bar)
             t1 = time.perf_counter()
             timer.optimise_s += t1 - t0
             store.write_shard(index, payload, {
@@ -465,7 +465,8 @@ def _run_ranked(ctx: DistContext, inputs, out_dir: Path, cm: ClipModel, dev: tor
             })
             timer.write_s += time.perf_counter() - t1
             done_items += len(idx)
-            bar.update(hi - lo)
+            # The engine advanced the bar by the items it optimised, step by step.
+            bar.update(hi - lo - (len(idx) if method != "encode" else 0))
     finally:
         bar.close()
     seconds = time.perf_counter() - run0
@@ -583,7 +584,8 @@ def _image_shards(gallery: Gallery, mine, ranges, cm: ClipModel, dev, workers: i
 
 
 def _payload(method: str, gallery: Gallery, idx: list[int], feats: Tensor, cm: ClipModel, *, steps,
-             num_tokens, template, seed, batch_size, token_dim, keep_loss_curve, engine_kwargs) -> dict:
+             num_tokens, template, seed, batch_size, token_dim, keep_loss_curve, engine_kwargs,
+             bar: Progress | None = None) -> dict:
     payload: dict = {
         "indices": torch.tensor(idx, dtype=torch.long),
         "names": [gallery.names[j] for j in idx],
@@ -596,7 +598,7 @@ def _payload(method: str, gallery: Gallery, idx: list[int], feats: Tensor, cm: C
         out_f, tokens, curves = torch.empty(0, cm.embed_dim), torch.empty(0, num_tokens, token_dim), torch.empty(0, steps)
     else:
         kw = dict(steps=steps, num_tokens=num_tokens, seed=seed, batch_size=batch_size,
-                  sample_ids=idx, progress=False, **engine_kwargs)
+                  sample_ids=idx, progress=bar if bar is not None else False, **engine_kwargs)
         if method == "oti":
             res = oti(feats, cm, template=template, **kw)
         else:

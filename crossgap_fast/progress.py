@@ -22,11 +22,14 @@ class Progress:
         if self.bar is not None:
             self.bar.update(amount)
 
-    def set_done(self, done: float) -> None:
-        """Snap the count to ``done`` items (fractional updates accumulate rounding)."""
-        if self.bar is not None:
-            self.bar.update(done - self.bar.n)
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def as_progress(progress: "bool | Progress", total: int, desc: str) -> tuple[Progress, bool]:
+    """A bar to report to: the caller's own (a pipeline reporting many calls on one bar), or a
+    new one shown when ``progress`` is True. Returns ``(bar, owned)``; close it only if owned."""
+    if isinstance(progress, Progress):
+        return progress, False
+    return Progress(total, desc, enabled=bool(progress)), True

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .progress import Progress
+from .progress import Progress, as_progress
 from .towers import TextTemplate, full_text_forward, full_vision_forward
 
 
@@ -30,7 +30,7 @@ def _loop(
     batch_size: int,
     loss_batch: int,
     device: torch.device,
-    progress: bool,
+    progress: bool | Progress,
     desc: str,
     info: dict,
     snapshot_steps: tuple[int, ...] = (),
@@ -41,7 +41,7 @@ def _loop(
     tokens = torch.empty(init.shape)
     losses = torch.empty(n, steps)
     snapshots = {k: torch.empty(n, targets.shape[1]) for k in sorted(set(snapshot_steps))}
-    bar = Progress(n, desc, enabled=progress)
+    bar, owned = as_progress(progress, n, desc)
     start = time.perf_counter()
     for lo in range(0, n, batch_size):
         hi = min(lo + batch_size, n)
@@ -72,7 +72,8 @@ def _loop(
             features[lo:hi] = encode(pseudo.detach(), hi - lo).float().cpu()
         tokens[lo:hi] = pseudo.detach().cpu()
         bar.update(hi - lo)
-    bar.close()
+    if owned:
+        bar.close()
     info.update(batch_size=batch_size, seconds=time.perf_counter() - start, device=str(device))
     return features, tokens, losses, snapshots
 
@@ -89,7 +90,7 @@ def reference_oti(
     weight_decay: float,
     batch_size: int = 64,
     loss_batch: int = 64,
-    progress: bool = False,
+    progress: bool | Progress = False,
     info: dict | None = None,
     snapshot_steps: tuple[int, ...] = (),
 ) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
@@ -115,7 +116,7 @@ def reference_ovi(
     weight_decay: float,
     batch_size: int = 64,
     loss_batch: int = 64,
-    progress: bool = False,
+    progress: bool | Progress = False,
     info: dict | None = None,
     snapshot_steps: tuple[int, ...] = (),
 ) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import crossgap_fast as cg
+from crossgap_fast.progress import Progress
 from crossgap_fast.towers import full_text_forward, full_vision_forward, make_template
 
 
@@ -256,3 +257,22 @@ def test_engine_with_triton_kernels_under_the_interpreter(tiny, method):
     b = fn(feats, tiny, steps=3, use_kernels=False, num_tokens=2)
     torch.testing.assert_close(a.features, b.features, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.losses, b.losses, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- progress
+class _Recorder(Progress):
+    def __init__(self):
+        super().__init__(0, "test", enabled=False)
+        self.updates: list[float] = []
+
+    def update(self, amount: float) -> None:
+        self.updates.append(amount)
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_progress_reports_every_item_into_a_callers_bar(tiny, backend):
+    rec = _Recorder()
+    cg.oti(torch.randn(7, 32), tiny, steps=10, batch_size=3, backend=backend, progress=rec)
+    assert sum(rec.updates) == pytest.approx(7)
+    if backend == "fast":  # the engine reports within a chunk, not only when it ends
+        assert len(rec.updates) > 3
