@@ -17,7 +17,6 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -165,7 +164,6 @@ def run_inversion(
     width: int,
     layers: int,
     device: torch.device,
-    final_forward: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
     """Optimise ``init`` (N, R, d) so that ``forward`` matches ``targets`` (N, E).
 
@@ -185,7 +183,6 @@ def run_inversion(
     if use_graph:
         stepper.load(init[:1].expand(b, -1, -1), targets[:1].expand(b, -1))
         stepper.capture()
-    final = final_forward or forward
 
     features = torch.empty(n, targets.shape[1])
     tokens = torch.empty(init.shape)
@@ -215,7 +212,7 @@ def run_inversion(
         def snapshot(done: int) -> None:
             if done in snap_at:
                 with torch.no_grad():
-                    snap_buf[:k, snap_at[done]] = final(stepper.p.detach().clone()).float()
+                    snap_buf[:k, snap_at[done]] = forward(stepper.p.detach().clone()).float()
 
         snapshot(0)
         reported = 0.0
@@ -229,7 +226,7 @@ def run_inversion(
                 reported += (hi - lo) * report_every / cfg.steps
         with torch.no_grad():
             p = stepper.p.detach()[: hi - lo]
-            features[lo:hi] = final(p.clone()).float().cpu()
+            features[lo:hi] = forward(p.clone()).float().cpu()
             tokens[lo:hi] = p.cpu()
             losses[lo:hi] = loss_buf[: hi - lo].cpu()
             for j, step in enumerate(snaps):

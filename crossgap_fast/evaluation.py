@@ -29,7 +29,7 @@ from torch import Tensor
 from . import baselines
 from .api import encode_texts, oti
 from .api import ovi as run_ovi
-from .datasets import ImageRetrievalSet, TextRetrievalSet, load_image_dataset, load_text_dataset
+from .datasets import ImageRetrievalSet, load_image_dataset, load_text_dataset
 from .gallery import encode_gallery, invert_gallery
 from .models import ClipModel
 from .retrieval import retrieval_metrics_from_features, revisited_map
