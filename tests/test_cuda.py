@@ -26,7 +26,9 @@ def test_fp32_fast_matches_reference_on_gpu(gpu_model):
     init = cg.initial_tokens(16, 1, 512)
     fast = cg.oti(feats, gpu_model, steps=20, init=init, precision="fp32", compile=False, cuda_graph=False)
     ref = cg.oti(feats, gpu_model, steps=20, init=init, backend="reference")  # fp16 autocast
-    assert _cos(fast.features, ref.features).mean() > 0.999
+    # The reference runs in fp16 (as the authors did), so agreement is to fp16 rounding only;
+    # the tight fp32 parity is the CPU tier's.
+    assert _cos(fast.features, ref.features).mean() > 0.99
 
 
 @pytest.mark.parametrize("method", ["oti", "ovi"])
