@@ -23,7 +23,11 @@ formula is used with n_p = eps (finite; torch's own degenerate-case gradient dif
 fp32 buffer) that the forward also writes the (detached) loss into. On the Triton path the
 write is fused into the forward kernel.
 
-Triton path: ``torch.ops.crossgap.cosine_loss`` (functional ``triton_op``, autograd via
+The forward also returns fp32 row statistics (<p, t>, n_p, n_t), saved for the backward,
+which then reads ``pred`` and ``target`` once instead of reducing them again.
+
+Triton path: ``torch.ops.crossgap.cosine_loss`` (functional ``triton_op`` returning
+``(loss, stats)``, autograd via
 ``torch.library.register_autograd``; backward op ``torch.ops.crossgap.cosine_loss_backward``).
 With ``out`` the forward is the mutating op ``torch.ops.crossgap.cosine_loss_out``; mutating
 ops cannot carry ``register_autograd``, so that variant is wrapped in a
@@ -74,7 +78,7 @@ if HAS_TRITON_OP:
 
     @triton.jit
     def _cos_fwd_kernel(
-        pred_ptr, tgt_ptr, loss_ptr, out_ptr,
+        pred_ptr, tgt_ptr, loss_ptr, stats_ptr, out_ptr,
         B, E,
         s_p_b, s_p_e,
         s_t_b, s_t_e,
@@ -102,37 +106,30 @@ if HAS_TRITON_OP:
         n_t = tl.maximum(tl.sqrt_rn(tt), EPS)
         loss = 1.0 - dot / (n_p * n_t)
         tl.store(loss_ptr + rows, loss, mask=mask_b)
+        # fp32 row statistics for the backward, which then needs one pass instead of two
+        tl.store(stats_ptr + rows * 3, dot, mask=mask_b)
+        tl.store(stats_ptr + rows * 3 + 1, n_p, mask=mask_b)
+        tl.store(stats_ptr + rows * 3 + 2, n_t, mask=mask_b)
         if HAS_OUT:
             tl.store(out_ptr + rows * s_out, loss.to(out_ptr.dtype.element_ty), mask=mask_b)
 
     @triton.jit
     def _cos_bwd_kernel(
-        gl_ptr, pred_ptr, tgt_ptr, gp_ptr,
+        gl_ptr, pred_ptr, tgt_ptr, stats_ptr, gp_ptr,
         B, E,
         s_gl,
         s_p_b, s_p_e,
         s_t_b, s_t_e,
         s_g_b, s_g_e,
-        EPS: tl.constexpr,
         BLOCK_B: tl.constexpr,
         BLOCK_E: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
         mask_b = rows < B
-        dot = tl.zeros([BLOCK_B], dtype=tl.float32)
-        pp = tl.zeros([BLOCK_B], dtype=tl.float32)
-        tt = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for e0 in range(0, E, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
-            mask = mask_b[:, None] & (offs_e < E)[None, :]
-            p = tl.load(pred_ptr + rows[:, None] * s_p_b + offs_e[None, :] * s_p_e, mask=mask, other=0.0).to(tl.float32)
-            t = tl.load(tgt_ptr + rows[:, None] * s_t_b + offs_e[None, :] * s_t_e, mask=mask, other=0.0).to(tl.float32)
-            dot += tl.sum(p * t, axis=1)
-            pp += tl.sum(p * p, axis=1)
-            tt += tl.sum(t * t, axis=1)
-        n_p = tl.maximum(tl.sqrt_rn(pp), EPS)
-        n_t = tl.maximum(tl.sqrt_rn(tt), EPS)
+        dot = tl.load(stats_ptr + rows * 3, mask=mask_b, other=0.0)
+        n_p = tl.load(stats_ptr + rows * 3 + 1, mask=mask_b, other=1.0)
+        n_t = tl.load(stats_ptr + rows * 3 + 2, mask=mask_b, other=1.0)
         inv_pt = 1.0 / (n_p * n_t)
         cos = dot * inv_pt
         g = tl.load(gl_ptr + rows * s_gl, mask=mask_b, other=0.0).to(tl.float32)
@@ -156,17 +153,18 @@ if HAS_TRITON_OP:
         num_warps = 4 if block_b * block_e <= 2048 else 8
         return block_b, block_e, num_warps
 
-    def _cos_fwd_launch(pred: Tensor, target: Tensor, out: Optional[Tensor]) -> Tensor:
+    def _cos_fwd_launch(pred: Tensor, target: Tensor, out: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         B, E = pred.shape
         loss = torch.empty((B,), device=pred.device, dtype=torch.float32)
+        stats = torch.empty((B, 3), device=pred.device, dtype=torch.float32)  # dot, |p|, |t|
         if B == 0:
-            return loss
+            return loss, stats
         block_b, block_e, num_warps = _cos_blocks(B, E)
         has_out = out is not None
         out_arg = out if has_out else pred  # dummy, never written when HAS_OUT is False
         grid = (triton.cdiv(B, block_b),)
         launcher(_cos_fwd_kernel, pred)[grid](
-            pred, target, loss, out_arg,
+            pred, target, loss, stats, out_arg,
             B, E,
             pred.stride(0), pred.stride(1),
             target.stride(0), target.stride(1),
@@ -174,15 +172,15 @@ if HAS_TRITON_OP:
             EPS=COSINE_EPS, HAS_OUT=has_out,
             BLOCK_B=block_b, BLOCK_E=block_e, num_warps=num_warps,
         )
-        return loss
+        return loss, stats
 
-    def _cos_fwd_impl(pred: Tensor, target: Tensor) -> Tensor:
+    def _cos_fwd_impl(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         return _cos_fwd_launch(pred, target, None)
 
-    def _cos_fwd_out_impl(pred: Tensor, target: Tensor, out: Tensor) -> Tensor:
+    def _cos_fwd_out_impl(pred: Tensor, target: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
         return _cos_fwd_launch(pred, target, out)
 
-    def _cos_bwd_impl(grad_loss: Tensor, pred: Tensor, target: Tensor) -> Tensor:
+    def _cos_bwd_impl(grad_loss: Tensor, pred: Tensor, target: Tensor, stats: Tensor) -> Tensor:
         B, E = pred.shape
         grad_pred = torch.empty((B, E), device=pred.device, dtype=pred.dtype)
         if B == 0 or E == 0:
@@ -190,13 +188,13 @@ if HAS_TRITON_OP:
         block_b, block_e, num_warps = _cos_blocks(B, E)
         grid = (triton.cdiv(B, block_b),)
         launcher(_cos_bwd_kernel, pred)[grid](
-            grad_loss, pred, target, grad_pred,
+            grad_loss, pred, target, stats, grad_pred,
             B, E,
             grad_loss.stride(0),
             pred.stride(0), pred.stride(1),
             target.stride(0), target.stride(1),
             grad_pred.stride(0), grad_pred.stride(1),
-            EPS=COSINE_EPS, BLOCK_B=block_b, BLOCK_E=block_e, num_warps=num_warps,
+            BLOCK_B=block_b, BLOCK_E=block_e, num_warps=num_warps,
         )
         return grad_pred
 
@@ -206,11 +204,11 @@ if HAS_TRITON_OP:
 
     def _cos_setup_context(ctx, inputs, output):
         pred, target = inputs
-        ctx.save_for_backward(pred, target)
+        ctx.save_for_backward(pred, target, output[1])
 
-    def _cos_backward(ctx, grad_loss):
-        pred, target = ctx.saved_tensors
-        grad_pred = _cos_bwd_op(grad_loss, pred, target) if ctx.needs_input_grad[0] else None
+    def _cos_backward(ctx, grad_loss, _grad_stats):
+        pred, target, stats = ctx.saved_tensors
+        grad_pred = _cos_bwd_op(grad_loss, pred, target, stats) if ctx.needs_input_grad[0] else None
         return grad_pred, None
 
     _cos_op.register_autograd(_cos_backward, setup_context=_cos_setup_context)
@@ -220,14 +218,14 @@ if HAS_TRITON_OP:
 
         @staticmethod
         def forward(ctx, pred, target, out):
-            loss = _cos_out_op(pred, target, out)
-            ctx.save_for_backward(pred, target)
+            loss, stats = _cos_out_op(pred, target, out)
+            ctx.save_for_backward(pred, target, stats)
             return loss
 
         @staticmethod
         def backward(ctx, grad_loss):
-            pred, target = ctx.saved_tensors
-            grad_pred = _cos_bwd_op(grad_loss, pred, target) if ctx.needs_input_grad[0] else None
+            pred, target, stats = ctx.saved_tensors
+            grad_pred = _cos_bwd_op(grad_loss, pred, target, stats) if ctx.needs_input_grad[0] else None
             return grad_pred, None, None
 
 
@@ -238,7 +236,7 @@ def cosine_loss_triton(pred: Tensor, target: Tensor, out: Optional[Tensor] = Non
     _check(pred, target, out)
     target = target.detach()
     if out is None:
-        return _cos_op(pred, target)
+        return _cos_op(pred, target)[0]
     return _CosineLossOut.apply(pred, target, out)
 
 

@@ -447,8 +447,8 @@ def test_every_kernel_compiles_for_sm90(monkeypatch):
     k_pp._expand_fwd_impl(vps, v1, vpos, None, None, 1e-5, 49)
     k_pp._expand_bwd_impl(torch.empty(8, 50, 768, device=dev, dtype=bf), vps, vpos, v1, mean, rstd, 49)
     pred = torch.empty(64, 512, device=dev, dtype=torch.float16)
-    k_cos._cos_fwd_launch(pred, pred, torch.empty(64, 3, device=dev)[:, 1])
-    k_cos._cos_bwd_impl(torch.empty(64, device=dev), pred, pred)
+    _, stats = k_cos._cos_fwd_launch(pred, pred, torch.empty(64, 3, device=dev)[:, 1])
+    k_cos._cos_bwd_impl(torch.empty(64, device=dev), pred, pred, stats)
     p = torch.empty(100, device=dev)
     k_adamw._adamw_impl(p, p, p, p, torch.empty((), device=dev), 1e-3, 0.9, 0.999, 1e-8, 0.01)
     assert len(calls) == 8

@@ -231,7 +231,8 @@ def test_interpreter_launch_leaves_triton_language_untouched():
     assert (set(vars(k_cos)), set(vars(tl.standard)), set(vars(tl.core))) == globals_before
     assert torch.isfinite(loss).all()
 
-    sig = {"pred_ptr": "*fp32", "tgt_ptr": "*fp32", "loss_ptr": "*fp32", "out_ptr": "*fp32",
+    sig = {"pred_ptr": "*fp32", "tgt_ptr": "*fp32", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
+           "out_ptr": "*fp32",
            "B": "i32", "E": "i32", "s_p_b": "i32", "s_p_e": "i32", "s_t_b": "i32", "s_t_e": "i32",
            "s_out": "i32", "EPS": "constexpr", "HAS_OUT": "constexpr", "BLOCK_B": "constexpr",
            "BLOCK_E": "constexpr"}
