@@ -68,6 +68,7 @@ def _versions():
 
 
 def _info(benchmark, op, provider, dtype, shape, nbytes):
+    benchmark.group = f"{op} {str(dtype).replace('torch.', '')} {tuple(shape)}"  # providers side by side
     benchmark.extra_info.update(
         op=op,
         provider=provider,

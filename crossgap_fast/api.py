@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from . import engine, reference
 from .models import ClipModel, as_clip_model, check_text_tower, check_vision_tower
 from .progress import Progress
-from .towers import PrefixCachedText, PseudoPatchVision, make_template, text_too_long
+from .towers import PseudoPatchVision, make_template, text_forward, text_too_long
 
 INIT_STD = 0.02
 BACKENDS = ("fast", "reference")
@@ -181,12 +181,11 @@ def oti(
     """
     cm = as_clip_model(model)
     m = cm.model
-    check_text_tower(m)
+    d = check_text_tower(m).width
     snaps = _check_common(steps, lr, weight_decay, num_tokens, backend, batch_size, loss_batch,
                           snapshot_steps)
     targets = _as_features(image_features, "image_features", cm.embed_dim)
     tpl = make_template(template, num_tokens, cm.tokenizer, m)
-    d = m.token_embedding.weight.shape[1]
     start = _start(init, targets.shape[0], num_tokens, d, seed, sample_ids)
     info: dict = {"backend": backend, "method": "oti", "steps": steps, "num_samples": len(targets)}
     with frozen(m):
@@ -197,16 +196,15 @@ def oti(
                 progress=progress, info=info, snapshot_steps=snaps,
             )
         else:
-            fwd = PrefixCachedText(m, tpl, use_kernels=use_kernels)
+            fwd = text_forward(m, tpl, use_kernels=use_kernels)
             cfg = engine.EngineConfig(
                 steps=steps, lr=lr, weight_decay=weight_decay, loss_batch=loss_batch,
                 batch_size=batch_size, precision=precision, compile=compile,
                 cuda_graph=cuda_graph, use_kernels=use_kernels, progress=progress, desc="OTI", info=info,
                 snapshot_steps=snaps,
             )
-            rows = tpl.pool_index + 1 - tpl.prefix_len
             out = engine.run_inversion(
-                fwd, targets, start, cfg, rows=rows, width=d, layers=len(fwd.blocks),
+                fwd, targets, start, cfg, rows=fwd.rows, width=d, layers=len(fwd.blocks),
                 device=cm.device,
             )
     return _result(out, info)
@@ -289,11 +287,10 @@ def oti_features(
 ) -> Tensor:
     """Text features (N, D) of stored OTI pseudo tokens (N, R, d), as ``oti`` returns them."""
     cm = as_clip_model(model)
-    check_text_tower(cm.model)
-    tokens = _stored_tokens(tokens, cm.model.token_embedding.weight.shape[1])
+    tokens = _stored_tokens(tokens, check_text_tower(cm.model).width)
     tpl = make_template(template, tokens.shape[1], cm.tokenizer, cm.model)
     with frozen(cm.model):
-        fwd = PrefixCachedText(cm.model, tpl)
+        fwd = text_forward(cm.model, tpl)
         return _batched(fwd, tokens, cm.device, batch_size)
 
 

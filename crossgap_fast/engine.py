@@ -99,8 +99,11 @@ class _Stepper:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _loss(self, p: Tensor, target: Tensor) -> Tensor:
+        # No autocast cast cache: a cast cached during CUDA-graph capture is freed when the
+        # region exits while the graph still reads it (make_graphed_callables asks the same).
         ctx = (
-            torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
+            torch.autocast(self.device.type, dtype=self.amp, cache_enabled=False)
+            if self.amp is not None else nullcontext()
         )
         with ctx:
             feats = self.forward(p)

@@ -329,9 +329,9 @@ def _validate(cm: ClipModel, method: str, steps, num_tokens, template, batch_siz
     if engine.get("backend", BACKENDS[0]) not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {engine['backend']!r}")
     if method == "oti":
-        check_text_tower(cm.model)
+        width = check_text_tower(cm.model).width
         make_template(template, num_tokens, cm.tokenizer, cm.model)
-        return int(cm.model.token_embedding.weight.shape[1])
+        return width
     check_vision_tower(cm.model)
     visual = cm.model.visual
     if num_tokens > visual.grid_size[0] * visual.grid_size[1]:

@@ -12,7 +12,7 @@ from torch import nn
 
 import open_clip
 from open_clip.model import CLIP
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEMO_MODEL = "crossgap-demo"  # the built-in default, trained here (crossgap_fast/demo)
@@ -53,7 +53,10 @@ class ClipModel:
     @property
     def embed_dim(self) -> int:
         """Width of the joint embedding space (the features OTI/OVI produce)."""
-        return int(self.model.visual.output_dim)
+        dim = getattr(self.model.visual, "output_dim", None)
+        if dim is None:  # timm image towers (SigLIP, MobileCLIP) do not record it; the text side does
+            dim = text_tower(self.model).output_dim
+        return int(dim)
 
     @property
     def context_length(self) -> int:
@@ -98,24 +101,106 @@ def _check_blocks(blocks: Sequence[nn.Module], tower: str) -> None:
             )
 
 
-def check_text_tower(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` unless the text tower is a causal CLIP tower."""
-    if not isinstance(model, CLIP):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not supported: OTI needs open_clip's CLIP class with the "
-            "standard causal text Transformer (SigLIP / CustomTextCLIP / HF text towers have a "
-            "non-causal or foreign text encoder)"
+@dataclass(frozen=True)
+class TextTower:
+    """One view of an open_clip text tower, wherever the model keeps it.
+
+    ``CLIP`` holds the text modules on the model itself; ``CustomTextCLIP`` holds them in
+    ``model.text`` (a ``TextTransformer``) and names the pooling attributes differently.
+    """
+
+    owner: nn.Module = field(repr=False)  # holds token_embedding, transformer, ln_final, ...
+    pool_type: str  # 'argmax' | 'eos' | 'first' | 'last'
+    eos_id: int | None
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.owner.token_embedding
+
+    @property
+    def positional_embedding(self) -> torch.Tensor:
+        return self.owner.positional_embedding
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.owner.transformer
+
+    @property
+    def ln_final(self) -> nn.Module:
+        return self.owner.ln_final
+
+    @property
+    def attn_mask(self) -> torch.Tensor | None:
+        """open_clip's additive causal mask, or ``None`` for a bidirectional tower."""
+        return getattr(self.owner, "attn_mask", None)
+
+    @property
+    def causal(self) -> bool:
+        return self.attn_mask is not None
+
+    @property
+    def width(self) -> int:
+        """Width of the token embeddings (the size of one pseudo token)."""
+        return int(self.token_embedding.weight.shape[1])
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the features the tower outputs (after the projection)."""
+        proj = self.owner.text_projection
+        if proj is None:
+            return self.width
+        return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The text projection applied to pooled rows, as open_clip applies it."""
+        proj = self.owner.text_projection
+        if proj is None:
+            return x
+        if isinstance(proj, nn.Linear):
+            return proj(x)
+        return x @ proj
+
+
+def text_tower(model: nn.Module) -> TextTower:
+    """The :class:`TextTower` view of ``model``'s text encoder (no support checks)."""
+    if isinstance(model, CLIP):
+        return TextTower(model, model.text_pool_type, getattr(model, "text_eos_id", None))
+    text = getattr(model, "text", None)
+    if isinstance(text, TextTransformer):
+        return TextTower(text, text.pool_type, getattr(text, "eos_id", None))
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not supported for OTI: its text encoder "
+        f"({type(text).__name__ if text is not None else 'none found'}) is not open_clip's "
+        "TextTransformer (Hugging Face text towers are not supported)"
+    )
+
+
+def check_text_tower(model: nn.Module) -> TextTower:
+    """The text tower's view; raise :class:`UnsupportedModelError` unless OTI can use it.
+
+    Supported: open_clip's ``TextTransformer`` layout on ``CLIP`` or ``CustomTextCLIP``,
+    causal (CLIP, MobileCLIP: the fast engine cuts the sequence and caches the prefix) or
+    bidirectional (SigLIP, CLIPA: the fast engine computes the full sequence).
+    """
+    tower = text_tower(model)
+    if getattr(tower.owner, "cls_emb", None) is not None:
+        raise UnsupportedModelError("text towers with an appended class token (CoCa) are not supported")
+    if getattr(tower.owner, "use_pad_mask", False):
+        raise UnsupportedModelError("text towers that mask padding keys (use_pad_mask) are not supported")
+    pools = ("argmax", "eos", "last") if tower.causal else ("argmax", "eos", "first", "last")
+    if tower.pool_type not in pools:
+        why = (
+            "a causal tower must pool at or after the pseudo tokens"
+            if tower.causal and tower.pool_type == "first"
+            else "the feature must be read from one token"
         )
-    if getattr(model, "attn_mask", None) is None:
-        raise UnsupportedModelError("the text tower has no causal attention mask")
-    if model.text_pool_type not in ("argmax", "eos"):
         raise UnsupportedModelError(
-            f"text pooling '{model.text_pool_type}' is not supported (need 'argmax' or 'eos': "
-            "the feature must be read at the end-of-text token)"
+            f"text pooling '{tower.pool_type}' is not supported ({why}; supported: {', '.join(pools)})"
         )
-    _check_blocks(model.transformer.resblocks, "text")
-    if not model.transformer.batch_first:
+    _check_blocks(tower.transformer.resblocks, "text")
+    if not tower.transformer.batch_first:
         raise UnsupportedModelError("the text Transformer must be batch_first")
+    return tower
 
 
 def check_vision_tower(model: nn.Module) -> None:
@@ -178,6 +263,14 @@ def load_model(
                     f"pretrained={tag!r} is neither a file nor a pretrained tag of {name!r} "
                     f"(known tags: {sorted(known) or 'none'})"
                 )
+    try:  # before the weights: a missing tokenizer dependency should fail fast
+        tokenizer = open_clip.get_tokenizer(name)
+    except ImportError as err:
+        missing = getattr(err, "name", None) or "a package"
+        raise ImportError(
+            f"the tokenizer of {name!r} needs the Python package {missing!r}, which is not "
+            f"installed (pip install {missing})"
+        ) from err
     model, _, preprocess = open_clip.create_model_and_transforms(
         name, pretrained=tag, device=device
     )
@@ -185,7 +278,7 @@ def load_model(
     model.requires_grad_(False)
     return ClipModel(
         model=model,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=tokenizer,
         preprocess=preprocess,
         name=name,
         pretrained=tag,

@@ -95,7 +95,7 @@ def reference_oti(
     snapshot_steps: tuple[int, ...] = (),
 ) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
     """OTI as in the paper: returns CPU ``(features, tokens, losses, snapshots)``."""
-    device = model.positional_embedding.device
+    device = next(model.parameters()).device
     positions = template.positions.to(device)
 
     def encode(pseudo: Tensor, b: int) -> Tensor:

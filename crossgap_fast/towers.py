@@ -5,11 +5,13 @@ Two forms of each tower live here:
 * ``full_*``: the plain forward the paper describes (the whole 77-token text sequence, every
   image row through every layer), built from open_clip's own modules. The reference backend
   uses these.
-* :class:`PrefixCachedText` / :class:`PseudoPatchVision`: the same functions computed with less
-  work. The text tower is causal and pools at the end-of-text (EOT) token, so positions after
-  EOT never matter and the template prefix before the first pseudo token never sees the pseudo
-  tokens: its keys/values are computed once and shared by every sample. In the last block of
-  either tower only the pooled row's query and MLP are evaluated.
+* :class:`PrefixCachedText` / :class:`FullSequenceText` / :class:`PseudoPatchVision`: the same
+  functions computed with less work. A causal text tower that pools at the end-of-text (EOT)
+  token ignores the positions after EOT, and the template prefix before the first pseudo token
+  never sees the pseudo tokens: its keys/values are computed once and shared by every sample
+  (:class:`PrefixCachedText`). A bidirectional tower (SigLIP, CLIPA) allows neither cut, so
+  :class:`FullSequenceText` computes every position but builds the template's embeddings once.
+  In the last block of every tower only the pooled row's query and MLP are evaluated.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from open_clip.transformer import text_global_pool
+
 from .kernels import expand_pseudo_patches, insert_pseudo_tokens, patch_source_index
+from .models import TextTower, text_tower
 
 PLACEHOLDER = "£"  # a single BPE token in CLIP's vocabulary, as in the paper
 
@@ -48,14 +53,20 @@ class TextTemplate:
 
 
 def placeholder_id(tokenizer: Callable[[Sequence[str]], Tensor], placeholder: str = PLACEHOLDER) -> int:
-    """The id of the single token the placeholder word maps to."""
-    ids = tokenizer([placeholder])[0]
-    content = [int(t) for t in ids[1:] if int(t) != 0]  # drop SOT and padding
-    if len(content) != 2:  # the placeholder itself, then EOT
+    """The id of the single token the placeholder word maps to.
+
+    Found by comparing the tokenisation of the placeholder with that of the empty text, so it
+    holds whatever special tokens the tokenizer adds (CLIP's start/end, SigLIP's end only).
+    """
+    with_ph, empty = (row.tolist() for row in tokenizer([placeholder, ""]))
+    i = next((j for j, (a, b) in enumerate(zip(with_ph, empty)) if a != b), None)
+    # One token iff the rest is the empty text's tokens shifted right by one.
+    if i is None or with_ph[i + 1:] != empty[i:len(with_ph) - 1]:
         raise ValueError(
-            f"placeholder {placeholder!r} is not a single token for this tokenizer ({content})"
+            f"placeholder {placeholder!r} is not a single token for this tokenizer "
+            f"(it tokenises to {with_ph[:8]}..., the empty text to {empty[:8]}...)"
         )
-    return content[0]
+    return int(with_ph[i])
 
 
 def make_template(
@@ -90,8 +101,9 @@ def make_template(
             f"template {template!r}: expected {num_tokens} placeholder tokens after tokenisation, "
             f"found {positions.numel()} (the words around '{{}}' merged with the placeholder?)"
         )
-    pool_index = _pool_index(model, tokens)
-    if pool_index <= int(positions.max()):
+    tower = text_tower(model)
+    pool_index = _pool_index(tower, tokens)
+    if tower.causal and pool_index <= int(positions.max()):
         raise ValueError(f"template {template!r}: the pseudo tokens do not fit before end-of-text")
     return TextTemplate(text=text, tokens=tokens, positions=positions, pool_index=pool_index)
 
@@ -116,22 +128,18 @@ def text_too_long(tokenizer, texts: Sequence[str], context_length: int) -> list[
     return out
 
 
-def _pool_index(model: nn.Module, tokens: Tensor) -> int:
-    if model.text_pool_type == "argmax":
+def _pool_index(tower: TextTower, tokens: Tensor) -> int:
+    """The position the tower reads its feature from (the template is shared, so is this)."""
+    if tower.pool_type == "first":
+        return 0
+    if tower.pool_type == "last":
+        return int(tokens.shape[0]) - 1
+    if tower.pool_type == "argmax":
         return int(tokens.argmax())
-    eos = (tokens == model.text_eos_id).nonzero().flatten()
+    eos = (tokens == tower.eos_id).nonzero().flatten()
     if eos.numel() == 0:
         raise ValueError("the tokenised template has no end-of-text token")
     return int(eos[0])
-
-
-def _project_text(model: nn.Module, x: Tensor) -> Tensor:
-    proj = model.text_projection
-    if proj is None:
-        return x
-    if isinstance(proj, nn.Linear):
-        return proj(x)
-    return x @ proj
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,23 +148,18 @@ def _project_text(model: nn.Module, x: Tensor) -> Tensor:
 def full_text_forward(model: nn.Module, tokens: Tensor, positions: Tensor, pseudo: Tensor) -> Tensor:
     """The text tower on whole sequences with pseudo tokens written at ``positions``.
 
-    ``tokens`` is (B, L) as the tokenizer returns it, ``pseudo`` (B, R, d).
+    ``tokens`` is (B, L) as the tokenizer returns it, ``pseudo`` (B, R, d). Causal or
+    bidirectional, as open_clip's ``encode_text`` runs the tower.
     """
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast)
+    tower = text_tower(model)
+    cast = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(tokens).to(cast)
     x[:, positions] = pseudo.to(cast)
-    x = x + model.positional_embedding.to(cast)
-    x = model.transformer(x, attn_mask=model.attn_mask)
-    x = model.ln_final(x)
-    pool = _pool_indices(model, tokens)
-    x = x[torch.arange(x.shape[0], device=x.device), pool]
-    return _project_text(model, x)
-
-
-def _pool_indices(model: nn.Module, tokens: Tensor) -> Tensor:
-    if model.text_pool_type == "argmax":
-        return tokens.argmax(dim=-1)
-    return (tokens == model.text_eos_id).int().argmax(dim=-1)
+    x = x + tower.positional_embedding[: tokens.shape[1]].to(cast)
+    x = tower.transformer(x, attn_mask=tower.attn_mask)
+    x = tower.ln_final(x)
+    x = text_global_pool(x, tokens, tower.pool_type, eos_token_id=tower.eos_id)
+    return tower.project(x)
 
 
 def full_vision_forward(model: nn.Module, pseudo: Tensor) -> Tensor:
@@ -226,7 +229,7 @@ def block_forward(
 
 
 class PrefixCachedText(nn.Module):
-    """OTI's text tower computed only where the pseudo tokens can matter.
+    """OTI's text tower computed only where the pseudo tokens can matter (causal towers).
 
     Built once per (model, template): the shared prefix's keys/values in every layer, the
     suffix's token + positional embeddings, and the causal mask of the suffix over
@@ -235,14 +238,20 @@ class PrefixCachedText(nn.Module):
 
     def __init__(self, model: nn.Module, template: TextTemplate, use_kernels: bool | None = None):
         super().__init__()
-        self.model = model
-        self.blocks = list(model.transformer.resblocks)
+        tower = text_tower(model)
+        if not tower.causal:
+            raise ValueError("PrefixCachedText needs a causal text tower; use FullSequenceText")
+        self.tower = tower
+        self.text = tower.owner  # registered, so .to() and state follow the frozen weights
+        self.blocks = list(tower.transformer.resblocks)
         self.use_kernels = use_kernels
         p0, end = template.prefix_len, template.pool_index + 1
-        tokens = template.tokens.to(model.positional_embedding.device)
+        #: per-sample rows through each block (the engine sizes its batches by them)
+        self.rows = end - p0
+        tokens = template.tokens.to(tower.positional_embedding.device)
         with torch.no_grad():
-            emb = model.token_embedding(tokens[:end]).float()
-            pos = model.positional_embedding[:end].float()
+            emb = tower.token_embedding(tokens[:end]).float()
+            pos = tower.positional_embedding[:end].float()
             self.register_buffer("suffix_tok", emb[p0:], persistent=False)
             self.register_buffer("suffix_pos", pos[p0:], persistent=False)
             self.register_buffer("rel_positions", template.positions.to(tokens.device) - p0, persistent=False)
@@ -254,7 +263,7 @@ class PrefixCachedText(nn.Module):
             self.prefix_kv = self._prefix_kv((emb[:p0] + pos[:p0]).unsqueeze(0))
 
     def _prefix_kv(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
-        cast = self.model.transformer.get_cast_dtype()
+        cast = self.tower.transformer.get_cast_dtype()
         x = x.to(cast)
         kvs = []
         p = x.shape[1]
@@ -267,16 +276,60 @@ class PrefixCachedText(nn.Module):
         return kvs
 
     def forward(self, pseudo: Tensor) -> Tensor:
-        cast = self.model.transformer.get_cast_dtype()
+        cast = self.tower.transformer.get_cast_dtype()
         x = insert_pseudo_tokens(
             self.suffix_tok, self.suffix_pos, pseudo, self.rel_positions, use_triton=self.use_kernels
         ).to(cast)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            rows = slice(-1, None) if i == last else None  # only EOT is pooled
+            rows = slice(-1, None) if i == last else None  # only the pooled row
             x = block_forward(block, x, self.prefix_kv[i], self.attn_mask, query_rows=rows)
-        x = self.model.ln_final(x[:, -1])
-        return _project_text(self.model, x)
+        return self.tower.project(self.tower.ln_final(x[:, -1]))
+
+
+class FullSequenceText(nn.Module):
+    """OTI's text tower on the whole sequence, for towers that allow no cut.
+
+    In a bidirectional tower (SigLIP, CLIPA) every position, padding included, attends to the
+    pseudo tokens and they to it, so neither the prefix nor the tail can be skipped. What is
+    left to save: the template's embeddings are built once and the pseudo tokens written in by
+    the insertion kernel (in the reference layout: all ``context_length`` rows), and in the last
+    block only the pooled row gets a query and an MLP. It also runs causal towers, which makes
+    it the uncached baseline for :class:`PrefixCachedText`.
+    """
+
+    def __init__(self, model: nn.Module, template: TextTemplate, use_kernels: bool | None = None):
+        super().__init__()
+        tower = text_tower(model)
+        self.tower = tower
+        self.text = tower.owner
+        self.blocks = list(tower.transformer.resblocks)
+        self.use_kernels = use_kernels
+        tokens = template.tokens.to(tower.positional_embedding.device)
+        s = int(tokens.shape[0])
+        self.rows = s
+        self.pool = template.pool_index
+        with torch.no_grad():
+            self.register_buffer("tok", tower.token_embedding(tokens).float(), persistent=False)
+            self.register_buffer("pos", tower.positional_embedding[:s].float(), persistent=False)
+            self.register_buffer("positions", template.positions.to(tokens.device), persistent=False)
+            mask = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril() if tower.causal else None
+            self.register_buffer("attn_mask", mask, persistent=False)
+
+    def forward(self, pseudo: Tensor) -> Tensor:
+        cast = self.tower.transformer.get_cast_dtype()
+        x = insert_pseudo_tokens(self.tok, self.pos, pseudo, self.positions, use_triton=self.use_kernels).to(cast)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            rows = slice(self.pool, self.pool + 1) if i == last else None  # only the pooled row
+            x = block_forward(block, x, attn_mask=self.attn_mask, query_rows=rows)
+        return self.tower.project(self.tower.ln_final(x[:, 0]))
+
+
+def text_forward(model: nn.Module, template: TextTemplate, use_kernels: bool | None = None) -> nn.Module:
+    """The fastest exact OTI text forward for ``model``: prefix-cached when the tower is causal."""
+    cls = PrefixCachedText if text_tower(model).causal else FullSequenceText
+    return cls(model, template, use_kernels=use_kernels)
 
 
 class PseudoPatchVision(nn.Module):

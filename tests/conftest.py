@@ -20,6 +20,13 @@ def tiny() -> cg.ClipModel:
 
 
 @pytest.fixture(scope="session")
+def bidir() -> cg.ClipModel:
+    """A two-layer CustomTextCLIP with a bidirectional text tower pooled at the last position
+    (SigLIP's text layout, with CLIP's tokenizer and a 16-token context)."""
+    return _random_model("crossgap-tiny-bidir")
+
+
+@pytest.fixture(scope="session")
 def vitb32() -> cg.ClipModel:
     """Randomly initialised ViT-B-32, the paper's backbone shape."""
     return _random_model("ViT-B-32")

@@ -76,6 +76,19 @@ def test_oti_parity_tiny(tiny, r, template):
     _assert_parity(cg.oti(feats, tiny, **kw), cg.oti(feats, tiny, **kw, backend="reference"))
 
 
+@pytest.mark.parametrize("r,template", [(1, "a photo of {}"), (3, "{} on a table")])
+def test_oti_parity_bidirectional_text_tower(bidir, r, template):
+    """Full-sequence fast path (no cut is exact for a bidirectional tower) against the paper's loop."""
+    feats = torch.randn(6, 32)
+    init = cg.initial_tokens(6, r, 32, seed=r)
+    kw = dict(steps=15, init=init, num_tokens=r, template=template, lr=5e-2)
+    fast = cg.oti(feats, bidir, **kw)
+    ref = cg.oti(feats, bidir, **kw, backend="reference")
+    _assert_parity(fast, ref)
+    assert (ref.losses[:, -1] < ref.losses[:, 0]).all()
+    torch.testing.assert_close(cg.oti_features(fast.tokens, bidir, template), fast.features)
+
+
 @pytest.mark.parametrize("p", [1, 3, 16])
 def test_ovi_parity_tiny(tiny, p):
     feats = torch.randn(5, 32)
@@ -166,10 +179,12 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32(tiny):
     assert cos.mean() > 0.99 and cos.min() > 0.95
 
 
-def test_compiled_step_on_cpu_equals_eager(tiny):
+@pytest.mark.parametrize("model", ["tiny", "bidir"])
+def test_compiled_step_on_cpu_equals_eager(request, model):
+    model = request.getfixturevalue(model)
     feats = torch.randn(3, 32)
-    a = cg.oti(feats, tiny, steps=4, compile=True)
-    b = cg.oti(feats, tiny, steps=4, compile=False)
+    a = cg.oti(feats, model, steps=4, compile=True)
+    b = cg.oti(feats, model, steps=4, compile=False)
     torch.testing.assert_close(a.features, b.features, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.losses, b.losses, atol=1e-5, rtol=0)
 
@@ -247,14 +262,16 @@ def test_snapshot_steps_out_of_range(tiny):
 
 # ---------------------------------------------------------------- Triton kernels inside the engine
 @pytest.mark.interpreter
-@pytest.mark.parametrize("method", ["oti", "ovi"])
-def test_engine_with_triton_kernels_under_the_interpreter(tiny, method):
-    """The Triton ops (run by Triton's interpreter on CPU tensors) give the torch results."""
+@pytest.mark.parametrize("method,model", [("oti", "tiny"), ("ovi", "tiny"), ("oti", "bidir")])
+def test_engine_with_triton_kernels_under_the_interpreter(request, method, model):
+    """The Triton ops (run by Triton's interpreter on CPU tensors) give the torch results, in the
+    prefix-cached text layout, the full-sequence (reference) layout and the image tower."""
     pytest.importorskip("triton")
+    model = request.getfixturevalue(model)
     feats = torch.randn(3, 32)
     fn = getattr(cg, method)
-    a = fn(feats, tiny, steps=3, use_kernels=True, num_tokens=2)
-    b = fn(feats, tiny, steps=3, use_kernels=False, num_tokens=2)
+    a = fn(feats, model, steps=3, use_kernels=True, num_tokens=2)
+    b = fn(feats, model, steps=3, use_kernels=False, num_tokens=2)
     torch.testing.assert_close(a.features, b.features, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.losses, b.losses, atol=1e-5, rtol=0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import open_clip
 import pytest
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
@@ -70,12 +71,52 @@ def _tiny_vision_cfg(**kw):
     return CLIPVisionCfg(**base)
 
 
-def test_custom_text_clip_is_refused_for_oti_with_a_clear_message():
-    model = CustomTextCLIP(32, _tiny_vision_cfg(), _tiny_text_cfg(no_causal_mask=True))
-    with pytest.raises(UnsupportedModelError, match="CustomTextCLIP is not supported"):
+@pytest.mark.parametrize("causal", [True, False])
+def test_custom_text_clip_text_towers_are_supported(causal):
+    """MobileCLIP (causal) and SigLIP / CLIPA (bidirectional) keep the text in model.text."""
+    model = CustomTextCLIP(32, _tiny_vision_cfg(), _tiny_text_cfg(no_causal_mask=not causal, pool_type="last"))
+    tower = check_text_tower(model)
+    assert tower.owner is model.text and tower.causal is causal and tower.width == 32
+    res = cg.oti(torch.randn(2, 32), model, steps=2)
+    assert res.features.shape == (2, 32) and torch.isfinite(res.features).all()
+
+
+def _with_pad_mask(model):
+    model.text.use_pad_mask = True  # TextTransformer's option; CLIPTextCfg does not expose it
+    return model
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: CLIP(32, _tiny_vision_cfg(), _tiny_text_cfg(pool_type="first")),
+     "pooling 'first'.*causal tower must pool at or after"),
+    (lambda: CustomTextCLIP(32, _tiny_vision_cfg(), _tiny_text_cfg(no_causal_mask=True, pool_type="none")),
+     "pooling 'none'"),
+    (lambda: CustomTextCLIP(32, _tiny_vision_cfg(), _tiny_text_cfg(embed_cls=True)), "class token"),
+    (lambda: _with_pad_mask(CustomTextCLIP(32, _tiny_vision_cfg(), _tiny_text_cfg(no_causal_mask=True))),
+     "use_pad_mask"),
+])
+def test_unsupported_text_towers_are_refused_with_a_clear_message(build, match):
+    model = build()
+    with pytest.raises(UnsupportedModelError, match=match):
         check_text_tower(model)
     with pytest.raises(UnsupportedModelError):
         cg.oti(torch.randn(2, 32), model, steps=1)
+
+
+def test_foreign_text_encoder_is_refused():
+    model = CustomTextCLIP(32, _tiny_vision_cfg(), _tiny_text_cfg())
+    model.text = torch.nn.Identity()  # stands in for a Hugging Face text tower
+    with pytest.raises(UnsupportedModelError, match="Identity.*not open_clip's TextTransformer"):
+        check_text_tower(model)
+
+
+def test_missing_tokenizer_dependency_is_named(monkeypatch):
+    def needs_transformers(name):
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", needs_transformers)
+    with pytest.raises(ImportError, match="tokenizer of 'crossgap-tiny' needs the Python package 'transformers'"):
+        cg.load_model("crossgap-tiny")
 
 
 def test_resnet_image_tower_is_refused_for_ovi():

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import open_clip
 import pytest
 import torch
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
+import crossgap_fast as cg
+from crossgap_fast.models import check_text_tower, text_tower
 from crossgap_fast.towers import (
+    FullSequenceText,
     PrefixCachedText,
     PseudoPatchVision,
+    TextTemplate,
     full_text_forward,
     full_vision_forward,
     make_template,
+    placeholder_id,
+    text_forward,
 )
 from crossgap_fast.kernels import patch_source_index
 
@@ -113,3 +121,170 @@ def test_bad_templates(tiny, template, match):
 def test_too_many_pseudo_tokens_for_the_context(tiny):
     with pytest.raises(ValueError, match="context"):
         make_template("a photo of {}", 80, tiny.tokenizer, tiny.model)
+
+
+# ---------------------------------------------------------------- other text-tower layouts
+def _causal_custom_text(seed: int = 0) -> cg.ClipModel:
+    """MobileCLIP's layout: CustomTextCLIP with a causal TextTransformer (text in model.text)."""
+    torch.manual_seed(seed)
+    model = CustomTextCLIP(
+        32,
+        CLIPVisionCfg(image_size=32, layers=1, width=48, head_width=12, patch_size=8),
+        CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=4, layers=2),
+    ).eval()
+    return cg.models.as_clip_model(model)
+
+
+@pytest.fixture(params=["clip-causal", "custom-causal", "custom-bidir"])
+def any_text(request, tiny, bidir) -> cg.ClipModel:
+    return {"clip-causal": tiny, "custom-bidir": bidir}.get(request.param) or _causal_custom_text()
+
+
+@torch.no_grad()
+def test_reference_text_forward_is_open_clips_encode_text(any_text):
+    """With the placeholder's own embedding as the pseudo token, both forwards give exactly what
+    open_clip's encode_text gives for the template: the inversion inverts the real tower."""
+    m = any_text.model
+    tower = text_tower(m)
+    tpl = make_template("a photo of {} here", 2, any_text.tokenizer, m)
+    own = tower.token_embedding.weight[placeholder_id(any_text.tokenizer)]
+    pseudo = own.expand(3, 2, -1).clone()
+    tokens = tpl.tokens.expand(3, -1)
+    expected = m.encode_text(tokens)
+    torch.testing.assert_close(full_text_forward(m, tokens, tpl.positions, pseudo), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(text_forward(m, tpl)(pseudo), expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("template,r", [t for t in TEMPLATES if t[1] < 4] + [("{} is what this shows", 4)])
+def test_full_sequence_text_equals_reference_outputs_and_gradients(any_text, template, r):
+    m = any_text.model
+    tpl = make_template(template, r, any_text.tokenizer, m)
+    pseudo = torch.randn(4, r, text_tower(m).width)
+    outs, grads = [], []
+    for f in (lambda p: full_text_forward(m, tpl.tokens.expand(4, -1), tpl.positions, p),
+              FullSequenceText(m, tpl), text_forward(m, tpl)):
+        p = pseudo.clone().requires_grad_(True)
+        out = f(p)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(p.grad)
+    for out, grad in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(out, outs[0], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, grads[0], atol=2e-5, rtol=1e-4)
+
+
+def test_fast_text_forward_choice_follows_causality(tiny, bidir):
+    tpl = make_template("a photo of {}", 1, tiny.tokenizer, tiny.model)
+    assert isinstance(text_forward(tiny.model, tpl), PrefixCachedText)
+    assert text_forward(tiny.model, tpl).rows == tpl.pool_index + 1 - tpl.prefix_len  # 2 rows
+    tpl = make_template("a photo of {}", 1, bidir.tokenizer, bidir.model)
+    fwd = text_forward(bidir.model, tpl)
+    assert isinstance(fwd, FullSequenceText) and fwd.rows == bidir.context_length
+    with pytest.raises(ValueError, match="causal"):
+        PrefixCachedText(bidir.model, tpl)
+
+
+def test_bidirectional_tower_reads_the_last_position_and_allows_any_placement(bidir):
+    """Pooling 'last' reads padding; the pseudo tokens need not come before EOT."""
+    tpl = make_template("{}", 3, bidir.tokenizer, bidir.model)
+    assert tpl.pool_index == bidir.context_length - 1
+    # Pseudo tokens at the end of a context-filling template (15 of 16 positions) still count.
+    tpl = make_template("a " * 11 + "{}", 2, bidir.tokenizer, bidir.model)
+    assert int(tpl.positions.max()) == 13
+    p = torch.randn(2, 2, 32)
+    with torch.no_grad():
+        a = FullSequenceText(bidir.model, tpl)(p)
+        b = FullSequenceText(bidir.model, tpl)(p.flip(0))
+    assert not torch.allclose(a[0], a[1], atol=1e-3)
+    torch.testing.assert_close(a.flip(0), b)
+
+
+class _NoStartToken:
+    """A tokenizer that adds no start token (like SigLIP's): CLIP's ids with SOT dropped."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, texts):
+        ids = self.inner(texts)
+        return torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+
+
+def test_placeholder_found_without_a_start_token(tiny):
+    plain = placeholder_id(tiny.tokenizer)
+    assert placeholder_id(_NoStartToken(tiny.tokenizer)) == plain
+    tpl = make_template("a photo of {}", 2, _NoStartToken(tiny.tokenizer), tiny.model)
+    ref = make_template("a photo of {}", 2, tiny.tokenizer, tiny.model)
+    assert torch.equal(tpl.positions, ref.positions - 1)
+    with pytest.raises(ValueError, match="not a single token"):
+        placeholder_id(tiny.tokenizer, placeholder="photograph of")
+
+
+@pytest.fixture(scope="module")
+def siglip() -> torch.nn.Module:
+    """open_clip's real SigLIP ViT-B/16 architecture, random weights (none can be fetched here)."""
+    torch.manual_seed(0)
+    return open_clip.create_model("ViT-B-16-SigLIP", pretrained=None).eval().requires_grad_(False)
+
+
+class _WordTokenizer:
+    """SigLIP's id layout without its vocabulary: one id per word, no start token, then the
+    end-of-text id 1, which also pads to the context length."""
+
+    def __init__(self, context_length: int):
+        self.context_length = context_length
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, texts):
+        out = torch.ones(len(texts), self.context_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [self.vocab.setdefault(w, 2 + len(self.vocab)) for w in text.split()]
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+
+@pytest.mark.slow
+def test_siglip_b16_oti_fast_equals_reference(siglip):
+    """The whole API on SigLIP's architecture (a timm image tower, bidirectional text)."""
+    cm = cg.ClipModel(model=siglip, tokenizer=_WordTokenizer(siglip.context_length))
+    assert cm.embed_dim == 768
+    feats = torch.randn(4, 768)
+    init = cg.initial_tokens(4, 2, 768)
+    kw = dict(steps=3, init=init, num_tokens=2, lr=5e-2)
+    fast = cg.oti(feats, cm, **kw)
+    ref = cg.oti(feats, cm, backend="reference", **kw)
+    torch.testing.assert_close(fast.losses, ref.losses, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast.features, ref.features, atol=1e-4, rtol=1e-4)
+    assert (ref.losses[:, -1] < ref.losses[:, 0]).all()
+    with pytest.raises(cg.UnsupportedModelError, match="TimmModel"):
+        cg.ovi(feats, cm, steps=1)
+
+
+@pytest.mark.slow
+def test_siglip_b16_text_tower_architecture(siglip):
+    """Bidirectional, 64 positions, pooled at the last one, biased linear projection: the
+    reference forward is open_clip's encode_text, the fast one equals it with gradients."""
+    model = siglip
+    tower = check_text_tower(model)
+    assert not tower.causal and tower.pool_type == "last"
+    ctx = model.context_length
+    tokens = torch.full((ctx,), 1, dtype=torch.long)  # SigLIP pads with its end-of-text id
+    tokens[:9] = torch.randint(2, 32000, (9,))
+    tokens[[4, 5]] = 7  # the placeholder's id here
+    tpl = TextTemplate(text="", tokens=tokens, positions=torch.tensor([4, 5]), pool_index=ctx - 1)
+    own = tower.token_embedding.weight[7].expand(2, 2, -1).clone()
+    batch = tokens.expand(2, -1)
+    with torch.no_grad():
+        expected = model.encode_text(batch)
+        torch.testing.assert_close(full_text_forward(model, batch, tpl.positions, own), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(text_forward(model, tpl)(own), expected, atol=1e-4, rtol=1e-4)
+    pseudo = torch.randn(2, 2, tower.width) * 0.02
+    outs, grads = [], []
+    for f in (lambda p: full_text_forward(model, batch, tpl.positions, p), text_forward(model, tpl)):
+        p = pseudo.clone().requires_grad_(True)
+        out = f(p)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(p.grad)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)

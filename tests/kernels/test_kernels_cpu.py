@@ -401,6 +401,51 @@ def test_triton_path_traces_fullgraph_fwd_bwd(stub_triton_driver):
                 assert name not in clones, line
 
 
+@needs_triton
+@pytest.mark.parametrize("name,method", [
+    ("crossgap-tiny", "oti"), ("crossgap-tiny-bidir", "oti"), ("crossgap-tiny", "ovi"),
+])
+def test_engine_loss_traces_fullgraph_with_triton_ops(stub_triton_driver, name, method):
+    """The engine's compiled function (tower forward + cosine loss) with the Triton ops, on a
+    model moved to 'meta': one graph forward and backward, with the kernels the issue asks
+    for in it. On a GPU, torch.compile sees the same graph."""
+    import crossgap_fast as cg
+    from crossgap_fast import engine
+    from crossgap_fast.towers import PseudoPatchVision, make_template, text_forward
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+
+    graphs = {}
+
+    def capture(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] = gm.code
+            return make_boxed_func(gm)
+
+        return compiler
+
+    torch.manual_seed(0)
+    cm = cg.load_model(name)
+    tpl = make_template("a photo of {} here", 2, cm.tokenizer, cm.model)
+    cm.model.to("meta")
+    fwd = (text_forward(cm.model, tpl, use_kernels=True) if method == "oti"
+           else PseudoPatchVision(cm.model, use_kernels=True))
+    width = 32 if method == "oti" else 48
+    cfg = engine.EngineConfig(steps=1, precision="fp32", compile=False, use_kernels=True)
+    stepper = engine._Stepper(fwd, 4, (2, width), 32, cfg, torch.device("meta"))
+    torch._dynamo.reset()
+    try:
+        backend = aot_autograd(fw_compiler=capture("fw"), bw_compiler=capture("bw"))
+        loss = torch.compile(stepper._loss, fullgraph=True, backend=backend)(stepper.p, stepper.target)
+        (g,) = torch.autograd.grad(loss.sum(), stepper.p)
+    finally:
+        torch._dynamo.reset()
+    assert loss.shape == (4,) and g.shape == (4, 2, width)
+    # forward: the input op (insert or expand) and the cosine loss; backward: the same two
+    assert graphs["fw"].count("triton_kernel_wrapper_functional(") == 2
+    assert graphs["bw"].count("triton_kernel_wrapper_functional(") == 2
+
+
 def _record_launches(monkeypatch):
     """Replace the launcher by a recorder: run the op impls on meta tensors, keep the calls."""
     calls = []

@@ -1,0 +1,43 @@
+"""Markdown rows for the README's benchmark table from a ``--benchmark-json`` file.
+
+Usage: ``python scripts/bench_table.py bench.json``. One row per benchmark group: the device,
+the versions, each provider's median rate (or time per call for kernel micro-benchmarks) and
+each provider's speed-up over the group's baseline ("reference" for inversions, "torch" for
+kernels).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def rows(report: dict) -> list[str]:
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for bench in report["benchmarks"]:
+        info = bench.get("extra_info", {})
+        provider = info.get("provider", bench["name"])
+        groups[bench.get("group") or bench["name"]][provider] = {"median": bench["stats"]["median"], **info}
+    out = ["| Device | torch / triton | Problem | Provider | Median | Rate | vs baseline |",
+           "|---|---|---|---|---|---|---|"]
+    for group, providers in sorted(groups.items()):
+        base = providers.get("reference") or providers.get("torch")
+        for provider, rec in sorted(providers.items(), key=lambda kv: kv[1]["median"], reverse=True):
+            unit = rec.get("unit")
+            rate = f"{rec['work'] / rec['median']:,.0f} {unit}/s" if unit and rec.get("work") else ""
+            if not rate and rec.get("bytes_per_call"):
+                rate = f"{rec['bytes_per_call'] / rec['median'] / 1e9:,.0f} GB/s"
+            speed = f"{base['median'] / rec['median']:.1f}x" if base else ""
+            out.append(
+                f"| {rec.get('device', '?')} | {rec.get('torch', '?')} / {rec.get('triton', '?')} | {group} "
+                f"| {provider} | {rec['median'] * 1e3:.3f} ms | {rate} | {speed} |"
+            )
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/bench_table.py BENCH.json")
+    with open(sys.argv[1]) as fh:
+        print("\n".join(rows(json.load(fh))))
