@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import crossgap_fast as cg
-from crossgap_fast.models import as_clip_model, check_text_tower
+from crossgap_fast.models import as_clip_model, check_text_tower, check_vision_tower
 
 CUDA = torch.cuda.is_available()
 
@@ -50,7 +50,7 @@ def _problem(model: cg.ClipModel, n: int, method: str):
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(n, model.embed_dim, generator=gen)
     dim = (check_text_tower(model.model).width if method.startswith("oti")
-           else model.model.visual.class_embedding.shape[0])
+           else check_vision_tower(model.model).width)
     return feats, cg.initial_tokens(n, 1, dim)
 
 

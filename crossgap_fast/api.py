@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from . import engine, reference
 from .models import ClipModel, as_clip_model, check_text_tower, check_vision_tower
 from .progress import Progress
-from .towers import PseudoPatchVision, make_template, text_forward, text_too_long
+from .towers import make_template, text_forward, text_too_long, vision_forward
 
 INIT_STD = 0.02
 BACKENDS = ("fast", "reference")
@@ -240,15 +240,13 @@ def ovi(
     """
     cm = as_clip_model(model)
     m = cm.model
-    check_vision_tower(m)
+    tower = check_vision_tower(m)
     snaps = _check_common(steps, lr, weight_decay, num_tokens, backend, batch_size, loss_batch,
                           snapshot_steps)
     targets = _as_features(text_features, "text_features", cm.embed_dim)
-    visual = m.visual
-    n_patches = visual.grid_size[0] * visual.grid_size[1]
+    n_patches, d = tower.num_patches, tower.width
     if num_tokens > n_patches:
         raise ValueError(f"num_tokens={num_tokens} pseudo patches exceed the {n_patches} patch positions")
-    d = visual.class_embedding.shape[0]
     start = _start(init, targets.shape[0], num_tokens, d, seed, sample_ids)
     info: dict = {"backend": backend, "method": "ovi", "steps": steps, "num_samples": len(targets)}
     with frozen(m):
@@ -259,7 +257,7 @@ def ovi(
                 snapshot_steps=snaps,
             )
         else:
-            fwd = PseudoPatchVision(m, use_kernels=use_kernels)
+            fwd = vision_forward(m, use_kernels=use_kernels)
             cfg = engine.EngineConfig(
                 steps=steps, lr=lr, weight_decay=weight_decay, loss_batch=loss_batch,
                 batch_size=batch_size, precision=precision, compile=compile,
@@ -267,7 +265,7 @@ def ovi(
                 snapshot_steps=snaps,
             )
             out = engine.run_inversion(
-                fwd, targets, start, cfg, rows=n_patches + 1, width=d,
+                fwd, targets, start, cfg, rows=fwd.rows, width=d,
                 layers=len(fwd.blocks), device=cm.device,
             )
     return _result(out, info)
@@ -298,10 +296,9 @@ def oti_features(
 def ovi_features(tokens: Tensor, model: ClipModel | nn.Module, batch_size: int = 256) -> Tensor:
     """Image features (N, D) of stored OVI pseudo patches (N, P, width)."""
     cm = as_clip_model(model)
-    check_vision_tower(cm.model)
-    tokens = _stored_tokens(tokens, cm.model.visual.class_embedding.shape[0])
+    tokens = _stored_tokens(tokens, check_vision_tower(cm.model).width)
     with frozen(cm.model):
-        fwd = PseudoPatchVision(cm.model)
+        fwd = vision_forward(cm.model)
         return _batched(fwd, tokens, cm.device, batch_size)
 
 

@@ -241,7 +241,7 @@ def _load(name: str, pretrained: str):
 def _main(args: argparse.Namespace) -> int:
     try:
         model = _load(args.model, args.pretrained)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
         return _fail(f"cannot load model {args.model!r} with --pretrained {args.pretrained!r}: {err}")
     if args.command == "eval":
         try:

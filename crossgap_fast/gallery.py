@@ -332,11 +332,10 @@ def _validate(cm: ClipModel, method: str, steps, num_tokens, template, batch_siz
         width = check_text_tower(cm.model).width
         make_template(template, num_tokens, cm.tokenizer, cm.model)
         return width
-    check_vision_tower(cm.model)
-    visual = cm.model.visual
-    if num_tokens > visual.grid_size[0] * visual.grid_size[1]:
-        raise ValueError(f"num_tokens={num_tokens} pseudo patches exceed the patch grid {visual.grid_size}")
-    return int(visual.class_embedding.shape[0])
+    tower = check_vision_tower(cm.model)
+    if num_tokens > tower.num_patches:
+        raise ValueError(f"num_tokens={num_tokens} pseudo patches exceed the {tower.num_patches} patch positions")
+    return tower.width
 
 
 def _raise_from_rank0(err: tuple[str, str] | None) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 import open_clip
 from open_clip.model import CLIP
+from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -203,13 +204,29 @@ def check_text_tower(model: nn.Module) -> TextTower:
     return tower
 
 
-def check_vision_tower(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` unless the image tower is an open_clip ViT."""
+@dataclass(frozen=True)
+class VisionTower:
+    """What OVI needs to know of an image tower."""
+
+    visual: nn.Module = field(repr=False)
+    kind: str  # "open_clip": its VisionTransformer; "timm": a TimmModel around a timm ViT
+    num_patches: int  # patch positions the pseudo patches are stretched over
+    width: int  # size of one pseudo patch (the patch embedding's output width)
+
+
+def check_vision_tower(model: nn.Module) -> VisionTower:
+    """The image tower's view; raise :class:`UnsupportedModelError` unless OVI can use it.
+
+    Supported: open_clip's ``VisionTransformer`` pooled at the class token, and timm
+    ``VisionTransformer`` trunks (SigLIP, MobileCLIP) with any pooling timm offers.
+    """
     visual = getattr(model, "visual", None)
+    if isinstance(visual, TimmModel):
+        return _check_timm_vit(visual)
     if not isinstance(visual, VisionTransformer):
         raise UnsupportedModelError(
-            f"image tower {type(visual).__name__} is not supported: OVI needs open_clip's "
-            "VisionTransformer (ResNet / timm towers have no patch embedding to bypass)"
+            f"image tower {type(visual).__name__} is not supported: OVI needs a vision "
+            "transformer (open_clip's or timm's) whose patch embedding it can bypass"
         )
     if visual.attn_pool is not None:
         raise UnsupportedModelError("attentional pooling in the image tower is not supported")
@@ -220,6 +237,26 @@ def check_vision_tower(model: nn.Module) -> None:
     _check_blocks(visual.transformer.resblocks, "image")
     if not visual.transformer.batch_first:
         raise UnsupportedModelError("the image Transformer must be batch_first")
+    grid = visual.grid_size
+    return VisionTower(visual, "open_clip", int(grid[0] * grid[1]), int(visual.class_embedding.shape[0]))
+
+
+def _check_timm_vit(visual: nn.Module) -> VisionTower:
+    trunk = getattr(visual, "trunk", None)
+    try:
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+    except ImportError:  # pragma: no cover - open_clip built a TimmModel, so timm is there
+        TimmViT = ()
+    if not isinstance(trunk, TimmViT):
+        raise UnsupportedModelError(
+            f"timm image tower {type(trunk).__name__} is not supported: OVI needs a timm "
+            "VisionTransformer (convolutional and hybrid-stage towers have no patch sequence to "
+            "write pseudo patches into)"
+        )
+    num_patches = getattr(trunk.patch_embed, "num_patches", None)
+    if not num_patches:
+        raise UnsupportedModelError("the timm ViT's patch embedding does not report its patch count")
+    return VisionTower(visual, "timm", int(num_patches), int(trunk.embed_dim))
 
 
 def load_model(

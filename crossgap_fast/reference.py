@@ -121,7 +121,7 @@ def reference_ovi(
     snapshot_steps: tuple[int, ...] = (),
 ) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
     """OVI as in the paper: returns CPU ``(features, tokens, losses, snapshots)``."""
-    device = model.visual.positional_embedding.device
+    device = next(model.parameters()).device
 
     def encode(pseudo: Tensor, b: int) -> Tensor:
         return full_vision_forward(model, pseudo)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from open_clip.transformer import text_global_pool
 
 from .kernels import expand_pseudo_patches, insert_pseudo_tokens, patch_source_index
-from .models import TextTower, text_tower
+from .models import TextTower, check_vision_tower, text_tower
 
 PLACEHOLDER = "£"  # a single BPE token in CLIP's vocabulary, as in the paper
 
@@ -165,6 +165,8 @@ def full_text_forward(model: nn.Module, tokens: Tensor, positions: Tensor, pseud
 def full_vision_forward(model: nn.Module, pseudo: Tensor) -> Tensor:
     """The image tower with the patch conv bypassed: ``pseudo`` (B, P, width) stretched over
     the patch grid by nearest neighbour along the raster order."""
+    if check_vision_tower(model).kind == "timm":
+        return timm_vision_forward(model, pseudo)
     visual = model.visual
     n = visual.grid_size[0] * visual.grid_size[1]
     patches = pseudo[:, patch_source_index(n, pseudo.shape[1], pseudo.device)]
@@ -178,6 +180,24 @@ def full_vision_forward(model: nn.Module, pseudo: Tensor) -> Tensor:
     if visual.proj is not None:
         pooled = pooled @ visual.proj
     return pooled
+
+
+def timm_vision_forward(model: nn.Module, pseudo: Tensor) -> Tensor:
+    """OVI's image tower for open_clip's timm ViTs (SigLIP, MobileCLIP): timm's own forward with
+    the patch embedding's output replaced by the stretched pseudo patches, so prefix tokens,
+    positional embedding, pooling (class token, mean or attention pool) and head are timm's."""
+    visual = model.visual
+    trunk = visual.trunk
+    n = trunk.patch_embed.num_patches
+    x = pseudo[:, patch_source_index(n, pseudo.shape[1], pseudo.device)]
+    if trunk.dynamic_img_size:  # the embedding then hands over a (B, H, W, C) grid
+        x = x.view(x.shape[0], *trunk.patch_embed.grid_size, x.shape[-1])
+    x = trunk._pos_embed(x)
+    x = trunk.patch_drop(x)
+    x = trunk.norm_pre(x)
+    x = trunk.blocks(x)
+    x = trunk.norm(x)
+    return visual.head(trunk.forward_head(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +361,7 @@ class PseudoPatchVision(nn.Module):
         self.visual = model.visual
         self.use_kernels = use_kernels
         self.num_patches = self.visual.grid_size[0] * self.visual.grid_size[1]
+        self.rows = self.num_patches + 1  # per-sample rows through each block
         self.blocks = list(self.visual.transformer.resblocks)
         ln = self.visual.ln_pre
         self.ln = ln if isinstance(ln, nn.LayerNorm) else None
@@ -366,3 +387,28 @@ class PseudoPatchVision(nn.Module):
         if v.proj is not None:
             pooled = pooled @ v.proj
         return pooled
+
+
+class TimmPseudoPatchVision(nn.Module):
+    """OVI's image tower for timm ViTs in the fast engine: the reference forward, unchanged.
+
+    Attention pooling reads every row of the last block, so no row can be skipped there; the
+    gain over the reference comes from the engine (large batches, compile, CUDA graphs).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        trunk = model.visual.trunk
+        self.blocks = list(trunk.blocks)
+        self.rows = int(trunk.patch_embed.num_patches) + int(trunk.num_prefix_tokens)
+
+    def forward(self, pseudo: Tensor) -> Tensor:
+        return timm_vision_forward(self.model, pseudo)
+
+
+def vision_forward(model: nn.Module, use_kernels: bool | None = None) -> nn.Module:
+    """The fast OVI image forward for ``model``'s tower kind."""
+    if check_vision_tower(model).kind == "timm":
+        return TimmPseudoPatchVision(model)
+    return PseudoPatchVision(model, use_kernels=use_kernels)

@@ -8,7 +8,7 @@ import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
 import crossgap_fast as cg
-from crossgap_fast.models import check_text_tower, text_tower
+from crossgap_fast.models import check_text_tower, check_vision_tower, text_tower
 from crossgap_fast.towers import (
     FullSequenceText,
     PrefixCachedText,
@@ -19,6 +19,7 @@ from crossgap_fast.towers import (
     make_template,
     placeholder_id,
     text_forward,
+    vision_forward,
 )
 from crossgap_fast.kernels import patch_source_index
 
@@ -256,8 +257,52 @@ def test_siglip_b16_oti_fast_equals_reference(siglip):
     torch.testing.assert_close(fast.losses, ref.losses, atol=1e-4, rtol=0)
     torch.testing.assert_close(fast.features, ref.features, atol=1e-4, rtol=1e-4)
     assert (ref.losses[:, -1] < ref.losses[:, 0]).all()
-    with pytest.raises(cg.UnsupportedModelError, match="TimmModel"):
-        cg.ovi(feats, cm, steps=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "MobileCLIP-B"])
+def test_timm_vision_forward_is_timms_own_forward(request, name):
+    """With one pseudo patch per position holding the patch embedding of a real image, the
+    OVI image forward is exactly open_clip's encode_image: SigLIP (attention pooling, no class
+    token) and MobileCLIP (convolutional stem, class token)."""
+    if name == "ViT-B-16-SigLIP":
+        model = request.getfixturevalue("siglip")
+    else:
+        torch.manual_seed(0)
+        model = open_clip.create_model(name, pretrained=None).eval().requires_grad_(False)
+    tower = check_vision_tower(model)
+    assert tower.kind == "timm" and tower.num_patches == 196 and tower.width == 768
+    image = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        patches = model.visual.trunk.patch_embed(image).flatten(1, -2)
+        expected = model.encode_image(image)
+        torch.testing.assert_close(full_vision_forward(model, patches), expected, atol=1e-5, rtol=0)
+        fwd = vision_forward(model)
+        torch.testing.assert_close(fwd(patches), expected, atol=1e-5, rtol=0)
+    assert fwd.rows == 196 + model.visual.trunk.num_prefix_tokens
+
+
+@pytest.mark.slow
+def test_siglip_b16_ovi_fast_equals_reference(siglip):
+    cm = cg.models.as_clip_model(siglip)
+    feats = torch.randn(3, 768)
+    kw = dict(steps=2, num_tokens=4, init=cg.initial_tokens(3, 4, 768))
+    fast = cg.ovi(feats, cm, **kw)
+    ref = cg.ovi(feats, cm, backend="reference", **kw)
+    torch.testing.assert_close(fast.losses, ref.losses, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast.features, ref.features, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cg.ovi_features(fast.tokens, cm), fast.features)
+
+
+def test_timm_tower_without_a_vit_trunk_is_refused(siglip):
+    import copy
+
+    model = copy.copy(siglip)  # shallow: swap the visual module on the copy only
+    visual = copy.copy(siglip.visual)
+    visual.trunk = torch.nn.Identity()  # stands in for a convolutional timm trunk
+    model.visual = visual
+    with pytest.raises(cg.UnsupportedModelError, match="timm image tower Identity is not supported"):
+        check_vision_tower(model)
 
 
 @pytest.mark.slow
