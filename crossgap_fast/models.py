@@ -208,7 +208,6 @@ def check_text_tower(model: nn.Module) -> TextTower:
 class VisionTower:
     """What OVI needs to know of an image tower."""
 
-    visual: nn.Module = field(repr=False)
     kind: str  # "open_clip": its VisionTransformer; "timm": a TimmModel around a timm ViT
     num_patches: int  # patch positions the pseudo patches are stretched over
     width: int  # size of one pseudo patch (the patch embedding's output width)
@@ -238,7 +237,7 @@ def check_vision_tower(model: nn.Module) -> VisionTower:
     if not visual.transformer.batch_first:
         raise UnsupportedModelError("the image Transformer must be batch_first")
     grid = visual.grid_size
-    return VisionTower(visual, "open_clip", int(grid[0] * grid[1]), int(visual.class_embedding.shape[0]))
+    return VisionTower("open_clip", int(grid[0] * grid[1]), int(visual.class_embedding.shape[0]))
 
 
 def _check_timm_vit(visual: nn.Module) -> VisionTower:
@@ -256,7 +255,7 @@ def _check_timm_vit(visual: nn.Module) -> VisionTower:
     num_patches = getattr(trunk.patch_embed, "num_patches", None)
     if not num_patches:
         raise UnsupportedModelError("the timm ViT's patch embedding does not report its patch count")
-    return VisionTower(visual, "timm", int(num_patches), int(trunk.embed_dim))
+    return VisionTower("timm", int(num_patches), int(trunk.embed_dim))
 
 
 def load_model(

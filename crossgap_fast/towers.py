@@ -11,7 +11,7 @@ Two forms of each tower live here:
   never sees the pseudo tokens: its keys/values are computed once and shared by every sample
   (:class:`PrefixCachedText`). A bidirectional tower (SigLIP, CLIPA) allows neither cut, so
   :class:`FullSequenceText` computes every position but builds the template's embeddings once.
-  In the last block of every tower only the pooled row's query and MLP are evaluated.
+  In the last block of these towers only the pooled row's query and MLP are evaluated.
 """
 
 from __future__ import annotations
