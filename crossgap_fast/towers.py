@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from open_clip.timm_model import TimmModel
 from open_clip.transformer import text_global_pool
 
 from .kernels import expand_pseudo_patches, insert_pseudo_tokens, patch_source_index
@@ -165,7 +166,7 @@ def full_text_forward(model: nn.Module, tokens: Tensor, positions: Tensor, pseud
 def full_vision_forward(model: nn.Module, pseudo: Tensor) -> Tensor:
     """The image tower with the patch conv bypassed: ``pseudo`` (B, P, width) stretched over
     the patch grid by nearest neighbour along the raster order."""
-    if check_vision_tower(model).kind == "timm":
+    if isinstance(model.visual, TimmModel):  # checked by the caller; no per-step re-check
         return timm_vision_forward(model, pseudo)
     visual = model.visual
     n = visual.grid_size[0] * visual.grid_size[1]
