@@ -2,23 +2,146 @@
 
 CPU: ViT-B-32 (random weights), OTI 32 samples x 5 steps, OVI 8 samples x 3 steps, and OTI on
 a ViT-B-32 whose text tower is bidirectional (SigLIP's layout: no cut, full 77-row sequence).
+OTI also runs ``fast-concat``: the fast path before shared-prefix attention (every sample gets
+a copy of the template prefix's keys/values, then SDPA), so both ratios print in one run.
 GPU (when present): 64 and 4096 samples; fp32, and bf16 compiled with a CUDA graph with and
-without the Triton kernels, and bf16 eager. Under ``--benchmark-disable`` the tiny
-models are used so the file stays a quick smoke test of the same code.
+without the Triton kernels, bf16 eager, and (OTI) bf16 with the concatenating attention.
+Under ``--benchmark-disable`` the tiny models are used so the file stays a quick smoke test of
+the same code.
+
+Every record carries the matmul FLOPs and the bytes moved per sample-step of its path
+(:func:`step_cost`), so a timed run also reports achieved TFLOP/s, GB/s and, on a GPU whose
+peak is known (:data:`PEAKS`), the fraction of the peak.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import open_clip
 import pytest
 import torch
 
 import crossgap_fast as cg
-from crossgap_fast.models import as_clip_model, check_text_tower, check_vision_tower
+from crossgap_fast import towers
+from crossgap_fast.models import as_clip_model, check_text_tower, check_vision_tower, text_tower
+from crossgap_fast.towers import make_template
 
 CUDA = torch.cuda.is_available()
 
+#: Dense peaks per device (name substring): bf16 tensor-core TFLOP/s, fp32 (no TF32) TFLOP/s,
+#: memory TB/s, from the vendors' data sheets. The first matching entry wins.
+PEAKS = {
+    "H100 PCIe": (756.0, 51.2, 2.0),
+    "H100": (989.4, 66.9, 3.35),  # SXM, HBM3
+    "H200": (989.4, 66.9, 4.8),
+    "A100": (312.0, 19.5, 2.04),
+}
 
+
+# --------------------------------------------------------------------------------------------
+# Analytic cost of one sample-step
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tower:
+    """The shape facts the cost model needs (all blocks alike, as in open_clip)."""
+
+    layers: int
+    width: int
+    mlp: int  # hidden width of the MLP
+    embed: int  # projection output
+    weight_elems: int  # matmul weights and biases of the blocks and the projection
+
+
+def _tower(blocks, embed: int) -> Tower:
+    b = blocks[0]
+    per_block = sum(t.numel() for t in towers.block_matmuls(b) if t is not None)
+    width = b.attn.in_proj_weight.shape[1]
+    return Tower(len(blocks), width, b.mlp.c_fc.weight.shape[0], embed, len(blocks) * per_block + width * embed)
+
+
+def step_cost(model: cg.ClipModel, method: str, path: str, batch: int, elem_bytes: int,
+              template: str = "a photo of {}", num_tokens: int = 1) -> dict[str, float]:
+    """Matmul FLOPs and bytes moved per sample-step of ``path`` ("reference", "fast" or
+    "fast-concat"), forward and backward, for ``batch`` samples sharing each weight read.
+
+    FLOPs: every matmul row actually computed. Weights are frozen, so backward computes
+    activation gradients only: each linear costs its forward FLOPs again, attention twice its
+    forward (dP, dV; dQ, dK). Attention counts every key a query's kernel visits (masked keys
+    included for SDPA over a full sequence; the prefix plus the causal own keys for the
+    prefix-cached path). LayerNorm, GELU, softmax and the cosine loss are left out (O(rows x
+    width), under 2% here).
+    Bytes, an approximation: each weight is read once forward and once backward per chunk of
+    ``batch`` samples; each linear's input and output rows move once forward and twice
+    backward (grad in, grad out); attention moves its keys/values once forward and twice
+    backward, where the concatenating path first writes each sample's copy of the prefix
+    keys/values and backward writes their gradients before slicing them off.
+    """
+    m = model.model
+    if method == "ovi":
+        v = m.visual
+        t = _tower(list(v.transformer.resblocks), model.embed_dim)
+        rows = int(v.grid_size[0] * v.grid_size[1]) + 1
+        layout = _full_sequence(t, rows, bidirectional=True, pooled_only=path != "reference")
+    else:
+        tower = text_tower(m)
+        t = _tower(list(tower.transformer.resblocks), model.embed_dim)
+        tpl = make_template(template, num_tokens, model.tokenizer, m)
+        ctx = int(tpl.tokens.shape[0])
+        if path == "reference" or not tower.causal:
+            layout = _full_sequence(t, ctx, bidirectional=not tower.causal, pooled_only=path != "reference")
+        else:
+            own_rows = tpl.pool_index + 1 - tpl.prefix_len
+            layout = _prefix_cached(t, tpl.prefix_len, own_rows, concat=path == "fast-concat")
+    flops, act_elems = layout
+    flops += 2 * 2 * t.width * t.embed  # projection of the pooled row, forward and backward
+    return {"flops": float(flops), "bytes": float(elem_bytes * (2 * t.weight_elems / batch + act_elems))}
+
+
+def _block(t: Tower, rows: int, query_rows: int, keys_per_query: float, extra_kv_rows: int = 0):
+    """FLOPs and moved activation elements of one block, forward + backward."""
+    d, h = t.width, t.mlp
+    linear = 2 * (rows * 3 * d * d + query_rows * (d * d + 2 * d * h))
+    attention = 2 * 2 * query_rows * keys_per_query * d
+    moved = 3 * (rows * (d + 3 * d) + query_rows * (2 * d + 2 * (d + h)))
+    moved += 3 * (2 * (rows + extra_kv_rows) * d) + 2 * 2 * extra_kv_rows * d  # K, V (+ copies)
+    return 2 * linear + 3 * attention, moved
+
+
+def _full_sequence(t: Tower, rows: int, bidirectional: bool, pooled_only: bool):
+    flops = moved = 0.0
+    for i in range(t.layers):
+        q = 1 if pooled_only and i == t.layers - 1 else rows
+        f, a = _block(t, rows, q, rows)  # SDPA visits every key, masked or not
+        flops, moved = flops + f, moved + a
+    return flops, moved
+
+
+def _prefix_cached(t: Tower, prefix: int, rows: int, concat: bool):
+    flops = moved = 0.0
+    for i in range(t.layers):
+        last = i == t.layers - 1
+        q = 1 if last else rows
+        keys = prefix + (rows if last else (rows + 1) / 2)  # causal own keys, on average
+        f, a = _block(t, rows, q, keys, extra_kv_rows=prefix if concat else 0)
+        flops, moved = flops + f, moved + a
+    return flops, moved
+
+
+def peak(provider: str) -> tuple[float, float] | None:
+    """(TFLOP/s, TB/s) of this device for the provider's matmul dtype, when known."""
+    if not CUDA:
+        return None
+    name = torch.cuda.get_device_name()
+    for key, (bf16, fp32, tbs) in PEAKS.items():
+        if key in name:
+            return (fp32 if provider == "fast-fp32" else bf16), tbs  # the reference: fp16 autocast
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Models and problems
+# --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cpu_model(request):
     disabled = request.config.getoption("benchmark_disable", False)
@@ -54,42 +177,67 @@ def _problem(model: cg.ClipModel, n: int, method: str):
     return feats, cg.initial_tokens(n, 1, dim)
 
 
-@pytest.mark.parametrize("backend", ["reference", "fast"])
-@pytest.mark.parametrize("method,n,steps", [("oti", 32, 5), ("ovi", 8, 3), ("oti-bidir", 16, 3)])
-def test_cpu_inversion(request, measure, method, n, steps, backend):
+def _use_provider_path(monkeypatch, provider: str) -> None:
+    """``*-concat`` providers build their text forwards with the previous attention."""
+    monkeypatch.setattr(towers, "SHARED_PREFIX_ATTENTION", not provider.endswith("-concat"))
+
+
+CPU_CASES = [
+    ("oti", 32, 5, "reference"), ("oti", 32, 5, "fast-concat"), ("oti", 32, 5, "fast"),
+    ("ovi", 8, 3, "reference"), ("ovi", 8, 3, "fast"),
+    ("oti-bidir", 16, 3, "reference"), ("oti-bidir", 16, 3, "fast"),
+]
+
+
+@pytest.mark.parametrize("method,n,steps,provider", CPU_CASES)
+def test_cpu_inversion(request, monkeypatch, measure, method, n, steps, provider):
     model = request.getfixturevalue("cpu_bidir_model" if method == "oti-bidir" else "cpu_model")
     feats, init = _problem(model, n, method)
     fn = getattr(cg, method.split("-")[0])
+    backend = "reference" if provider == "reference" else "fast"
+    _use_provider_path(monkeypatch, provider)
+    path = provider if method == "oti" else backend
+    cost = step_cost(model, method.split("-")[0], path, batch=min(n, 64), elem_bytes=4)
     res = measure(
         lambda: fn(feats, model, steps=steps, init=init, backend=backend),
         group=f"cpu {method} {model.name} n={n} steps={steps}",
-        provider=backend, work=n * steps, unit="sample_steps", rounds=2,
+        provider=provider, work=n * steps, unit="sample_steps", rounds=2,
+        flops=cost["flops"], nbytes=cost["bytes"],
     )
     assert res.losses.shape == (n, steps) and torch.isfinite(res.features).all()
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize(
-    "provider", ["reference", "fast-fp32", "fast-bf16", "fast-bf16-torch-ops", "fast-bf16-eager"]
+    "provider",
+    ["reference", "fast-fp32", "fast-bf16", "fast-bf16-torch-ops", "fast-bf16-eager", "fast-bf16-concat"],
 )
 @pytest.mark.parametrize("n", [64, 4096])
 @pytest.mark.parametrize("method,steps", [("oti", 20), ("ovi", 10)])
-def test_gpu_inversion(measure, gpu_model, method, steps, n, provider):
+def test_gpu_inversion(monkeypatch, measure, gpu_model, method, steps, n, provider):
+    if provider.endswith("-concat") and method != "oti":
+        pytest.skip("the concatenating attention is OTI's previous text path")
     if provider == "reference" and n > 64:
         steps = 2  # the reference at 4096 samples is slow; the rate is per sample-step
     feats, init = _problem(gpu_model, n, method)
     fn = getattr(cg, method)
+    batch = n if method == "oti" else min(n, 1024)
     kw: dict = {"backend": "reference"} if provider == "reference" else {
         "precision": "fp32" if provider == "fast-fp32" else "bf16",
         "compile": provider != "fast-bf16-eager",
         "cuda_graph": provider != "fast-bf16-eager",
         # the end-to-end effect of the Triton kernels: the same compiled graph with torch ops
         "use_kernels": provider != "fast-bf16-torch-ops",
-        "batch_size": n if method == "oti" else min(n, 1024),
+        "batch_size": batch,
     }
+    _use_provider_path(monkeypatch, provider)
+    path = "reference" if provider == "reference" else ("fast-concat" if provider.endswith("-concat") else "fast")
+    cost = step_cost(gpu_model, method, path, batch=min(n, 64) if provider == "reference" else batch,
+                     elem_bytes=4 if provider == "fast-fp32" else 2)
     res = measure(
         lambda: fn(feats, gpu_model, steps=steps, init=init, **kw),
         group=f"gpu {method} ViT-B-32 n={n}", provider=provider, work=n * steps,
         unit="sample_steps", rounds=3, sync=True,
+        flops=cost["flops"], nbytes=cost["bytes"], peak=peak(provider),
     )
     assert torch.isfinite(res.features).all()

@@ -13,6 +13,11 @@ CPU so that ``pytest benchmarks/bench_kernels.py --benchmark-disable`` runs in s
 (an estimate of the minimum traffic) and, when timings were taken, the mean time per call
 (us) and the effective GB/s. On CUDA the timed call ends with ``torch.cuda.synchronize()``.
 
+Shared-prefix attention (ViT-B-32's text blocks: H=8, hd=64, prefix P=4 of "a photo of {}",
+2 own rows, or 1 query row in the last block) has its own providers: ``sdpa-cat`` (the previous
+path: a per-sample copy of the prefix keys/values, then SDPA), ``torch`` (the fallback),
+``compile`` and ``triton`` (CUDA). Its records also hold the FLOPs per call and TFLOP/s.
+
 Run: ``pytest benchmarks/bench_kernels.py`` (add ``--benchmark-disable`` for a smoke run).
 """
 
@@ -31,6 +36,10 @@ if str(_ROOT) not in sys.path:
 from crossgap_fast.kernels import dispatch  # noqa: E402
 from crossgap_fast.kernels.adamw import adamw_step_torch, adamw_step_triton  # noqa: E402
 from crossgap_fast.kernels.cosine import cosine_loss_torch, cosine_loss_triton  # noqa: E402
+from crossgap_fast.kernels.prefix_attention import (  # noqa: E402
+    prefix_attention_torch,
+    prefix_attention_triton,
+)
 from crossgap_fast.kernels.pseudo_patches import (  # noqa: E402
     expand_pseudo_patches_torch,
     expand_pseudo_patches_triton,
@@ -81,7 +90,7 @@ def _info(benchmark, op, provider, dtype, shape, nbytes):
     )
 
 
-def _run(benchmark, fn, nbytes):
+def _run(benchmark, fn, nbytes, flops=None):
     def call():
         out = fn()
         if CUDA:
@@ -95,6 +104,10 @@ def _run(benchmark, fn, nbytes):
         mean = stats.stats.mean
         benchmark.extra_info["time_per_call_us"] = mean * 1e6
         benchmark.extra_info["GB/s"] = nbytes / mean / 1e9
+        if flops is not None:
+            benchmark.extra_info["TFLOP/s"] = flops / mean / 1e12
+    if flops is not None:
+        benchmark.extra_info["flops_per_call"] = int(flops)
     return result
 
 
@@ -209,3 +222,62 @@ def test_bench_adamw_step(benchmark, provider):
     _info(benchmark, "adamw_step", provider, torch.float32, shape, nbytes)
     out = _run(benchmark, fn, nbytes)
     assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------ OTI: shared-prefix attention
+def _sdpa_over_concat(q, k, v, prefix_k, prefix_v):
+    """The previous path: each sample's own copy of the prefix, then SDPA with the causal mask."""
+    b, _, sq, _ = q.shape
+    sk, p = k.shape[2], prefix_k.shape[1]
+    mask = torch.ones(sq, p + sk, dtype=torch.bool, device=q.device)
+    mask[:, p:] = torch.ones(sk, sk, dtype=torch.bool, device=q.device).tril()[sk - sq:]
+    keys = torch.cat([prefix_k.expand(b, -1, -1, -1), k], dim=2)
+    values = torch.cat([prefix_v.expand(b, -1, -1, -1), v], dim=2)
+    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def _bench_prefix_attention(benchmark, provider, dtype, B, Sq):
+    H, Sk, P, hd = 8, 2, 4, 64
+    # q, k, v as the text block makes them: head-split views of one (B, S, 3D) projection
+    qkv = torch.randn(B, Sk, 3 * H * hd, device=DEV, dtype=dtype, requires_grad=True)
+    q, k, v = (t.view(B, Sk, H, hd).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    q = q[:, :, Sk - Sq:]
+    prefix_k = torch.randn(H, P, hd, device=DEV, dtype=dtype)
+    prefix_v = torch.randn(H, P, hd, device=DEV, dtype=dtype)
+    gout = torch.randn(B, H, Sq, hd, device=DEV, dtype=dtype)
+    if provider == "sdpa-cat":
+        f = _sdpa_over_concat
+    else:
+        f = _pick(provider, prefix_attention_torch, prefix_attention_triton)
+
+    def fwd_bwd():
+        out = f(q, k, v, prefix_k, prefix_v)
+        return torch.autograd.grad(out, qkv, gout)[0]
+
+    es = torch.finfo(dtype).bits // 8
+    # least traffic: q, k, v read forward and backward, out and dout, dq/dk/dv, the prefix once
+    nbytes = es * (B * H * hd * (5 * Sq + 6 * Sk) + 2 * H * P * hd) + 4 * 2 * B * H * Sq
+    flops = 3 * 4 * B * H * hd * (Sq * P + Sq * (Sq + 1) // 2 + Sq * (Sk - Sq))  # fwd 2 matmuls, bwd 4
+    _info(benchmark, "prefix_attention", provider, dtype, (B, H, Sq, Sk, P, hd), nbytes)
+    g = _run(benchmark, fwd_bwd, nbytes, flops)
+    assert g.shape == qkv.shape
+
+
+@pytest.mark.parametrize("Sq", [2, 1], ids=["rows", "last-block"])
+@pytest.mark.parametrize("provider", ["sdpa-cat", "torch"])
+def test_bench_prefix_attention_cpu(benchmark, provider, Sq):
+    if CUDA:
+        pytest.skip("the CUDA variant below runs on this machine")
+    _bench_prefix_attention(benchmark, provider, torch.float32, 256, Sq)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("B", [64, 4096])
+@pytest.mark.parametrize("Sq", [2, 1], ids=["rows", "last-block"])
+@pytest.mark.parametrize("provider", ["sdpa-cat"] + PROVIDERS)
+def test_bench_prefix_attention_cuda(benchmark, provider, Sq, B, dtype):
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    _skip_unavailable(provider)
+    _bench_prefix_attention(benchmark, provider, dtype, B, Sq)

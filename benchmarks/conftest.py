@@ -11,6 +11,7 @@ import pytest
 import torch
 
 _THROUGHPUT: dict[str, dict[str, float]] = defaultdict(dict)
+_ACHIEVED: dict[str, dict[str, str]] = defaultdict(dict)  # TFLOP/s (and % of peak) per record
 
 
 def environment() -> dict:
@@ -38,11 +39,14 @@ def measure(benchmark):
     """Run ``fn`` under pytest-benchmark and record ``work / median seconds``.
 
     ``group`` and ``provider`` name the comparison row and column, ``work`` is the amount of
-    work per call (samples x steps), ``unit`` its name.
+    work per call (samples x steps), ``unit`` its name. ``flops`` / ``nbytes``: per unit of
+    work, when known; ``peak``: the device's (TFLOP/s, TB/s) for this provider.
     """
 
     def run(fn: Callable[[], object], *, group: str, provider: str, work: float, unit: str,
-            rounds: int = 3, warmup_rounds: int = 1, sync: bool = False):
+            rounds: int = 3, warmup_rounds: int = 1, sync: bool = False,
+            flops: float | None = None, nbytes: float | None = None,
+            peak: tuple[float, float] | None = None):
         def timed():
             out = fn()
             if sync:
@@ -54,11 +58,22 @@ def measure(benchmark):
         out = benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
         benchmark.extra_info.update(environment())
         benchmark.extra_info.update(provider=provider, work=work, unit=unit)
+        if flops is not None:
+            benchmark.extra_info.update({f"flops_per_{unit}": flops, f"bytes_per_{unit}": nbytes})
         if not benchmark.disabled and benchmark.stats is not None:
             median = benchmark.stats.stats.median
             rate = work / median
             benchmark.extra_info[f"{unit}_per_s"] = rate
             _THROUGHPUT[group][provider] = rate
+            if flops is not None:
+                tflops, gbs = rate * flops / 1e12, rate * nbytes / 1e9
+                benchmark.extra_info.update({"TFLOP/s": tflops, "GB/s": gbs})
+                note = f"{tflops:8.3f} TFLOP/s {gbs:8.1f} GB/s"
+                if peak is not None:
+                    benchmark.extra_info.update(peak_flops_fraction=tflops / peak[0],
+                                                peak_bandwidth_fraction=gbs / (1e3 * peak[1]))
+                    note += f" ({100 * tflops / peak[0]:.1f}% of peak FLOP/s, {gbs / (10 * peak[1]):.1f}% of peak B/W)"
+                _ACHIEVED[group][provider] = note
         else:
             benchmark.extra_info["seconds_single_run"] = time.perf_counter() - started
         return out
@@ -75,4 +90,4 @@ def pytest_terminal_summary(terminalreporter):
         ref = rows.get("reference")
         for provider, rate in sorted(rows.items(), key=lambda kv: kv[1]):
             ratio = f"{rate / ref:8.1f}x" if ref else "        "
-            tr.write_line(f"{group:<44} {provider:<24} {rate:12.1f}/s {ratio}")
+            tr.write_line(f"{group:<44} {provider:<24} {rate:12.1f}/s {ratio} {_ACHIEVED[group].get(provider, '')}")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import text_global_pool
 
-from .kernels import expand_pseudo_patches, insert_pseudo_tokens, patch_source_index
+from .kernels import expand_pseudo_patches, insert_pseudo_tokens, patch_source_index, prefix_attention
 from .models import TextTower, check_vision_tower, text_tower
 
 PLACEHOLDER = "£"  # a single BPE token in CLIP's vocabulary, as in the paper
@@ -87,7 +87,9 @@ def make_template(
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
     pid = placeholder_id(tokenizer, placeholder)
-    text = template.replace("{}", " ".join([placeholder] * num_tokens))
+    # Spaces around the placeholder words, as the paper writes " £ ", so that punctuation after
+    # "{}" ("a photo of a {}.") stays a token of its own; then whitespace cleaned as CLIP's does.
+    text = " ".join(template.replace("{}", " " + " ".join([placeholder] * num_tokens) + " ").split())
     raw = _tokenize_untruncated(tokenizer, text)
     ctx = int(model.context_length)
     if raw is not None and len(raw) > ctx:
@@ -204,14 +206,66 @@ def timm_vision_forward(model: nn.Module, pseudo: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Engineered forwards (fast)
 # --------------------------------------------------------------------------------------------
+#: Attention of the prefix-cached text path: True runs :func:`prefix_attention` against the
+#: shared prefix keys/values; False concatenates a copy of them to every sample's own and calls
+#: SDPA (the previous path, kept reachable for the benchmarks; read when a forward is built).
+SHARED_PREFIX_ATTENTION = True
+
+#: The matmul operands of an open_clip ``ResidualAttentionBlock``, in :func:`block_matmuls` order.
+MATMUL_NAMES = ("qkv_w", "qkv_b", "out_w", "out_b", "fc_w", "fc_b", "proj_w", "proj_b")
+
+
+def block_matmuls(block: nn.Module) -> tuple[Tensor | None, ...]:
+    """The block's linear-layer weights and biases (attention in/out, MLP in/out), as stored."""
+    attn, mlp = block.attn, block.mlp
+    return (
+        attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+        mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
+    )
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.detach().to(dtype)
+
+
+class CastMatmuls(nn.Module):
+    """Frozen matmul weights cast once to the autocast dtype, as non-persistent buffers.
+
+    Autocast casts every linear/matmul operand to its dtype on each call; the weights are
+    frozen, so casting them once gives the same values without a cast per step. Only what
+    autocast casts is held here: each block's attention and MLP linears and the given
+    projections. LayerNorm (kept in fp32 by autocast) and LayerScale use the model's own
+    parameters. Buffers follow ``.to(device)`` of the forward that owns them; the user's model
+    is never modified.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], dtype: torch.dtype, **extra: Tensor | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(_BlockMatmuls(block, dtype) for block in blocks)
+        for name, t in extra.items():
+            self.register_buffer(name, _cast(t, dtype), persistent=False)
+
+    def block(self, i: int) -> tuple[Tensor | None, ...]:
+        return self.blocks[i].operands()
+
+
+class _BlockMatmuls(nn.Module):
+    def __init__(self, block: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        for name, t in zip(MATMUL_NAMES, block_matmuls(block)):
+            self.register_buffer(name, _cast(t, dtype), persistent=False)
+
+    def operands(self) -> tuple[Tensor | None, ...]:
+        return tuple(getattr(self, name) for name in MATMUL_NAMES)
+
+
 def _split_heads(t: Tensor, heads: int) -> Tensor:
     b, s, d = t.shape
     return t.view(b, s, heads, d // heads).transpose(1, 2)
 
 
-def _qkv(block: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    attn = block.attn
-    return F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+def _is_tail(rows: slice) -> bool:
+    return rows.stop is None and rows.step in (None, 1)
 
 
 def block_forward(
@@ -220,33 +274,77 @@ def block_forward(
     prefix_kv: tuple[Tensor, Tensor] | None = None,
     attn_mask: Tensor | None = None,
     query_rows: slice | None = None,
+    *,
+    concat_prefix: bool = False,
+    use_kernels: bool | None = None,
+    weights: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
     """One open_clip ``ResidualAttentionBlock`` on ``x`` (B, S, D).
 
-    ``prefix_kv``: per-head keys/values (1, H, P, hd) of positions before ``x`` that every
-    sample shares; ``attn_mask``: boolean (S, P + S), True where attention is allowed.
+    ``prefix_kv``: per-head keys/values (H, P, hd) of positions before ``x`` that every sample
+    shares. By default they go to :func:`prefix_attention`: every row sees the whole prefix
+    and its own rows causally, with no per-sample copy of the prefix. ``concat_prefix=True``
+    is the previous path: a copy of the prefix is concatenated to each sample's keys/values
+    and SDPA applies ``attn_mask``, boolean (S, P + S), True where attention is allowed.
+    Without ``prefix_kv``, SDPA over ``x`` alone with ``attn_mask``.
     ``query_rows``: only these rows' outputs are needed (the pooled row in the last block), so
     only their queries, output projection and MLP are computed; keys/values still use all rows.
+    With the shared prefix it must be a tail slice (``slice(-n, None)``).
+    ``use_kernels``: the Triton switch of :func:`prefix_attention`. ``weights``: the eight
+    :data:`MATMUL_NAMES` operands to use instead of the block's own (the cast copies of
+    :class:`CastMatmuls`).
     """
+    qkv_w, qkv_b, out_w, out_b, fc_w, fc_b, proj_w, proj_b = weights if weights is not None else block_matmuls(block)
     heads = block.attn.num_heads
-    h = block.ln_1(x)
-    q, k, v = _qkv(block, h)
+    q, k, v = F.linear(block.ln_1(x), qkv_w, qkv_b).chunk(3, dim=-1)
     q, k, v = (_split_heads(t, heads) for t in (q, k, v))
-    if prefix_kv is not None:
-        pk, pv = prefix_kv
-        b = x.shape[0]
-        k = torch.cat([pk.to(k.dtype).expand(b, -1, -1, -1), k], dim=2)
-        v = torch.cat([pv.to(v.dtype).expand(b, -1, -1, -1), v], dim=2)
     if query_rows is not None:
         q = q[:, :, query_rows]
         x = x[:, query_rows]
-        if attn_mask is not None:
+    if prefix_kv is not None and not concat_prefix:
+        if attn_mask is not None or (query_rows is not None and not _is_tail(query_rows)):
+            raise ValueError(
+                "block_forward: the shared-prefix path takes no attn_mask (it is causal) and "
+                f"only a tail slice of query rows, got attn_mask={attn_mask is not None}, query_rows={query_rows}"
+            )
+        o = prefix_attention(q, k, v, *prefix_kv, causal=True, use_triton=use_kernels)
+    else:
+        if prefix_kv is not None:
+            pk, pv = prefix_kv
+            b = x.shape[0]
+            k = torch.cat([pk.to(k.dtype).expand(b, -1, -1, -1), k], dim=2)
+            v = torch.cat([pv.to(v.dtype).expand(b, -1, -1, -1), v], dim=2)
+        if query_rows is not None and attn_mask is not None:
             attn_mask = attn_mask[query_rows]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     o = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-    o = block.attn.out_proj(o)
-    x = x + block.ls_1(o)
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+    x = x + block.ls_1(F.linear(o, out_w, out_b))
+    h = F.linear(block.mlp.gelu(F.linear(block.ln_2(x), fc_w, fc_b)), proj_w, proj_b)
+    return x + block.ls_2(h)
+
+
+def _text_projection(tower: TextTower, cast: CastMatmuls | None, x: Tensor) -> Tensor:
+    """``tower.project`` with the cast copy of the projection when there is one."""
+    if cast is None:
+        return tower.project(x)
+    proj = tower.owner.text_projection
+    if proj is None:
+        return x
+    if isinstance(proj, nn.Linear):
+        return F.linear(x, cast.text_proj_w, cast.text_proj_b)
+    return x @ cast.text_proj_w
+
+
+def _text_casts(tower: TextTower, blocks: Sequence[nn.Module], dtype: torch.dtype | None) -> CastMatmuls | None:
+    if dtype is None:
+        return None
+    proj = tower.owner.text_projection
+    linear = isinstance(proj, nn.Linear)
+    return CastMatmuls(
+        blocks, dtype,
+        text_proj_w=proj.weight if linear else proj,
+        text_proj_b=proj.bias if linear else None,
+    )
 
 
 class PrefixCachedText(nn.Module):
@@ -255,9 +353,22 @@ class PrefixCachedText(nn.Module):
     Built once per (model, template): the shared prefix's keys/values in every layer, the
     suffix's token + positional embeddings, and the causal mask of the suffix over
     prefix + suffix. ``forward(pseudo)`` maps (B, R, d) pseudo tokens to (B, E) features.
+
+    ``weight_dtype``: the autocast dtype the forward will run under; the frozen matmul
+    weights (and the prefix keys/values) are then cast to it once here instead of by
+    autocast in every step (see :class:`CastMatmuls`). ``shared_prefix``: attention against
+    the shared prefix without copies (default :data:`SHARED_PREFIX_ATTENTION`), or the
+    previous concatenating path.
     """
 
-    def __init__(self, model: nn.Module, template: TextTemplate, use_kernels: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        template: TextTemplate,
+        use_kernels: bool | None = None,
+        weight_dtype: torch.dtype | None = None,
+        shared_prefix: bool | None = None,
+    ):
         super().__init__()
         tower = text_tower(model)
         if not tower.causal:
@@ -266,6 +377,8 @@ class PrefixCachedText(nn.Module):
         self.text = tower.owner  # registered, so .to() and state follow the frozen weights
         self.blocks = list(tower.transformer.resblocks)
         self.use_kernels = use_kernels
+        self.shared_prefix = SHARED_PREFIX_ATTENTION if shared_prefix is None else bool(shared_prefix)
+        self.cast = _text_casts(tower, self.blocks, weight_dtype)
         p0, end = template.prefix_len, template.pool_index + 1
         #: per-sample rows through each block (the engine sizes its batches by them)
         self.rows = end - p0
@@ -281,20 +394,26 @@ class PrefixCachedText(nn.Module):
             mask = torch.ones(s, p0 + s, dtype=torch.bool, device=tokens.device)
             mask[:, p0:] = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
             self.register_buffer("attn_mask", mask, persistent=False)
-            self.prefix_kv = self._prefix_kv((emb[:p0] + pos[:p0]).unsqueeze(0))
+            pk, pv = self._prefix_kv((emb[:p0] + pos[:p0]).unsqueeze(0))
+            kv_dtype = weight_dtype or torch.float32  # under autocast k, v have weight_dtype
+            self.register_buffer("prefix_k", pk.to(kv_dtype), persistent=False)  # (layers, H, P, hd)
+            self.register_buffer("prefix_v", pv.to(kv_dtype), persistent=False)
 
-    def _prefix_kv(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def _prefix_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         cast = self.tower.transformer.get_cast_dtype()
         x = x.to(cast)
-        kvs = []
+        ks, vs = [], []
         p = x.shape[1]
         causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
         for block in self.blocks:
-            _, k, v = _qkv(block, block.ln_1(x))
+            qkv_w, qkv_b = block_matmuls(block)[:2]
+            _, k, v = F.linear(block.ln_1(x), qkv_w, qkv_b).chunk(3, dim=-1)
             heads = block.attn.num_heads
-            kvs.append((_split_heads(k, heads).float(), _split_heads(v, heads).float()))
-            x = block_forward(block, x, attn_mask=causal)
-        return kvs
+            ks.append(_split_heads(k, heads)[0].float())
+            vs.append(_split_heads(v, heads)[0].float())
+            if p:  # an empty prefix (no start token, placeholder first) has nothing to carry
+                x = block_forward(block, x, attn_mask=causal)
+        return torch.stack(ks), torch.stack(vs)
 
     def forward(self, pseudo: Tensor) -> Tensor:
         cast = self.tower.transformer.get_cast_dtype()
@@ -302,10 +421,15 @@ class PrefixCachedText(nn.Module):
             self.suffix_tok, self.suffix_pos, pseudo, self.rel_positions, use_triton=self.use_kernels
         ).to(cast)
         last = len(self.blocks) - 1
+        mask = None if self.shared_prefix else self.attn_mask
         for i, block in enumerate(self.blocks):
             rows = slice(-1, None) if i == last else None  # only the pooled row
-            x = block_forward(block, x, self.prefix_kv[i], self.attn_mask, query_rows=rows)
-        return self.tower.project(self.tower.ln_final(x[:, -1]))
+            x = block_forward(
+                block, x, (self.prefix_k[i], self.prefix_v[i]), mask, query_rows=rows,
+                concat_prefix=not self.shared_prefix, use_kernels=self.use_kernels,
+                weights=None if self.cast is None else self.cast.block(i),
+            )
+        return _text_projection(self.tower, self.cast, self.tower.ln_final(x[:, -1]))
 
 
 class FullSequenceText(nn.Module):
@@ -316,16 +440,23 @@ class FullSequenceText(nn.Module):
     left to save: the template's embeddings are built once and the pseudo tokens written in by
     the insertion kernel (in the reference layout: all ``context_length`` rows), and in the last
     block only the pooled row gets a query and an MLP. It also runs causal towers, which makes
-    it the uncached baseline for :class:`PrefixCachedText`.
+    it the uncached baseline for :class:`PrefixCachedText`. ``weight_dtype`` as there.
     """
 
-    def __init__(self, model: nn.Module, template: TextTemplate, use_kernels: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        template: TextTemplate,
+        use_kernels: bool | None = None,
+        weight_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         tower = text_tower(model)
         self.tower = tower
         self.text = tower.owner
         self.blocks = list(tower.transformer.resblocks)
         self.use_kernels = use_kernels
+        self.cast = _text_casts(tower, self.blocks, weight_dtype)
         tokens = template.tokens.to(tower.positional_embedding.device)
         s = int(tokens.shape[0])
         self.rows = s
@@ -343,20 +474,36 @@ class FullSequenceText(nn.Module):
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             rows = slice(self.pool, self.pool + 1) if i == last else None  # only the pooled row
-            x = block_forward(block, x, attn_mask=self.attn_mask, query_rows=rows)
-        return self.tower.project(self.tower.ln_final(x[:, 0]))
+            x = block_forward(
+                block, x, attn_mask=self.attn_mask, query_rows=rows,
+                weights=None if self.cast is None else self.cast.block(i),
+            )
+        return _text_projection(self.tower, self.cast, self.tower.ln_final(x[:, 0]))
 
 
-def text_forward(model: nn.Module, template: TextTemplate, use_kernels: bool | None = None) -> nn.Module:
-    """The fastest exact OTI text forward for ``model``: prefix-cached when the tower is causal."""
+def text_forward(
+    model: nn.Module,
+    template: TextTemplate,
+    use_kernels: bool | None = None,
+    weight_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """The fastest exact OTI text forward for ``model``: prefix-cached when the tower is causal.
+
+    ``weight_dtype``: the autocast dtype the forward will run under (None: no cast copies);
+    the frozen matmul weights are cast to it once instead of in every step.
+    """
     cls = PrefixCachedText if text_tower(model).causal else FullSequenceText
-    return cls(model, template, use_kernels=use_kernels)
+    return cls(model, template, use_kernels=use_kernels, weight_dtype=weight_dtype)
 
 
 class PseudoPatchVision(nn.Module):
-    """OVI's image tower: pseudo patches in, the pooled (class-token) feature out."""
+    """OVI's image tower: pseudo patches in, the pooled (class-token) feature out.
 
-    def __init__(self, model: nn.Module, use_kernels: bool | None = None):
+    ``weight_dtype`` as in :class:`PrefixCachedText`: cast copies of the blocks' matmul
+    weights and of the image projection.
+    """
+
+    def __init__(self, model: nn.Module, use_kernels: bool | None = None, weight_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
         self.visual = model.visual
@@ -366,6 +513,7 @@ class PseudoPatchVision(nn.Module):
         self.blocks = list(self.visual.transformer.resblocks)
         ln = self.visual.ln_pre
         self.ln = ln if isinstance(ln, nn.LayerNorm) else None
+        self.cast = None if weight_dtype is None else CastMatmuls(self.blocks, weight_dtype, proj=self.visual.proj)
 
     def forward(self, pseudo: Tensor) -> Tensor:
         v = self.visual
@@ -383,10 +531,11 @@ class PseudoPatchVision(nn.Module):
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             rows = slice(0, 1) if i == last else None  # only the class token is pooled
-            x = block_forward(block, x, query_rows=rows)
+            x = block_forward(block, x, query_rows=rows, weights=None if self.cast is None else self.cast.block(i))
         pooled = v.ln_post(x[:, 0])
-        if v.proj is not None:
-            pooled = pooled @ v.proj
+        proj = v.proj if self.cast is None else self.cast.proj
+        if proj is not None:
+            pooled = pooled @ proj
         return pooled
 
 
@@ -408,8 +557,14 @@ class TimmPseudoPatchVision(nn.Module):
         return timm_vision_forward(self.model, pseudo)
 
 
-def vision_forward(model: nn.Module, use_kernels: bool | None = None) -> nn.Module:
-    """The fast OVI image forward for ``model``'s tower kind."""
+def vision_forward(
+    model: nn.Module, use_kernels: bool | None = None, weight_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """The fast OVI image forward for ``model``'s tower kind.
+
+    ``weight_dtype`` as in :func:`text_forward`; timm towers run timm's own forward, where
+    autocast keeps casting per step (the argument is accepted and has no effect there).
+    """
     if check_vision_tower(model).kind == "timm":
         return TimmPseudoPatchVision(model)
-    return PseudoPatchVision(model, use_kernels=use_kernels)
+    return PseudoPatchVision(model, use_kernels=use_kernels, weight_dtype=weight_dtype)

@@ -333,3 +333,151 @@ def test_siglip_b16_text_tower_architecture(siglip):
         grads.append(p.grad)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- shared-prefix attention (issue 12)
+#: A template whose prefix is over 40 tokens, with words after the placeholder.
+LONG_TEMPLATE = (
+    "a faded photograph, taken on a rainy autumn afternoon in the crowded old market square "
+    "of a small harbour town where fishermen sell the morning catch beside stalls of fresh bread, "
+    "cheese, fruit and flowers, that shows {} next to the fountain"
+)
+
+
+def _outputs_and_grads(forward, pseudo):
+    p = pseudo.clone().requires_grad_(True)
+    out = forward(p)
+    (g,) = torch.autograd.grad(out.square().sum(), p)
+    return out.detach(), g
+
+
+@pytest.mark.parametrize("template,r", [("a photo of {}", 1), ("a photo of {} on a table", 3),
+                                        (LONG_TEMPLATE, 1), (LONG_TEMPLATE, 3)],
+                         ids=["R1", "R3-words-after", "R1-long", "R3-long"])
+def test_shared_prefix_path_equals_concat_path_and_full_sequence(tiny, template, r):
+    m = tiny.model
+    tpl = make_template(template, r, tiny.tokenizer, m)
+    pseudo = torch.randn(5, r, text_tower(m).width)
+    shared = _outputs_and_grads(PrefixCachedText(m, tpl, shared_prefix=True), pseudo)
+    concat = _outputs_and_grads(PrefixCachedText(m, tpl, shared_prefix=False), pseudo)
+    full = _outputs_and_grads(lambda p: full_text_forward(m, tpl.tokens.expand(5, -1), tpl.positions, p), pseudo)
+    for a, b in zip(shared, concat):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared[0], full[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(shared[1], full[1], atol=2e-5, rtol=1e-4)
+
+
+def test_shared_prefix_path_without_a_prefix(tiny):
+    """No start token and the placeholder first: P = 0 shared rows."""
+    m = tiny.model
+    tpl = make_template("{} on a table", 2, _NoStartToken(tiny.tokenizer), m)
+    fwd = PrefixCachedText(m, tpl)
+    assert tpl.prefix_len == 0 and fwd.prefix_k.shape[2] == 0
+    pseudo = torch.randn(3, 2, text_tower(m).width)
+    fast = _outputs_and_grads(fwd, pseudo)
+    full = _outputs_and_grads(lambda p: full_text_forward(m, tpl.tokens.expand(3, -1), tpl.positions, p), pseudo)
+    torch.testing.assert_close(fast[0], full[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[1], full[1], atol=2e-5, rtol=1e-4)
+
+
+def test_default_text_path_attends_without_sdpa_and_module_default_selects_concat(tiny, monkeypatch):
+    from crossgap_fast import towers
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    tpl = make_template("a photo of {}", 1, tiny.tokenizer, tiny.model)
+    fwd = text_forward(tiny.model, tpl)  # built after the prefix cache, which uses SDPA
+    calls.clear()
+    fwd(torch.randn(2, 1, 32))
+    assert fwd.shared_prefix and calls == []
+    monkeypatch.setattr(towers, "SHARED_PREFIX_ATTENTION", False)  # what the benchmark's baseline does
+    fwd = text_forward(tiny.model, tpl)
+    calls.clear()
+    fwd(torch.randn(2, 1, 32))
+    assert not fwd.shared_prefix and len(calls) == len(fwd.blocks)
+
+
+def test_block_forward_refuses_a_mask_or_inner_rows_with_the_shared_prefix(tiny):
+    from crossgap_fast.towers import block_forward
+
+    block = tiny.model.transformer.resblocks[0]
+    kv = (torch.zeros(4, 3, 8), torch.zeros(4, 3, 8))
+    x = torch.randn(2, 3, 32)
+    with pytest.raises(ValueError, match="attn_mask"):
+        block_forward(block, x, kv, torch.ones(3, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="tail slice"):
+        block_forward(block, x, kv, query_rows=slice(0, 1))
+    assert block_forward(block, x, kv, query_rows=slice(-1, None)).shape == (2, 1, 32)
+
+
+# ---------------------------------------------------------------- weights cast once (weight_dtype)
+def _fast_forwards(cm: cg.ClipModel, dtype):
+    m = cm.model
+    tpl = make_template("a photo of {} here", 2, cm.tokenizer, m)
+    return {
+        "prefix-cached": (PrefixCachedText(m, tpl, weight_dtype=dtype), 2, text_tower(m).width),
+        "full-sequence": (FullSequenceText(m, tpl, weight_dtype=dtype), 2, text_tower(m).width),
+        "vision": (vision_forward(m, weight_dtype=dtype), 3, m.visual.class_embedding.shape[0]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["prefix-cached", "full-sequence", "vision"])
+def test_weights_cast_once_equal_autocast_bitwise(tiny, kind):
+    """Under CPU bf16 autocast, pre-cast weights give exactly what per-step casts give."""
+    results = []
+    for dtype in (None, torch.bfloat16):
+        fwd, r, width = _fast_forwards(tiny, dtype)[kind]
+        assert (fwd.cast is None) == (dtype is None)
+        pseudo = torch.randn(4, r, width, generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_outputs_and_grads(fwd, pseudo))
+    (out, grad), (out_cast, grad_cast) = results
+    assert out.dtype == torch.bfloat16  # autocast did run the matmuls in bf16
+    assert torch.equal(out, out_cast) and torch.equal(grad, grad_cast)
+
+
+def test_cast_copies_leave_the_model_alone_and_follow_the_forward(tiny):
+    import copy
+
+    m = copy.deepcopy(tiny.model)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    fwds = _fast_forwards(cg.ClipModel(model=m, tokenizer=tiny.tokenizer), torch.bfloat16)
+    fwd = fwds["prefix-cached"][0]
+    block = m.transformer.resblocks[0]
+    assert fwd.cast.block(0)[0].dtype == torch.bfloat16 and block.attn.in_proj_weight.dtype == torch.float32
+    assert fwd.prefix_k.dtype == torch.bfloat16  # the dtype the keys have under autocast
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert set(m.state_dict()) == set(before)
+    assert not any(k.startswith("cast") for k in fwd.state_dict())  # not saved with the forward
+    fwd.to("meta")
+    assert all(t.device.type == "meta" for t in fwd.cast.block(0) if t is not None)
+    assert fwd.cast.text_proj_w.device.type == "meta" and fwd.prefix_k.device.type == "meta"
+
+
+# ---------------------------------------------------------------- OTI parity through the new path
+@pytest.mark.parametrize("r,template", [(1, "a photo of {}"), (3, "a photo of {} on a wooden table"),
+                                        (1, LONG_TEMPLATE), (3, LONG_TEMPLATE)],
+                         ids=["R1", "R3-words-after", "R1-long", "R3-long"])
+def test_oti_fast_equals_reference_with_shared_prefix_attention(tiny, r, template):
+    from test_inversion import _assert_parity
+
+    assert make_template(template, r, tiny.tokenizer, tiny.model).prefix_len > (40 if template == LONG_TEMPLATE else 0)
+    feats = torch.randn(6, 32)
+    kw = dict(steps=15, init=cg.initial_tokens(6, r, 32, seed=r), num_tokens=r, template=template, lr=5e-2)
+    fast = cg.oti(feats, tiny, backend="fast", **kw)
+    ref = cg.oti(feats, tiny, backend="reference", **kw)
+    _assert_parity(fast, ref)
+    assert (ref.losses[:, -1] < ref.losses[:, 0]).all()
+
+
+@pytest.mark.slow
+def test_oti_fast_equals_reference_long_template_vitb32(vitb32):
+    """The paper's backbone with a prefix of over 40 shared rows and R = 3 (three prefix tiles in
+    the Triton kernel). 4 x 6 steps: the reference runs all 77 rows, about 5 s on 2 idle cores."""
+    from test_inversion import _assert_parity
+
+    feats = torch.randn(4, 512)
+    kw = dict(steps=6, init=cg.initial_tokens(4, 3, 512, seed=5), num_tokens=3, template=LONG_TEMPLATE)
+    _assert_parity(cg.oti(feats, vitb32, backend="fast", **kw), cg.oti(feats, vitb32, backend="reference", **kw))

@@ -7,6 +7,8 @@ Functional entry points (each takes ``use_triton: bool | None = None``; see
 * :func:`expand_pseudo_patches` — OVI vision-tower input (``crossgap_fast.kernels.pseudo_patches``)
 * :func:`cosine_loss` — per-sample ``1 - cos`` with fused backward (``crossgap_fast.kernels.cosine``)
 * :func:`adamw_step` — fused in-place AdamW step (``crossgap_fast.kernels.adamw``)
+* :func:`prefix_attention` — attention over a prefix shared by every sample plus each sample's
+  own rows, without per-sample copies of the prefix (``crossgap_fast.kernels.prefix_attention``)
 
 Importing this package never initialises CUDA and works without Triton installed.
 """
@@ -20,6 +22,7 @@ from .pseudo_patches import (
     expand_pseudo_patches_triton,
     patch_source_index,
 )
+from .prefix_attention import prefix_attention, prefix_attention_torch, prefix_attention_triton
 from .pseudo_tokens import insert_pseudo_tokens, insert_pseudo_tokens_torch, insert_pseudo_tokens_triton
 
 __all__ = [
@@ -39,6 +42,9 @@ __all__ = [
     "insert_pseudo_tokens_torch",
     "insert_pseudo_tokens_triton",
     "patch_source_index",
+    "prefix_attention",
+    "prefix_attention_torch",
+    "prefix_attention_triton",
     "set_use_triton",
     "should_use_triton",
     "triton_available",

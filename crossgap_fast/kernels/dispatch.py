@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from typing import Any, Callable, Optional
 
@@ -170,6 +171,10 @@ def _interpreted_stdlib(kernel_fn: Callable):
     except Exception:  # pragma: no cover
         pass
     modules = [tl_mod, tl_mod.standard, tl_mod.core, tl_mod.math]
+    # the kernel's own module may hold jit'd helpers the kernel calls (swapped back below)
+    own = sys.modules.get(getattr(kernel_fn, "__module__", None) or "")
+    if own is not None and own not in modules:
+        modules.append(own)
     interp_globals = vars(interp_mod)
     with _INTERP_LOCK:
         swapped = []

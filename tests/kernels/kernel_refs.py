@@ -108,3 +108,52 @@ def make_cosine_inputs(B, E, dtype=torch.float32, device="cpu", seed=0):
     pred = torch.randn(B, E, generator=g).to(device=device, dtype=dtype)
     target = torch.randn(B, E, generator=g).to(device=device, dtype=dtype)
     return pred, target
+
+
+def ref_prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                         causal: bool = True) -> Tensor:
+    """Each sample's rows over [its own copy of the prefix, its own rows], one row at a time,
+    with an explicit softmax: the concatenating layout the op avoids."""
+    B, H, Sq, hd = q.shape
+    Sk = k.shape[2]
+    pk = prefix_k.reshape(H, -1, hd)
+    pv = prefix_v.reshape(H, -1, hd)
+    out = []
+    for b in range(B):
+        heads = []
+        for h in range(H):
+            keys = torch.cat([pk[h], k[b, h]], dim=0)
+            values = torch.cat([pv[h], v[b, h]], dim=0)
+            rows = []
+            for i in range(Sq):
+                seen = pk.shape[1] + (i + Sk - Sq + 1 if causal else Sk)  # bottom-right aligned
+                s = keys[:seen] @ q[b, h, i] / hd**0.5
+                w = torch.exp(s - s.max())
+                rows.append((w / w.sum()) @ values[:seen])
+            heads.append(torch.stack(rows))
+        out.append(torch.stack(heads))
+    return torch.stack(out)
+
+
+def make_prefix_attention_inputs(B, H, Sq, Sk, P, hd, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, s, hd, generator=g).to(device=device, dtype=dtype) for s in (Sq, Sk, Sk))
+    pk, pv = (torch.randn(1, H, P, hd, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    return q, k, v, pk, pv
+
+
+def sdpa_over_concat(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                     causal: bool = True) -> Tensor:
+    """The same attention as SDPA over a per-sample copy of the prefix (vectorised; the
+    previous fast path, and the 'torch in the same dtype' comparator of the accuracy rule)."""
+    B, H, Sq, hd = q.shape
+    Sk = k.shape[2]
+    pk = prefix_k.reshape(1, H, -1, hd).expand(B, -1, -1, -1)
+    pv = prefix_v.reshape(1, H, -1, hd).expand(B, -1, -1, -1)
+    P = pk.shape[2]
+    mask = torch.ones(Sq, P + Sk, dtype=torch.bool, device=q.device)
+    if causal:
+        mask[:, P:] = torch.ones(Sk, Sk, dtype=torch.bool, device=q.device).tril()[Sk - Sq:]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), attn_mask=mask
+    )

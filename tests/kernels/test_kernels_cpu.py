@@ -4,6 +4,7 @@ every kernel for sm_90)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import kernel_refs as kr  # noqa: E402
 from crossgap_fast.kernels import adamw as k_adamw  # noqa: E402
 from crossgap_fast.kernels import cosine as k_cos  # noqa: E402
 from crossgap_fast.kernels import dispatch  # noqa: E402
+# the package re-exports the function under the module's name: fetch the module itself
+k_pa = importlib.import_module("crossgap_fast.kernels.prefix_attention")
 from crossgap_fast.kernels import pseudo_patches as k_pp  # noqa: E402
 from crossgap_fast.kernels import pseudo_tokens as k_pt  # noqa: E402
 from crossgap_fast.kernels import (  # noqa: E402
@@ -27,6 +30,7 @@ from crossgap_fast.kernels import (  # noqa: E402
     cosine_loss,
     expand_pseudo_patches,
     insert_pseudo_tokens,
+    prefix_attention,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,18 +185,116 @@ def test_adamw_fallback_matches_torch_optim_bitwise(wd, betas):
     assert torch.equal(m, st["exp_avg"]) and torch.equal(v, st["exp_avg_sq"])
 
 
+
+# ------------------------------------------------------------------ prefix_attention
+# (B, H, Sq, Sk, P, hd): template "{}" (no prefix), "a photo of {}" (2 rows, 4 prefix rows),
+# the last block (pooled row only), a long prefix, and own rows past the elementwise limit.
+PA_SHAPES = [
+    (3, 1, 1, 1, 0, 8),
+    (5, 3, 2, 2, 4, 8),
+    (4, 5, 1, 3, 7, 24),
+    (2, 3, 4, 4, 41, 16),
+    (3, 2, 3, 7, 2, 64),
+    (2, 3, 6, 6, 0, 24),
+]
+
+
+def _pa_leaves(B, H, Sq, Sk, P, hd, dtype, seed):
+    q, k, v, pk, pv = kr.make_prefix_attention_inputs(B, H, Sq, Sk, P, hd, dtype=dtype, seed=seed)
+    return [t.requires_grad_(True) for t in (q, k, v)], pk, pv
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B,H,Sq,Sk,P,hd", PA_SHAPES)
+def test_prefix_attention_fallback_matches_reference_fp32(B, H, Sq, Sk, P, hd, causal):
+    (q, k, v), pk, pv = _pa_leaves(B, H, Sq, Sk, P, hd, torch.float32, seed=B + Sk + P + hd)
+    out = prefix_attention(q, k, v, pk, pv, causal, use_triton=False)
+    assert out.shape == (B, H, Sq, hd) and out.dtype == torch.float32
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = kr.ref_prefix_attention(*leaves64, pk.double(), pv.double(), causal)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    # the path it replaces: SDPA over a per-sample copy of the prefix
+    torch.testing.assert_close(out, kr.sdpa_over_concat(q, k, v, pk, pv, causal), atol=2e-6, rtol=1e-5)
+
+    gout = torch.randn(B, H, Sq, hd, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), gout.float())
+    refs = torch.autograd.grad(ref, leaves64, gout)
+    for name, g, gref in zip("qkv", grads, refs):
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g.double(), gref, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("B,H,Sq,Sk,P,hd", PA_SHAPES)
+def test_prefix_attention_fallback_bf16_rule(B, H, Sq, Sk, P, hd):
+    """bf16: error vs fp64 <= 2 x (SDPA over the concatenation in bf16) error + atol."""
+    (q, k, v), pk, pv = _pa_leaves(B, H, Sq, Sk, P, hd, torch.bfloat16, seed=B * Sk + P)
+    out = prefix_attention(q, k, v, pk, pv, use_triton=False)
+    assert out.dtype == torch.bfloat16
+    same = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out_same = kr.sdpa_over_concat(*same, pk, pv)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = kr.ref_prefix_attention(*leaves64, pk.double(), pv.double())
+    gout = torch.randn(B, H, Sq, hd, dtype=torch.float64)
+
+    def err(a, b):
+        return (a.double() - b).abs().max().item()
+
+    assert err(out, ref) <= 2 * err(out_same, ref) + 1e-2
+    grads = torch.autograd.grad(out, (q, k, v), gout.bfloat16())
+    grads_same = torch.autograd.grad(out_same, same, gout.bfloat16())
+    for name, g, gs, gref in zip("qkv", grads, grads_same, torch.autograd.grad(ref, leaves64, gout)):
+        assert err(g, gref) <= 2 * err(gs, gref) + 1e-2, name
+
+
+@pytest.mark.parametrize("Sq,Sk,P", [(2, 2, 3), (1, 3, 0), (3, 6, 2)])
+def test_prefix_attention_gradcheck_fp64(Sq, Sk, P):
+    (q, k, v), pk, pv = _pa_leaves(2, 2, Sq, Sk, P, 5, torch.float64, seed=Sq + Sk)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: prefix_attention(q, k, v, pk, pv, use_triton=False), (q, k, v)
+    )
+
+
+def test_prefix_attention_prefix_is_a_constant_and_not_copied():
+    (q, k, v), pk, pv = _pa_leaves(3, 2, 2, 2, 4, 8, torch.float32, seed=0)
+    pk.requires_grad_(True)
+    pv.requires_grad_(True)
+    out = prefix_attention(q, k, v, pk, pv, use_triton=False)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, pk, pv), allow_unused=True)
+    assert grads[3] is None and grads[4] is None
+    assert all(g is not None and torch.count_nonzero(g) > 0 for g in grads[:3])
+    # (H, P, hd) and (1, H, P, hd) prefixes are the same constants
+    torch.testing.assert_close(prefix_attention(q, k, v, pk[0], pv[0], use_triton=False), out)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(q=torch.zeros(2, 3, 2)), "must be \\(B, H, S, hd\\)"),
+    (dict(k=torch.zeros(2, 3, 2, 7)), "must match q"),
+    (dict(q=torch.zeros(2, 3, 3, 8)), "query rows"),
+    (dict(pk=torch.zeros(1, 2, 4, 8)), "prefix_k"),
+    (dict(v=torch.zeros(2, 3, 2, 8, dtype=torch.float64)), "k .* must match q|one floating dtype"),
+])
+def test_prefix_attention_rejects_bad_shapes(bad, match):
+    args = dict(q=torch.zeros(2, 3, 2, 8), k=torch.zeros(2, 3, 2, 8), v=torch.zeros(2, 3, 2, 8),
+                pk=torch.zeros(1, 3, 4, 8), pv=torch.zeros(1, 3, 4, 8))
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        prefix_attention(args["q"], args["k"], args["v"], args["pk"], args["pv"], use_triton=False)
+
 # ------------------------------------------------------------------ torch.compile (CPU, fallback path)
 def test_compile_fullgraph_cpu_matches_eager():
     torch._dynamo.reset()
     tok, pos, pseudo, positions = kr.make_insert_inputs(2, 5, 2, 8)
     vps, cls, vpos, w, b = kr.make_expand_inputs(2, 2, 7, 8)
     pred, target = kr.make_cosine_inputs(2, 8)
+    q, _, _, pk, pv = kr.make_prefix_attention_inputs(2, 4, 2, 2, 3, 2)  # q (2, 4, 2, 2) from x
 
     def step(pseudo, vps, pred, hist):
         x = insert_pseudo_tokens(tok, pos, pseudo, positions)
         y = expand_pseudo_patches(vps, cls, vpos, w, b, 1e-5, 7)
         loss = cosine_loss(pred, target, out=hist[:, 1])
-        return x.square().sum() + y.square().sum() + loss.sum()
+        qkv = x[:, :2].reshape(2, 2, 4, 2).transpose(1, 2)  # rows of x as q, k and v
+        a = prefix_attention(qkv, qkv * 0.5, qkv.flip(2), pk, pv)
+        return x.square().sum() + y.square().sum() + loss.sum() + a.square().sum()
 
     def run(fn):
         ins = [t.clone().requires_grad_(True) for t in (pseudo, vps, pred)]
@@ -250,6 +352,9 @@ def test_auto_dispatch_on_cpu_never_calls_triton(monkeypatch):
     monkeypatch.setattr(k_pp, "expand_pseudo_patches_triton", boom)
     monkeypatch.setattr(k_cos, "cosine_loss_triton", boom)
     monkeypatch.setattr(k_adamw, "adamw_step_triton", boom)
+    monkeypatch.setattr(k_pa, "prefix_attention_triton", boom)
+    q, k, v, pk, pv = kr.make_prefix_attention_inputs(2, 3, 2, 2, 4, 8)
+    assert k_pa.prefix_attention(q, k, v, pk, pv).shape == (2, 3, 2, 8)
     tok, pos, pseudo, positions = kr.make_insert_inputs(2, 4, 1, 3)
     assert k_pt.insert_pseudo_tokens(tok, pos, pseudo, positions).shape == (2, 4, 3)
     vps, cls, vpos, w, b = kr.make_expand_inputs(2, 1, 3, 4)
@@ -290,6 +395,8 @@ _NO_TRITON_SCRIPT = textwrap.dedent(
     x = K.insert_pseudo_tokens(tok, pos, ps, torch.tensor([2]))
     assert x.shape == (2, 4, 3)
     assert K.cosine_loss(torch.randn(2, 3), torch.randn(2, 3)).shape == (2,)
+    q = torch.randn(2, 3, 2, 4)
+    assert K.prefix_attention(q, q, q, torch.randn(3, 5, 4), torch.randn(3, 5, 4)).shape == (2, 3, 2, 4)
     try:
         K.insert_pseudo_tokens(tok, pos, ps, torch.tensor([2]), use_triton=True)
     except RuntimeError:
@@ -360,14 +467,15 @@ def test_triton_path_traces_fullgraph_fwd_bwd(stub_triton_driver):
 
     backend = aot_autograd(fw_compiler=capture("fw"), bw_compiler=capture("bw"))
 
-    def step(tok, pos, ps, positions, vps, cls, vpos, w, b, pred, tgt, hist, param, g, m, v, stp):
+    def step(tok, pos, ps, positions, vps, cls, vpos, w, b, pred, tgt, hist, param, g, m, v, stp, aq, pk):
         x = insert_pseudo_tokens(tok, pos, ps, positions, use_triton=True)
+        a = prefix_attention(aq, aq * 2, aq + 1, pk, pk, use_triton=True)
         y = expand_pseudo_patches(vps, cls, vpos, w, b, 1e-5, 7, use_triton=True)
         y2 = expand_pseudo_patches(vps, cls, vpos, None, None, 1e-5, 7, use_triton=True)
         l1 = cosine_loss(pred, tgt, out=hist[:, 1], use_triton=True)
         l2 = cosine_loss(pred, tgt, use_triton=True)
         adamw_step(param, g, m, v, stp, 1e-3, 0.9, 0.999, 1e-8, 0.01, use_triton=True)
-        return x.float().sum() + y.float().sum() + y2.sum() + l1.sum() + l2.sum()
+        return x.float().sum() + y.float().sum() + y2.sum() + l1.sum() + l2.sum() + a.float().sum()
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         dev = "meta"
@@ -382,22 +490,26 @@ def test_triton_path_traces_fullgraph_fwd_bwd(stub_triton_driver):
         hist = torch.zeros(3, 4, device=dev)
         param, g, m, v = (torch.randn(10, device=dev) for _ in range(4))
         stp = torch.ones((), device=dev)
+        aq = torch.randn(3, 2, 2, 24, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        pk = torch.randn(2, 5, 24, device=dev, dtype=torch.bfloat16)
         out = torch.compile(step, backend=backend, fullgraph=True)(
-            tok, pos, ps, positions, vps, cls, vpos, w, b, pred, tgt, hist, param, g, m, v, stp
+            tok, pos, ps, positions, vps, cls, vpos, w, b, pred, tgt, hist, param, g, m, v, stp, aq, pk
         )
         out.backward()
         assert ps.grad.shape == ps.shape and ps.grad.dtype == torch.bfloat16
+        assert aq.grad.shape == aq.shape and aq.grad.dtype == torch.bfloat16
         assert vps.grad.shape == vps.shape and pred.grad.shape == pred.shape
     torch._dynamo.reset()
 
     fw, bw = graphs["fw"].code, graphs["bw"].code
-    assert fw.count("triton_kernel_wrapper_functional(") == 6  # insert, 2x expand, 2x cosine, adamw
-    assert bw.count("triton_kernel_wrapper_functional(") == 5  # insert, 2x expand, 2x cosine
+    # insert, 2x expand, 2x cosine, adamw, prefix attention
+    assert fw.count("triton_kernel_wrapper_functional(") == 7
+    assert bw.count("triton_kernel_wrapper_functional(") == 6  # the same less adamw
     # precise mutation analysis: only output buffers are cloned
     for line in fw.splitlines() + bw.splitlines():
         if "tensors_to_clone" in line:
             clones = line.split("tensors_to_clone = ")[1].split("]")[0]
-            for name in ("'tok_ptr'", "'pseudo_ptr'", "'pred_ptr'", "'grad_ptr'", "'g_ptr'"):
+            for name in ("'tok_ptr'", "'pseudo_ptr'", "'pred_ptr'", "'grad_ptr'", "'g_ptr'", "'q_ptr'", "'do_ptr'"):
                 assert name not in clones, line
 
 
@@ -406,11 +518,10 @@ def test_triton_path_traces_fullgraph_fwd_bwd(stub_triton_driver):
     ("crossgap-tiny", "oti"), ("crossgap-tiny-bidir", "oti"), ("crossgap-tiny", "ovi"),
 ])
 def test_engine_loss_traces_fullgraph_with_triton_ops(stub_triton_driver, name, method):
-    """The engine's compiled function (tower forward + cosine loss) with the Triton ops, on a
-    model moved to 'meta': one graph forward and backward, with the kernels the issue asks
-    for in it. On a GPU, torch.compile sees the same graph."""
+    """What the engine compiles (the fast tower forward, then the cosine loss) with the Triton
+    ops, on a model moved to 'meta': one graph forward and backward, with the kernels the
+    issue asks for in it. On a GPU, torch.compile sees the same graph."""
     import crossgap_fast as cg
-    from crossgap_fast import engine
     from crossgap_fast.towers import PseudoPatchVision, make_template, text_forward
     from torch._dynamo.backends.common import aot_autograd
     from functorch.compile import make_boxed_func
@@ -431,19 +542,22 @@ def test_engine_loss_traces_fullgraph_with_triton_ops(stub_triton_driver, name, 
     fwd = (text_forward(cm.model, tpl, use_kernels=True) if method == "oti"
            else PseudoPatchVision(cm.model, use_kernels=True))
     width = 32 if method == "oti" else 48
-    cfg = engine.EngineConfig(steps=1, precision="fp32", compile=False, use_kernels=True)
-    stepper = engine._Stepper(fwd, 4, (2, width), 32, cfg, torch.device("meta"))
+    p = torch.zeros(4, 2, width, device="meta", requires_grad=True)
+    target = torch.zeros(4, 32, device="meta")
     torch._dynamo.reset()
     try:
         backend = aot_autograd(fw_compiler=capture("fw"), bw_compiler=capture("bw"))
-        loss = torch.compile(stepper._loss, fullgraph=True, backend=backend)(stepper.p, stepper.target)
-        (g,) = torch.autograd.grad(loss.sum(), stepper.p)
+        step = torch.compile(lambda p, t: cosine_loss(fwd(p), t, use_triton=True), fullgraph=True, backend=backend)
+        loss = step(p, target)
+        (g,) = torch.autograd.grad(loss.sum(), p)
     finally:
         torch._dynamo.reset()
     assert loss.shape == (4,) and g.shape == (4, 2, width)
-    # forward: the input op (insert or expand) and the cosine loss; backward: the same two
-    assert graphs["fw"].count("triton_kernel_wrapper_functional(") == 2
-    assert graphs["bw"].count("triton_kernel_wrapper_functional(") == 2
+    # the input op (insert or expand) and the cosine loss, forward and backward; the causal
+    # text tower adds shared-prefix attention in each of its 2 blocks
+    kernels = 4 if name == "crossgap-tiny" and method == "oti" else 2
+    assert graphs["fw"].count("triton_kernel_wrapper_functional(") == kernels
+    assert graphs["bw"].count("triton_kernel_wrapper_functional(") == kernels
 
 
 def _record_launches(monkeypatch):
@@ -460,7 +574,7 @@ def _record_launches(monkeypatch):
 
             return run
 
-    for mod in (k_pt, k_pp, k_cos, k_adamw):
+    for mod in (k_pt, k_pp, k_cos, k_adamw, k_pa):
         monkeypatch.setattr(mod, "launcher", lambda kernel, ref: Rec(kernel))
     return calls
 
@@ -496,7 +610,12 @@ def test_every_kernel_compiles_for_sm90(monkeypatch):
     k_cos._cos_bwd_impl(torch.empty(64, device=dev), pred, pred, stats)
     p = torch.empty(100, device=dev)
     k_adamw._adamw_impl(p, p, p, p, torch.empty((), device=dev), 1e-3, 0.9, 0.999, 1e-8, 0.01)
-    assert len(calls) == 8
+    for dtype in (bf, torch.float32):  # tl.dot in bf16, and in fp32 with input_precision="ieee"
+        q = torch.empty(4096, 8, 2, 64, device=dev, dtype=dtype)
+        pk = torch.empty(8, 4, 64, device=dev, dtype=dtype)
+        out, lse = k_pa._pa_fwd_impl(q, q, q, pk, pk, 0.125, True)
+        k_pa._pa_bwd_impl(out, q, q, q, pk, pk, out, lse, 0.125, True)
+    assert len(calls) == 12
 
     for kernel, args, kwargs in calls:
         launch_opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}

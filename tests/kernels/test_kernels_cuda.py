@@ -27,6 +27,7 @@ from crossgap_fast.kernels import (  # noqa: E402
     cosine_loss,
     expand_pseudo_patches,
     insert_pseudo_tokens,
+    prefix_attention,
 )
 
 pytestmark = [
@@ -268,3 +269,75 @@ def test_adamw_cuda_graph_capturable():
     assert step.item() == 3.0
     torch.testing.assert_close(p, p_ref, atol=0, rtol=0)
     torch.testing.assert_close(v, v_ref, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------ prefix_attention
+PA_CUDA_SHAPES = [  # (B, H, Sq, Sk, P, hd)
+    (4096, 8, 2, 2, 4, 64),  # ViT-B-32 text, "a photo of {}"
+    (4096, 8, 1, 2, 4, 64),  # its last block (pooled row only)
+    (257, 12, 1, 5, 45, 64),  # a long prefix, 12 heads
+    (33, 3, 3, 3, 0, 24),  # no prefix, odd head size
+    (64, 8, 4, 9, 17, 128),
+]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPE_CASES)
+@pytest.mark.parametrize("B,H,Sq,Sk,P,hd", PA_CUDA_SHAPES)
+def test_prefix_attention_cuda_accuracy(dtype, atol, rtol, B, H, Sq, Sk, P, hd):
+    q, k, v, pk, pv = kr.make_prefix_attention_inputs(B, H, Sq, Sk, P, hd, dtype=dtype, device=DEV, seed=B + P)
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    out = prefix_attention(*leaves, pk, pv, use_triton=True)
+    assert out.dtype == dtype
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = kr.sdpa_over_concat(*leaves64, pk.double(), pv.double())
+    same = [t.detach().clone().requires_grad_(True) for t in leaves]
+    out_same = kr.sdpa_over_concat(*same, pk, pv)  # the previous path, in the same dtype
+    _assert_rule(out, out_same, ref, atol, "prefix_attention fwd")
+
+    gout = torch.randn(B, H, Sq, hd, device=DEV, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, gout.to(dtype))
+    grads_same = torch.autograd.grad(out_same, same, gout.to(dtype))
+    for name, g, gs, gref in zip("qkv", grads, grads_same, torch.autograd.grad(ref, leaves64, gout)):
+        _assert_rule(g, gs, gref, atol, f"prefix_attention d{name}")
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPE_CASES)
+def test_prefix_attention_compiled_and_graphed_match_eager(dtype, atol, rtol):
+    B, H, Sq, Sk, P, hd = 512, 8, 2, 2, 4, 64
+    q, k, v, pk, pv = kr.make_prefix_attention_inputs(B, H, Sq, Sk, P, hd, dtype=dtype, device=DEV)
+    gout = torch.randn(B, H, Sq, hd, device=DEV, dtype=dtype)
+
+    def fwd_bwd(q, k, v):
+        out = prefix_attention(q, k, v, pk, pv)  # auto -> Triton on CUDA
+        return (out, *torch.autograd.grad(out, (q, k, v), gout))
+
+    def run(fn):
+        return fn(*(t.detach().clone().requires_grad_(True) for t in (q, k, v)))
+
+    eager = run(fwd_bwd)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: prefix_attention(q, k, v, pk, pv), fullgraph=True)
+    out_c = compiled(*(t.detach().clone().requires_grad_(True) for t in (q, k, v)))
+    _close(out_c, eager[0], atol, rtol)
+    ins = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out_c = compiled(*ins)
+    for a, e in zip(torch.autograd.grad(out_c, ins, gout), eager[1:]):
+        _close(a, e, atol, rtol)
+    torch._dynamo.reset()
+
+    static = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fwd_bwd(*static)  # Triton JIT outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fwd_bwd(*static)
+    with torch.no_grad():
+        for s_, t in zip(static, (k, v, q)):  # new inputs: a permutation of the old ones
+            s_.copy_(t)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, e in zip(static_out, fwd_bwd(*(t.detach().clone().requires_grad_(True) for t in (k, v, q)))):
+        _close(a, e, atol, rtol)

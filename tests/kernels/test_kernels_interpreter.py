@@ -40,6 +40,7 @@ from crossgap_fast.kernels import (  # noqa: E402
     cosine_loss,
     expand_pseudo_patches,
     insert_pseudo_tokens,
+    prefix_attention,
 )
 
 pytestmark = [
@@ -182,6 +183,57 @@ def test_cosine_interpreter_degenerate_rows():
     )
 
 
+# ------------------------------------------------------------------ prefix_attention
+# (B, H, Sq, Sk, P, hd): odd sizes; B = 37 spans two sample blocks, P = 17 and 41 two and three
+# prefix tiles, hd = 24 is not a power of two, P = 0 is a template starting with the placeholder.
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B,H,Sq,Sk,P,hd", [
+    (3, 1, 1, 1, 0, 8),
+    (5, 3, 2, 2, 4, 16),
+    (37, 2, 1, 3, 17, 24),
+    (4, 3, 4, 4, 41, 8),
+    (2, 2, 3, 7, 5, 64),
+])
+def test_prefix_attention_interpreter(B, H, Sq, Sk, P, hd, causal):
+    q, k, v, pk, pv = kr.make_prefix_attention_inputs(B, H, Sq, Sk, P, hd, seed=B + P + hd)
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    out = prefix_attention(*leaves, pk, pv, causal, use_triton=True)
+    assert out.dtype == torch.float32 and out.shape == (B, H, Sq, hd)
+    same = [t.detach().clone().requires_grad_(True) for t in leaves]
+    torch_out = prefix_attention(*same, pk, pv, causal, use_triton=False)
+    leaves64 = [_f64(t).requires_grad_(True) for t in leaves]
+    ref = kr.ref_prefix_attention(*leaves64, pk.double(), pv.double(), causal)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out, torch_out, atol=2e-6, rtol=1e-5)
+
+    gout = torch.randn(B, H, Sq, hd, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, gout.float())
+    torch_grads = torch.autograd.grad(torch_out, same, gout.float())
+    refs = torch.autograd.grad(ref, leaves64, gout)
+    for name, g, gt, gref in zip("qkv", grads, torch_grads, refs):
+        torch.testing.assert_close(g.double(), gref, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(g, gt, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name} vs torch: {m}")
+
+
+def test_prefix_attention_interpreter_views_of_a_qkv_projection():
+    """As the text block calls it: q, k, v are head-split views of one (B, S, 3D) projection,
+    the query is the last row only, and the output gradient is not contiguous."""
+    B, S, H, hd, P = 3, 3, 2, 8, 5
+    qkv = torch.randn(B, S, 3 * H * hd, requires_grad=True)
+    q, k, v = (t.view(B, S, H, hd).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    q = q[:, :, -1:]
+    pk, pv = torch.randn(H, P, hd), torch.randn(H, P, hd)
+    gout = torch.randn(B, 1, H, hd).transpose(1, 2)
+    outs = []
+    for use in (True, False):
+        out = prefix_attention(q, k, v, pk, pv, use_triton=use)
+        outs.append((out, torch.autograd.grad(out, qkv, gout)[0]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(outs[0][1][:, :, : H * hd].sum(-1)[:, :-1]) == 0  # no query, no dq
+    assert outs[0][0].transpose(1, 2).is_contiguous()  # heads merge back with a view
+
+
 # ------------------------------------------------------------------ adamw
 @pytest.mark.parametrize("numel", [7, 1023, 2500])
 @pytest.mark.parametrize("lr,betas,wd", [(1e-2, (0.9, 0.999), 0.01), (3e-3, (0.3, 0.95), 0.0)])
@@ -224,6 +276,15 @@ def test_interpreter_launch_leaves_triton_language_untouched():
     loss = cosine_loss(pred, target, use_triton=True)
     vps, cls, vpos, w, b = kr.make_expand_inputs(2, 2, 3, 5)
     expand_pseudo_patches(vps, cls, vpos, w, b, 1e-5, 3, use_triton=True)
+    # a kernel that calls a jit'd helper of its own module: the helper is swapped back too
+    from triton.runtime.jit import JITFunction
+
+    k_pa = sys.modules["crossgap_fast.kernels.prefix_attention"]
+    pa_before = set(vars(k_pa))
+    q = torch.randn(2, 1, 2, 4, requires_grad=True)
+    torch.autograd.grad(prefix_attention(q, q, q, q[0], q[0], use_triton=True).sum(), q)
+    assert isinstance(k_pa._pa_row_stats, JITFunction) and isinstance(k_pa._pa_bwd_kernel, JITFunction)
+    assert set(vars(k_pa)) == pa_before
     after = (tl.sum, tl.standard.sum, tl.max, tl.standard._sum_combine, tl.load, tl.core.load,
              tl.core.reduce, getattr(tl.core.tensor, "__bool__", None), tl.core.dtype.to_ir)
     assert all(a is b for a, b in zip(watched, after))
@@ -249,12 +310,14 @@ _ENV_SCRIPT = textwrap.dedent(
     import os, sys
     assert os.environ["TRITON_INTERPRET"] == "1" and "triton" not in sys.modules
     import torch
+    import importlib
     from crossgap_fast.kernels import pseudo_tokens, pseudo_patches, cosine, adamw
+    prefix_attention = importlib.import_module("crossgap_fast.kernels.prefix_attention")
     import crossgap_fast.kernels as K
     from triton.runtime.interpreter import InterpretedFunction
     assert not torch.cuda.is_initialized()
     for k in (pseudo_tokens._insert_fwd_kernel, pseudo_patches._expand_bwd_kernel,
-              cosine._cos_fwd_kernel, adamw._adamw_kernel):
+              cosine._cos_fwd_kernel, adamw._adamw_kernel, prefix_attention._pa_bwd_kernel):
         assert isinstance(k, InterpretedFunction), type(k)
     torch.manual_seed(0)
     tok, pos = torch.randn(77, 7), torch.randn(77, 7)
@@ -277,6 +340,14 @@ _ENV_SCRIPT = textwrap.dedent(
     l1 = K.cosine_loss(p, t, use_triton=True); l2 = K.cosine_loss(p, t, use_triton=False)
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(torch.autograd.grad(l1.sum(), p)[0], torch.autograd.grad(l2.sum(), p)[0])
+    q = torch.randn(3, 2, 2, 8, requires_grad=True)
+    pk = torch.randn(2, 5, 8)
+    a1 = K.prefix_attention(q, q, q, pk, pk, use_triton=True)
+    a2 = K.prefix_attention(q, q, q, pk, pk, use_triton=False)
+    torch.testing.assert_close(a1, a2)
+    ga1, = torch.autograd.grad(a1.square().sum(), q)
+    ga2, = torch.autograd.grad(a2.square().sum(), q)
+    torch.testing.assert_close(ga1, ga2, atol=1e-5, rtol=1e-5)
     print("OK-ENV-INTERPRET")
     """
 )

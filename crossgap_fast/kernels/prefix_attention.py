@@ -1,0 +1,476 @@
+"""Attention of a few per-sample rows over a prefix that every sample shares (OTI's text path).
+
+``prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, scale=None) -> out``
+
+* ``q``    (B, H, Sq, hd): queries of each sample's own rows,
+* ``k, v`` (B, H, Sk, hd): each sample's own keys / values, Sq <= Sk when causal. The query rows
+  are the *last* Sq of the Sk own rows (the last text block computes only the pooled row),
+* ``prefix_k, prefix_v`` (H, P, hd) or (1, H, P, hd): keys / values of P positions before the
+  own rows, the same for every sample; constants (no gradient on either path). P may be 0.
+
+returns ``out`` (B, H, Sq, hd) of ``q``'s dtype::
+
+    s_pre[i, p]  = scale * <q[b, h, i], prefix_k[h, p]>                 every prefix row
+    s_own[i, j]  = scale * <q[b, h, i], k[b, h, j]>                     j <= i + Sk - Sq if causal
+    a            = softmax([s_pre[i], s_own[i]]) in fp32 (one softmax over both; fp64 if fp64)
+    out[b, h, i] = a_pre @ prefix_v[h] + a_own @ v[b, h]
+
+with ``scale = hd ** -0.5`` by default. This equals ``F.scaled_dot_product_attention`` over
+``cat([prefix expanded to B, own])`` with the prefix-cached mask (every row sees the prefix, own
+rows causally, bottom-right aligned), but no per-sample copy of the prefix is made: the prefix
+scores of all B * Sq rows are one matmul per head.
+
+Torch path (CPU, fallback): :func:`prefix_attention_torch`, differentiable by autograd; the
+few own-key products of a sample are formed elementwise (a bmm over B * H tiny matrices costs
+more on CPU) up to :data:`ELEMENTWISE_PAIRS`, by matmul beyond.
+Triton path: custom op ``torch.ops.crossgap.prefix_attention`` (returns ``(out, lse)``, the fp32
+log-sum-exp of each row saved for the backward) with autograd registered; the backward is the
+custom op ``torch.ops.crossgap.prefix_attention_backward``. The forward kernel runs an online
+softmax over the prefix (``tl.dot`` tiles) and then over the sample's own keys (one key at a
+time, since neighbouring rows belong to different samples), accumulating in fp32. The backward
+recomputes the probabilities from the saved log-sum-exp; gradients go to q, k and v only.
+
+``crossgap_fast.kernels`` re-exports the function under this module's name, so the module
+itself is ``importlib.import_module("crossgap_fast.kernels.prefix_attention")``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .dispatch import HAS_TRITON_OP, launcher, next_pow2, should_use_triton
+
+__all__ = ["prefix_attention", "prefix_attention_torch", "prefix_attention_triton"]
+
+
+# --------------------------------------------------------------------------- checks
+def _check(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
+    """Validate shapes; return the prefix as (H, P, hd) constants in ``q``'s dtype."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "prefix_attention: q, k, v must be (B, H, S, hd); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(
+            f"prefix_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must match q {tuple(q.shape)} "
+            "in batch, heads and head size"
+        )
+    if k.shape[2] < 1 or (causal and q.shape[2] > k.shape[2]):
+        raise ValueError(
+            f"prefix_attention: need 1 <= own keys (got {k.shape[2]}) and, when causal, "
+            f"query rows (got {q.shape[2]}) <= own keys"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise TypeError(f"prefix_attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    pk, pv = (t[0] if t.dim() == 4 and t.shape[0] == 1 else t for t in (prefix_k, prefix_v))
+    _, h, _, hd = q.shape
+    if pk.dim() != 3 or pk.shape != pv.shape or pk.shape[0] != h or pk.shape[2] != hd:
+        raise ValueError(
+            f"prefix_attention: prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} "
+            f"must both be (H, P, hd) or (1, H, P, hd) with H={h}, hd={hd}"
+        )
+    return pk.detach().to(q.dtype), pv.detach().to(q.dtype)
+
+
+def _scale(q: Tensor, scale: Optional[float]) -> float:
+    return float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
+
+
+# --------------------------------------------------------------------------- torch fallback
+#: Up to this many (query row, own key) pairs per sample and head, the own-key products are
+#: formed elementwise: a batched matmul of B * H tiny matrices costs more than the products.
+ELEMENTWISE_PAIRS = 16
+
+
+def prefix_attention_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Plain-torch implementation (differentiable w.r.t. q, k, v; traceable by torch.compile)."""
+    pk, pv = _check(q, k, v, prefix_k, prefix_v, causal)
+    b, h, sq, hd = q.shape
+    sk, p = k.shape[2], pk.shape[1]
+    # Head-major views (H, B, S, hd): every sample's rows then meet the prefix in one bmm per head.
+    qh, kh, vh = (t.transpose(0, 1) for t in (q, k, v))
+    small = sq * sk <= ELEMENTWISE_PAIRS
+    own = (qh.unsqueeze(3) * kh.unsqueeze(2)).sum(-1) if small else torch.matmul(qh, kh.transpose(-1, -2))
+    if causal and sq > 1:
+        hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
+        own = own.masked_fill(hidden, float("-inf"))
+    scores = own  # (H, B, Sq, [P +] Sk)
+    if p:
+        shared = torch.bmm(qh.reshape(h, b * sq, hd), pk.transpose(1, 2)).view(h, b, sq, p)
+        scores = torch.cat([shared, own], dim=-1)
+    ct = torch.promote_types(scores.dtype, torch.float32)  # fp32 softmax (fp64 stays fp64)
+    probs = torch.softmax(scores.to(ct) * _scale(q, scale), dim=-1).to(v.dtype)
+    probs_own = probs[..., p:]
+    out = (probs_own.unsqueeze(-1) * vh.unsqueeze(2)).sum(3) if small else torch.matmul(probs_own, vh)
+    if p:
+        out = out + torch.bmm(probs[..., :p].reshape(h, b * sq, p), pv).view(h, b, sq, hd)
+    return out.transpose(0, 1)
+
+
+# --------------------------------------------------------------------------- triton
+if HAS_TRITON_OP:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _pa_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, lse_ptr,
+        B, P, SQ, SK, HD, scale,
+        s_q_b, s_q_h, s_q_s, s_q_d,
+        s_k_b, s_k_h, s_k_s, s_k_d,
+        s_v_b, s_v_h, s_v_s, s_v_d,
+        s_pk_h, s_pk_p, s_pk_d,
+        s_pv_h, s_pv_p, s_pv_d,
+        s_o_b, s_o_h, s_o_s, s_o_d,
+        s_l_b, s_l_h, s_l_s,
+        CAUSAL: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # program (samples block, head h, query row i)
+        pid_b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        i = tl.program_id(2).to(tl.int64)
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+        mask_b = offs_b < B
+        mask_d = offs_d < HD
+        mask_bd = mask_b[:, None] & mask_d[None, :]
+        q = tl.load(
+            q_ptr + offs_b[:, None] * s_q_b + h * s_q_h + i * s_q_s + offs_d[None, :] * s_q_d,
+            mask=mask_bd, other=0.0,
+        )
+        q32 = q.to(tl.float32)
+        m = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([BLOCK_B], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        # shared prefix: the same key tile for every sample in the block
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+            mask_p = offs_p < P
+            kt = tl.load(  # (BLOCK_D, BLOCK_P): prefix keys, transposed by the addressing
+                pk_ptr + h * s_pk_h + offs_p[None, :] * s_pk_p + offs_d[:, None] * s_pk_d,
+                mask=mask_d[:, None] & mask_p[None, :], other=0.0,
+            )
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
+            s = tl.where(mask_p[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            pr = tl.exp(s - m_new[:, None])
+            l = l * alpha + tl.sum(pr, axis=1)
+            vt = tl.load(
+                pv_ptr + h * s_pv_h + offs_p[:, None] * s_pv_p + offs_d[None, :] * s_pv_d,
+                mask=mask_p[:, None] & mask_d[None, :], other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+            m = m_new
+        # the sample's own keys: row i sees keys j <= i + SK - SQ (all of them if not causal)
+        n_keys = SK
+        if CAUSAL:
+            n_keys = i + SK - SQ + 1
+        for j in range(0, n_keys):
+            kj = tl.load(
+                k_ptr + offs_b[:, None] * s_k_b + h * s_k_h + j * s_k_s + offs_d[None, :] * s_k_d,
+                mask=mask_bd, other=0.0,
+            ).to(tl.float32)
+            s = tl.sum(q32 * kj, axis=1) * scale
+            m_new = tl.maximum(m, s)
+            alpha = tl.exp(m - m_new)
+            pr = tl.exp(s - m_new)
+            l = l * alpha + pr
+            vj = tl.load(
+                v_ptr + offs_b[:, None] * s_v_b + h * s_v_h + j * s_v_s + offs_d[None, :] * s_v_d,
+                mask=mask_bd, other=0.0,
+            ).to(tl.float32)
+            acc = acc * alpha[:, None] + pr[:, None] * vj
+            m = m_new
+        out = acc / l[:, None]
+        tl.store(
+            o_ptr + offs_b[:, None] * s_o_b + h * s_o_h + i * s_o_s + offs_d[None, :] * s_o_d,
+            out.to(o_ptr.dtype.element_ty),
+            mask=mask_bd,
+        )
+        tl.store(lse_ptr + offs_b * s_l_b + h * s_l_h + i * s_l_s, m + tl.log(l), mask=mask_b)
+
+    @triton.jit
+    def _pa_row_stats(
+        q_ptr, do_ptr, o_ptr, lse_ptr, offs_b, offs_d, mask_b, mask_bd, h, i,
+        s_q_b, s_q_h, s_q_s, s_q_d,
+        s_o_b, s_o_h, s_o_s, s_o_d,
+        s_do_b, s_do_h, s_do_s, s_do_d,
+        s_l_b, s_l_h, s_l_s,
+    ):
+        """Row i's query, output gradient, log-sum-exp and delta = <dO, O> (fp32)."""
+        q = tl.load(
+            q_ptr + offs_b[:, None] * s_q_b + h * s_q_h + i * s_q_s + offs_d[None, :] * s_q_d,
+            mask=mask_bd, other=0.0,
+        )
+        do = tl.load(
+            do_ptr + offs_b[:, None] * s_do_b + h * s_do_h + i * s_do_s + offs_d[None, :] * s_do_d,
+            mask=mask_bd, other=0.0,
+        )
+        o = tl.load(
+            o_ptr + offs_b[:, None] * s_o_b + h * s_o_h + i * s_o_s + offs_d[None, :] * s_o_d,
+            mask=mask_bd, other=0.0,
+        ).to(tl.float32)
+        lse = tl.load(lse_ptr + offs_b * s_l_b + h * s_l_h + i * s_l_s, mask=mask_b, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o, axis=1)
+        return q, do, lse, delta
+
+    @triton.jit
+    def _pa_bwd_kernel(
+        do_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, lse_ptr,
+        dq_ptr, dk_ptr, dv_ptr,
+        B, P, SQ, SK, HD, scale,
+        s_do_b, s_do_h, s_do_s, s_do_d,
+        s_q_b, s_q_h, s_q_s, s_q_d,
+        s_k_b, s_k_h, s_k_s, s_k_d,
+        s_v_b, s_v_h, s_v_s, s_v_d,
+        s_pk_h, s_pk_p, s_pk_d,
+        s_pv_h, s_pv_p, s_pv_d,
+        s_o_b, s_o_h, s_o_s, s_o_d,
+        s_l_b, s_l_h, s_l_s,
+        s_dq_b, s_dq_h, s_dq_s, s_dq_d,
+        s_dk_b, s_dk_h, s_dk_s, s_dk_d,
+        s_dv_b, s_dv_h, s_dv_s, s_dv_d,
+        CAUSAL: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # program (samples block, head h): every row and own key of these samples, so the
+        # own-key gradients need no atomics. p = exp(s - lse), ds = p * (<dO, v> - delta).
+        pid_b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+        mask_b = offs_b < B
+        mask_d = offs_d < HD
+        mask_bd = mask_b[:, None] & mask_d[None, :]
+        shift = SK - SQ  # row i sees own keys j <= i + shift (when causal)
+        # dq, one query row at a time
+        for i in range(0, SQ):
+            q, do, lse, delta = _pa_row_stats(
+                q_ptr, do_ptr, o_ptr, lse_ptr, offs_b, offs_d, mask_b, mask_bd, h, i,
+                s_q_b, s_q_h, s_q_s, s_q_d, s_o_b, s_o_h, s_o_s, s_o_d,
+                s_do_b, s_do_h, s_do_s, s_do_d, s_l_b, s_l_h, s_l_s,
+            )
+            q32 = q.to(tl.float32)
+            do32 = do.to(tl.float32)
+            dq = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+            for p0 in range(0, P, BLOCK_P):
+                offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+                mask_p = offs_p < P
+                mask_dp = mask_d[:, None] & mask_p[None, :]
+                kt = tl.load(
+                    pk_ptr + h * s_pk_h + offs_p[None, :] * s_pk_p + offs_d[:, None] * s_pk_d,
+                    mask=mask_dp, other=0.0,
+                )
+                vt = tl.load(
+                    pv_ptr + h * s_pv_h + offs_p[None, :] * s_pv_p + offs_d[:, None] * s_pv_d,
+                    mask=mask_dp, other=0.0,
+                )
+                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
+                pr = tl.where(mask_p[None, :], tl.exp(s - lse[:, None]), 0.0)
+                dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+                ds = pr * (dp - delta[:, None])
+                dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+            n_keys = SK
+            if CAUSAL:
+                n_keys = i + shift + 1
+            for j in range(0, n_keys):
+                kj = tl.load(
+                    k_ptr + offs_b[:, None] * s_k_b + h * s_k_h + j * s_k_s + offs_d[None, :] * s_k_d,
+                    mask=mask_bd, other=0.0,
+                ).to(tl.float32)
+                vj = tl.load(
+                    v_ptr + offs_b[:, None] * s_v_b + h * s_v_h + j * s_v_s + offs_d[None, :] * s_v_d,
+                    mask=mask_bd, other=0.0,
+                ).to(tl.float32)
+                pr = tl.exp(tl.sum(q32 * kj, axis=1) * scale - lse)
+                ds = pr * (tl.sum(do32 * vj, axis=1) - delta)
+                dq += ds[:, None] * kj
+            tl.store(
+                dq_ptr + offs_b[:, None] * s_dq_b + h * s_dq_h + i * s_dq_s + offs_d[None, :] * s_dq_d,
+                (dq * scale).to(dq_ptr.dtype.element_ty),
+                mask=mask_bd,
+            )
+        # dk, dv, one own key at a time, over the rows that see it
+        for j in range(0, SK):
+            kj = tl.load(
+                k_ptr + offs_b[:, None] * s_k_b + h * s_k_h + j * s_k_s + offs_d[None, :] * s_k_d,
+                mask=mask_bd, other=0.0,
+            ).to(tl.float32)
+            vj = tl.load(
+                v_ptr + offs_b[:, None] * s_v_b + h * s_v_h + j * s_v_s + offs_d[None, :] * s_v_d,
+                mask=mask_bd, other=0.0,
+            ).to(tl.float32)
+            dk = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+            first = j * 0
+            if CAUSAL:
+                first = tl.maximum(j - shift, 0)
+            for i in range(first, SQ):
+                q, do, lse, delta = _pa_row_stats(
+                    q_ptr, do_ptr, o_ptr, lse_ptr, offs_b, offs_d, mask_b, mask_bd, h, i,
+                    s_q_b, s_q_h, s_q_s, s_q_d, s_o_b, s_o_h, s_o_s, s_o_d,
+                    s_do_b, s_do_h, s_do_s, s_do_d, s_l_b, s_l_h, s_l_s,
+                )
+                q32 = q.to(tl.float32)
+                do32 = do.to(tl.float32)
+                pr = tl.exp(tl.sum(q32 * kj, axis=1) * scale - lse)
+                ds = pr * (tl.sum(do32 * vj, axis=1) - delta)
+                dv += pr[:, None] * do32
+                dk += ds[:, None] * q32
+            tl.store(
+                dk_ptr + offs_b[:, None] * s_dk_b + h * s_dk_h + j * s_dk_s + offs_d[None, :] * s_dk_d,
+                (dk * scale).to(dk_ptr.dtype.element_ty),
+                mask=mask_bd,
+            )
+            tl.store(
+                dv_ptr + offs_b[:, None] * s_dv_b + h * s_dv_h + j * s_dv_s + offs_d[None, :] * s_dv_d,
+                dv.to(dv_ptr.dtype.element_ty),
+                mask=mask_bd,
+            )
+
+    def _pa_blocks(hd: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
+        # tl.dot needs every tile side >= 16; fp32 operands get true fp32 products (no TF32),
+        # 16-bit operands ignore the setting
+        block_d = max(16, next_pow2(hd))
+        block_b = 32 if block_d <= 64 else 16
+        precision = "ieee" if dtype == torch.float32 else "tf32"
+        return block_b, 16, block_d, precision
+
+    def _pa_fwd_impl(
+        q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, scale: float, causal: bool
+    ) -> tuple[Tensor, Tensor]:
+        B, H, SQ, HD = q.shape
+        SK, P = k.shape[2], prefix_k.shape[1]
+        # (B, Sq, H, hd) in memory: the block merges the heads back with a view, not a copy
+        out = torch.empty((B, SQ, H, HD), device=q.device, dtype=q.dtype).transpose(1, 2)
+        lse = torch.empty((B, H, SQ), device=q.device, dtype=torch.float32)
+        if B == 0 or SQ == 0 or HD == 0:
+            return out, lse
+        block_b, block_p, block_d, precision = _pa_blocks(HD, q.dtype)
+        grid = (triton.cdiv(B, block_b), H, SQ)
+        launcher(_pa_fwd_kernel, q)[grid](
+            q, k, v, prefix_k, prefix_v, out, lse,
+            B, P, SQ, SK, HD, float(scale),
+            q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+            k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+            v.stride(0), v.stride(1), v.stride(2), v.stride(3),
+            prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
+            prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            CAUSAL=bool(causal), DOT_PRECISION=precision,
+            BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+        )
+        return out, lse
+
+    def _pa_bwd_impl(
+        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+        out: Tensor, lse: Tensor, scale: float, causal: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        B, H, SQ, HD = q.shape
+        SK, P = k.shape[2], prefix_k.shape[1]
+        dq = torch.empty((B, H, SQ, HD), device=q.device, dtype=q.dtype)
+        dk = torch.empty((B, H, SK, HD), device=q.device, dtype=k.dtype)
+        dv = torch.empty((B, H, SK, HD), device=q.device, dtype=v.dtype)
+        if B == 0 or HD == 0:
+            return dq, dk, dv
+        block_b, block_p, block_d, precision = _pa_blocks(HD, q.dtype)
+        grid = (triton.cdiv(B, block_b), H)
+        launcher(_pa_bwd_kernel, q)[grid](
+            grad_out, q, k, v, prefix_k, prefix_v, out, lse,
+            dq, dk, dv,
+            B, P, SQ, SK, HD, float(scale),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
+            q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+            k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+            v.stride(0), v.stride(1), v.stride(2), v.stride(3),
+            prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
+            prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
+            dk.stride(0), dk.stride(1), dk.stride(2), dk.stride(3),
+            dv.stride(0), dv.stride(1), dv.stride(2), dv.stride(3),
+            CAUSAL=bool(causal), DOT_PRECISION=precision,
+            BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+        )
+        return dq, dk, dv
+
+    _pa_op = dispatch.define_triton_op("prefix_attention", _pa_fwd_impl)
+    _pa_bwd_op = dispatch.define_triton_op("prefix_attention_backward", _pa_bwd_impl)
+
+    def _pa_setup_context(ctx, inputs, output):
+        q, k, v, prefix_k, prefix_v, scale, causal = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse)
+        ctx.scale, ctx.causal = scale, causal
+
+    def _pa_backward(ctx, grad_out, _grad_lse):
+        q, k, v, prefix_k, prefix_v, out, lse = ctx.saved_tensors
+        if not any(ctx.needs_input_grad[:3]):
+            return None, None, None, None, None, None, None
+        dq, dk, dv = _pa_bwd_op(grad_out, q, k, v, prefix_k, prefix_v, out, lse, ctx.scale, ctx.causal)
+        need = ctx.needs_input_grad
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+                None, None, None, None)
+
+    _pa_op.register_autograd(_pa_backward, setup_context=_pa_setup_context)
+
+
+def prefix_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Triton implementation (custom op ``crossgap::prefix_attention``), differentiable w.r.t. q, k, v."""
+    if not HAS_TRITON_OP:
+        raise RuntimeError("Triton is not available")
+    pk, pv = _check(q, k, v, prefix_k, prefix_v, causal)
+    return _pa_op(q, k, v, pk, pv, _scale(q, scale), bool(causal))[0]
+
+
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    *,
+    use_triton: Optional[bool] = None,
+) -> Tensor:
+    """Attention of each sample's rows over a shared prefix plus its own rows (see module doc).
+
+    ``use_triton``: ``None`` = dispatch rule of :mod:`crossgap_fast.kernels.dispatch`,
+    ``True`` = Triton kernel (Triton interpreter for CPU tensors), ``False`` = torch.
+    """
+    if should_use_triton(use_triton, q, k, v, prefix_k, prefix_v):
+        return prefix_attention_triton(q, k, v, prefix_k, prefix_v, causal, scale)
+    return prefix_attention_torch(q, k, v, prefix_k, prefix_v, causal, scale)
