@@ -12,28 +12,37 @@ from .api import (
     ovi,
     ovi_features,
 )
+from .config import InversionConfig
+from .inverter import FastPathError, Inverter
 from .models import ClipModel, UnsupportedModelError, load_model
 from .evaluation import evaluate_retrieval, evaluate_zeroshot
 from .gallery import encode_gallery, invert_gallery
 from .store import load_inversions
+from .warm_start import WarmStart, fit_warm_start, load_warm_start
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClipModel",
+    "FastPathError",
+    "InversionConfig",
     "InversionResult",
+    "Inverter",
     "UnsupportedModelError",
+    "WarmStart",
     "encode_gallery",
     "encode_images",
     "encode_texts",
     "evaluate_retrieval",
     "evaluate_zeroshot",
+    "fit_warm_start",
     "initial_tokens",
     "invert_gallery",
     "invert_images",
     "invert_texts",
     "load_inversions",
     "load_model",
+    "load_warm_start",
     "oti",
     "oti_features",
     "ovi",

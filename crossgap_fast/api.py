@@ -1,142 +1,25 @@
-"""The public inversion API: ``oti``, ``ovi`` and their helpers."""
+"""The public inversion API: ``oti``, ``ovi`` and their helpers.
+
+``oti`` / ``ovi`` are one-shot calls: each builds an :class:`~crossgap_fast.inverter.Inverter`
+from its arguments and runs it once. To invert many batches with one model and one setting,
+build the Inverter once and call ``inverter.run`` for each batch.
+"""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import engine, reference
+from .config import DEFAULT_LOSS_BATCH, DEFAULT_LR, DEFAULT_NUM_TOKENS, DEFAULT_TEMPLATE, DEFAULT_WEIGHT_DECAY
+from .config import InversionConfig
+from .data import to_rgb
+from .inverter import InversionResult, Inverter, frozen, initial_tokens  # noqa: F401 (re-exported)
 from .models import ClipModel, as_clip_model, check_text_tower, check_vision_tower
 from .progress import Progress
 from .towers import make_template, text_forward, text_too_long, vision_forward
-
-INIT_STD = 0.02
-BACKENDS = ("fast", "reference")
-
-
-@dataclass
-class InversionResult:
-    """What an inversion returns (all CPU tensors)."""
-
-    features: Tensor  # (N, D) float32 inverted features, unnormalised
-    tokens: Tensor  # (N, R, d) optimised pseudo tokens / pseudo patches
-    losses: Tensor  # (N, steps) float32 per-sample loss 1 - cos, before each update
-    info: dict = field(default_factory=dict)  # backend, batch size, seconds, device, ...
-    snapshots: dict[int, Tensor] = field(default_factory=dict)  # step -> (N, D) features
-
-    def __len__(self) -> int:
-        return int(self.features.shape[0])
-
-
-# --------------------------------------------------------------------------------------------
-# Per-sample starting points
-# --------------------------------------------------------------------------------------------
-def _mix(seed: int, index: int) -> int:
-    """A 64-bit seed from (seed, index) by splitmix64, so neighbouring pairs are unrelated."""
-    mask = (1 << 64) - 1
-    z = (seed * 0x9E3779B97F4A7C15 + index + 0x632BE59BD9B4E019) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return z ^ (z >> 31)
-
-
-def initial_tokens(
-    n: int, num_tokens: int, dim: int, seed: int = 0, sample_ids: Sequence[int] | None = None
-) -> Tensor:
-    """Normal(0, 0.02) starting tokens, (n, num_tokens, dim); sample i's start depends only on
-    ``seed`` and ``sample_ids[i]`` (default: i), never on batching."""
-    ids = range(n) if sample_ids is None else [int(i) for i in sample_ids]
-    if len(ids) != n:
-        raise ValueError(f"sample_ids has {len(ids)} entries for {n} samples")
-    out = torch.empty(n, num_tokens, dim)
-    gen = torch.Generator()
-    for row, idx in enumerate(ids):
-        gen.manual_seed(_mix(seed, idx))
-        out[row].normal_(0.0, INIT_STD, generator=gen)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-def _as_features(x: Any, name: str, width: int) -> Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (N, {width}), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty (0 rows): nothing to invert")
-    if x.shape[1] != width:
-        raise ValueError(
-            f"{name} has width {x.shape[1]}, but the model's embedding width is {width}"
-        )
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {x.dtype}")
-    bad = ~torch.isfinite(x).all(dim=1)
-    if bad.any():
-        rows = bad.nonzero().flatten()[:10].tolist()
-        raise ValueError(f"{name} has NaN or infinite values in {int(bad.sum())} rows, e.g. rows {rows}")
-    zero = x.abs().amax(dim=1) == 0
-    if zero.any():
-        rows = zero.nonzero().flatten()[:10].tolist()
-        raise ValueError(f"{name} has all-zero rows (no direction to match), e.g. rows {rows}")
-    return x.detach().float().cpu()
-
-
-def _check_common(steps: int, lr: float, weight_decay: float, num_tokens: int, backend: str,
-                  batch_size: int | None, loss_batch: int, snapshot_steps) -> tuple[int, ...]:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if not isinstance(num_tokens, int) or num_tokens < 1:
-        raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    if not isinstance(loss_batch, int) or loss_batch < 1:
-        raise ValueError(f"loss_batch must be a positive integer, got {loss_batch!r}")
-    snaps = tuple(sorted({int(k) for k in (snapshot_steps or ())}))
-    if snaps and (snaps[0] < 0 or snaps[-1] > steps):
-        raise ValueError(f"snapshot_steps must lie in [0, steps={steps}], got {list(snaps)}")
-    return snaps
-
-
-def _start(init: Tensor | None, n: int, r: int, d: int, seed: int, sample_ids) -> Tensor:
-    if init is None:
-        return initial_tokens(n, r, d, seed, sample_ids)
-    if isinstance(init, np.ndarray):
-        init = torch.from_numpy(init)
-    if tuple(init.shape) != (n, r, d):
-        raise ValueError(f"init must have shape {(n, r, d)} (N, num_tokens, dim), got {tuple(init.shape)}")
-    if not torch.isfinite(init).all():
-        raise ValueError("init has NaN or infinite values")
-    return init.detach().float().cpu()
-
-
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no weight gradients for the duration; the caller's flags come back after."""
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
-        model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,16 +29,16 @@ def oti(
     image_features: Tensor,
     model: ClipModel | nn.Module,
     *,
-    steps: int = 150,
-    lr: float = 2e-2,
-    weight_decay: float = 0.01,
-    num_tokens: int = 1,
-    template: str = "a photo of {}",
+    steps: int | None = None,
+    lr: float = DEFAULT_LR,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    num_tokens: int = DEFAULT_NUM_TOKENS,
+    template: str = DEFAULT_TEMPLATE,
     init: Tensor | None = None,
     seed: int = 0,
     backend: str = "fast",
     batch_size: int | None = None,
-    loss_batch: int = 64,
+    loss_batch: int = DEFAULT_LOSS_BATCH,
     sample_ids: Sequence[int] | None = None,
     snapshot_steps: Sequence[int] | None = None,
     precision: str = "auto",
@@ -168,7 +51,8 @@ def oti(
 
     Learns ``num_tokens`` pseudo-token embeddings per image, written into ``template`` in place
     of ``{}``, so that the text encoder's output matches the image feature (loss 1 - cos,
-    AdamW). Returns the text features of the final tokens, the tokens and the loss curves.
+    AdamW; 150 steps by default). Returns the text features of the final tokens, the tokens and
+    the loss curves.
 
     ``batch_size``: samples optimised together (reference default 64, as in the paper; fast:
     chosen from a memory budget). ``loss_batch``: each sample's loss is divided by it (the
@@ -178,51 +62,30 @@ def oti(
     ``result.snapshots`` (0 = the start), so a metric-versus-steps curve costs one run.
     Fast-backend knobs: ``precision`` ("auto": bf16 autocast on CUDA, fp32 on CPU),
     ``compile`` and ``cuda_graph`` (default: on CUDA only), ``use_kernels`` (Triton ops).
+    Settings are those of :class:`~crossgap_fast.config.InversionConfig`.
     """
-    cm = as_clip_model(model)
-    m = cm.model
-    d = check_text_tower(m).width
-    snaps = _check_common(steps, lr, weight_decay, num_tokens, backend, batch_size, loss_batch,
-                          snapshot_steps)
-    targets = _as_features(image_features, "image_features", cm.embed_dim)
-    tpl = make_template(template, num_tokens, cm.tokenizer, m)
-    start = _start(init, targets.shape[0], num_tokens, d, seed, sample_ids)
-    info: dict = {"backend": backend, "method": "oti", "steps": steps, "num_samples": len(targets)}
-    with frozen(m):
-        if backend == "reference":
-            out = reference.reference_oti(
-                m, cm.tokenizer, tpl, targets, start, steps=steps, lr=lr,
-                weight_decay=weight_decay, batch_size=batch_size or 64, loss_batch=loss_batch,
-                progress=progress, info=info, snapshot_steps=snaps,
-            )
-        else:
-            fwd = text_forward(m, tpl, use_kernels=use_kernels)
-            cfg = engine.EngineConfig(
-                steps=steps, lr=lr, weight_decay=weight_decay, loss_batch=loss_batch,
-                batch_size=batch_size, precision=precision, compile=compile,
-                cuda_graph=cuda_graph, use_kernels=use_kernels, progress=progress, desc="OTI", info=info,
-                snapshot_steps=snaps,
-            )
-            out = engine.run_inversion(
-                fwd, targets, start, cfg, rows=fwd.rows, width=d, layers=len(fwd.blocks),
-                device=cm.device,
-            )
-    return _result(out, info)
+    cfg = InversionConfig(
+        method="oti", steps=steps, lr=lr, weight_decay=weight_decay, num_tokens=num_tokens,
+        template=template, loss_batch=loss_batch, seed=seed, backend=backend, precision=precision,
+        compile=compile, cuda_graph=cuda_graph, use_kernels=use_kernels, batch_size=batch_size,
+        snapshot_steps=snapshot_steps or (),
+    )
+    return Inverter(model, cfg).run(image_features, init=init, sample_ids=sample_ids, progress=progress)
 
 
 def ovi(
     text_features: Tensor,
     model: ClipModel | nn.Module,
     *,
-    steps: int = 1000,
-    lr: float = 2e-2,
-    weight_decay: float = 0.01,
-    num_tokens: int = 1,
+    steps: int | None = None,
+    lr: float = DEFAULT_LR,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    num_tokens: int = DEFAULT_NUM_TOKENS,
     init: Tensor | None = None,
     seed: int = 0,
     backend: str = "fast",
     batch_size: int | None = None,
-    loss_batch: int = 64,
+    loss_batch: int = DEFAULT_LOSS_BATCH,
     sample_ids: Sequence[int] | None = None,
     snapshot_steps: Sequence[int] | None = None,
     precision: str = "auto",
@@ -235,45 +98,16 @@ def ovi(
 
     Learns ``num_tokens`` pseudo patches per text (P in the paper), fed to the vision
     transformer after the patch convolution and stretched over the patch grid by nearest
-    neighbour, so that the image encoder's output matches the text feature. Same knobs as
-    :func:`oti`.
+    neighbour, so that the image encoder's output matches the text feature (1000 steps by
+    default). Same knobs as :func:`oti`.
     """
-    cm = as_clip_model(model)
-    m = cm.model
-    tower = check_vision_tower(m)
-    snaps = _check_common(steps, lr, weight_decay, num_tokens, backend, batch_size, loss_batch,
-                          snapshot_steps)
-    targets = _as_features(text_features, "text_features", cm.embed_dim)
-    n_patches, d = tower.num_patches, tower.width
-    if num_tokens > n_patches:
-        raise ValueError(f"num_tokens={num_tokens} pseudo patches exceed the {n_patches} patch positions")
-    start = _start(init, targets.shape[0], num_tokens, d, seed, sample_ids)
-    info: dict = {"backend": backend, "method": "ovi", "steps": steps, "num_samples": len(targets)}
-    with frozen(m):
-        if backend == "reference":
-            out = reference.reference_ovi(
-                m, targets, start, steps=steps, lr=lr, weight_decay=weight_decay,
-                batch_size=batch_size or 64, loss_batch=loss_batch, progress=progress, info=info,
-                snapshot_steps=snaps,
-            )
-        else:
-            fwd = vision_forward(m, use_kernels=use_kernels)
-            cfg = engine.EngineConfig(
-                steps=steps, lr=lr, weight_decay=weight_decay, loss_batch=loss_batch,
-                batch_size=batch_size, precision=precision, compile=compile,
-                cuda_graph=cuda_graph, use_kernels=use_kernels, progress=progress, desc="OVI", info=info,
-                snapshot_steps=snaps,
-            )
-            out = engine.run_inversion(
-                fwd, targets, start, cfg, rows=fwd.rows, width=d,
-                layers=len(fwd.blocks), device=cm.device,
-            )
-    return _result(out, info)
-
-
-def _result(out: tuple, info: dict) -> InversionResult:
-    features, tokens, losses, snapshots = out
-    return InversionResult(features, tokens, losses, info=info, snapshots=snapshots)
+    cfg = InversionConfig(
+        method="ovi", steps=steps, lr=lr, weight_decay=weight_decay, num_tokens=num_tokens,
+        loss_batch=loss_batch, seed=seed, backend=backend, precision=precision, compile=compile,
+        cuda_graph=cuda_graph, use_kernels=use_kernels, batch_size=batch_size,
+        snapshot_steps=snapshot_steps or (),
+    )
+    return Inverter(model, cfg).run(text_features, init=init, sample_ids=sample_ids, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,7 +115,7 @@ def _result(out: tuple, info: dict) -> InversionResult:
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def oti_features(
-    tokens: Tensor, model: ClipModel | nn.Module, template: str = "a photo of {}", batch_size: int = 1024
+    tokens: Tensor, model: ClipModel | nn.Module, template: str = DEFAULT_TEMPLATE, batch_size: int = 1024
 ) -> Tensor:
     """Text features (N, D) of stored OTI pseudo tokens (N, R, d), as ``oti`` returns them."""
     cm = as_clip_model(model)
@@ -331,8 +165,8 @@ def encode_images(images: Sequence[Any] | Tensor, model: ClipModel | nn.Module, 
     else:
         if cm.preprocess is None:
             raise ValueError("this model has no preprocess transform; pass a preprocessed tensor")
-        images = list(images)
-        batches = [torch.stack([cm.preprocess(im) for im in images[i:i + batch_size]])
+        images = list(images)  # 16-bit and float pictures mapped by their range (to_rgb)
+        batches = [torch.stack([cm.preprocess(to_rgb(im)) for im in images[i:i + batch_size]])
                    for i in range(0, len(images), batch_size)]
     if not batches:
         raise ValueError("images is empty: nothing to encode")

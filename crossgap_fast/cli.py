@@ -26,7 +26,16 @@ from typing import Sequence
 
 import torch
 
-from .gallery import DEFAULT_ENCODE_BATCH, DEFAULT_SHARD_SIZE, default_workers, encode_gallery, invert_gallery
+from .gallery import (
+    DEFAULT_ENCODE_BATCH,
+    DEFAULT_MAX_FAILED_FRACTION,
+    DEFAULT_SHARD_SIZE,
+    default_workers,
+    encode_gallery,
+    invert_gallery,
+)
+from .config import DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS, DEFAULT_WEIGHT_DECAY
+from .config import InversionConfig
 from .models import DEMO_MODEL, UnsupportedModelError, load_model
 from .store import GalleryError
 
@@ -52,13 +61,20 @@ def _non_negative(text: str) -> int:
     return v
 
 
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0.0 <= v <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1, got {text}")
+    return v
+
+
 def _common(p: argparse.ArgumentParser, kind: str) -> None:
     inp = (
         "an image folder (searched recursively), a file listing image paths, or a .npy/.pt "
         "file of (N, D) image features"
         if kind == "images"
-        else "a .txt file (one text per line), a .jsonl file (field 'text'), a .csv file "
-        "(column 'text'), or a .npy/.pt file of (N, D) text features"
+        else "a .txt file (one text per line), a .jsonl file (field 'text'), a .json array (of "
+        "strings or such objects), a .csv file (column 'text'), or a .npy/.pt file of (N, D) text features"
     )
     p.add_argument("--input", required=True, help=inp)
     p.add_argument("--out", required=True, help="output directory (must be empty unless --resume)")
@@ -76,19 +92,23 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--workers", type=_non_negative, default=None,
                    help=f"image decoding processes (default min(4, cpus) = {default_workers()})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-failed-fraction", type=_fraction, default=DEFAULT_MAX_FAILED_FRACTION,
+                   help="exit with code 2 when more than this fraction of the items fail (default "
+                   f"{DEFAULT_MAX_FAILED_FRACTION}); a run in which every item fails always does")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossgap", description="Modality inversion (OTI / OVI) and encoding of whole galleries."
     )
-    top = parser.add_subparsers(dest="command", required=True, metavar="{demo,invert,encode,eval}")
+    top = parser.add_subparsers(dest="command", required=True, metavar="{demo,invert,encode,eval,selfcheck}")
     demo = top.add_parser("demo", help="the main job on the built-in demo model and gallery",
                           description="Invert the shipped clip-art queries with OTI (crossgap-demo "
                           "model), compare intra-modal and OTI retrieval, print the tables and "
                           "the throughput, write report.json and report.png.")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; reused on a rerun)")
-    demo.add_argument("--steps", type=_positive, default=150, help="OTI steps (default 150)")
+    demo.add_argument("--steps", type=_positive, default=DEFAULT_STEPS["oti"],
+                      help=f"OTI steps (default {DEFAULT_STEPS['oti']})")
     demo.add_argument("--variant", default=None, help="demo checkpoint variant (e.g. t1, when shipped)")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -104,27 +124,83 @@ def build_parser() -> argparse.ArgumentParser:
             p = sub.add_parser(kind, help=what, description=what)
             _common(p, kind)
             if command == "invert":
+                method = "oti" if kind == "images" else "ovi"
                 p.add_argument("--steps", type=_positive, default=None,
-                               help="optimisation steps (default 150 for images, 1000 for texts)")
+                               help=f"optimisation steps (default {DEFAULT_STEPS[method]}; with --warm-start "
+                               f"{DEFAULT_WARM_STEPS[method]} from each predicted start)")
+                p.add_argument("--warm-start", type=_non_negative, default=0, metavar="N",
+                               help="warm-started inversion: invert N calibration items exactly, fit a map "
+                               "from features to tokens on them, and start every other item from its "
+                               "prediction (N >= 32; default 0: off, every item exact)")
+                p.add_argument("--calibration-steps", type=_positive, default=None,
+                               help=f"steps of the calibration items (default {DEFAULT_STEPS[method]})")
                 p.add_argument("--num-tokens", type=_positive, default=1,
                                help="pseudo tokens (images) / pseudo patches (texts) per item")
                 if kind == "images":
-                    p.add_argument("--template", default="a photo of {}",
+                    p.add_argument("--template", default=DEFAULT_TEMPLATE,
                                    help="text template; {} is where the pseudo tokens go")
                 p.add_argument("--batch-size", type=_positive, default=None,
                                help="items optimised together (default: from the memory budget)")
                 p.add_argument("--encode-batch-size", type=_positive, default=DEFAULT_ENCODE_BATCH,
                                help=f"items per encoder call (default {DEFAULT_ENCODE_BATCH})")
                 p.add_argument("--seed", type=int, default=0, help="seed of the per-item random starts")
-                p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-2)")
-                p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
+                p.add_argument("--lr", type=float, default=DEFAULT_LR,
+                               help=f"AdamW learning rate (default {DEFAULT_LR:g})")
+                p.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
+                               help=f"AdamW weight decay (default {DEFAULT_WEIGHT_DECAY:g})")
                 p.add_argument("--keep-loss-curve", action="store_true",
                                help="also store every item's loss at every step")
             else:
                 p.add_argument("--batch-size", type=_positive, default=DEFAULT_ENCODE_BATCH,
                                help=f"items per encoder call (default {DEFAULT_ENCODE_BATCH})")
     _eval_parsers(top)
+    _selfcheck_parser(top)
     return parser
+
+
+def _selfcheck_parser(top) -> None:
+    p = top.add_parser(
+        "selfcheck", help="check every fast stage against the reference on this device and time it",
+        description="Print the environment, run OTI and OVI with each fast stage forced on and compare "
+        "them with the reference (fp32), then time the reference against the fast engine. Exit code 0 "
+        "only when every stage that ran agreed.")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"open_clip architecture (default {DEFAULT_MODEL})")
+    p.add_argument("--pretrained", default=None,
+                   help=f"pretrained tag or checkpoint (default: the shipped weights for {DEMO_MODEL}, "
+                   "random weights for any other model: parity does not need trained weights)")
+    p.add_argument("--stages", default=None,
+                   help="comma list of stages (e.g. eager-fp32,compile+graph+kernels-bf16) or 'all'; "
+                   "default: every stage the device runs by default (CPU: eager fp32 and bf16)")
+    p.add_argument("--no-throughput", action="store_true", help="parity only, no timing")
+    p.add_argument("--json", default=None, help="also write the report here (updated as it goes)")
+
+
+def _run_selfcheck(args: argparse.Namespace) -> int:
+    from .selfcheck import parse_stages, run_selfcheck
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            return _fail(f"--device {args.device!r} is not a device (use cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _fail(f"--device {args.device}: CUDA is not available on this machine "
+                     f"(torch {torch.__version__}, {torch.cuda.device_count()} CUDA devices)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return _fail(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        return _fail(f"--device {args.device}: selfcheck runs on cpu or cuda")
+    pretrained = args.pretrained or ("demo" if args.model == DEMO_MODEL else "random")
+    try:
+        stages = parse_stages(args.stages, device) if args.stages else None
+        model = _load(args.model, pretrained).to(device)
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
+        return _fail(str(err))
+    report = run_selfcheck(model, stages=stages, json_path=args.json, throughput=not args.no_throughput)
+    return 0 if report["passed"] else 1
 
 
 def _eval_parsers(top) -> None:
@@ -147,10 +223,16 @@ def _eval_parsers(top) -> None:
                            help="comma list of step counts for the mAP-versus-steps curve, e.g. 10,25,50,100,150")
             p.add_argument("--exclude-self-inter", action="store_true",
                            help="also drop each inverted query's own item from its gallery on a shared split")
+            p.add_argument("--warm-start", type=_non_negative, default=0, metavar="N",
+                           help="add a row for a warm-started inversion of the queries: N calibration "
+                           "queries exact, the others from the fitted map's start (N >= 32)")
+            p.add_argument("--warm-steps", type=_positive, default=None,
+                           help="steps of the warm-started queries (default "
+                           f"{DEFAULT_WARM_STEPS['oti']} OTI, {DEFAULT_WARM_STEPS['ovi']} OVI)")
         p.add_argument("--steps", type=_positive, default=None,
-                       help="inversion steps (default 150 for OTI, 1000 for OVI)")
+                       help=f"inversion steps (default {DEFAULT_STEPS['oti']} for OTI, {DEFAULT_STEPS['ovi']} for OVI)")
         p.add_argument("--num-tokens", type=_positive, default=1, help="pseudo tokens / patches")
-        p.add_argument("--template", default="a photo of {}", help="OTI text template")
+        p.add_argument("--template", default=DEFAULT_TEMPLATE, help="OTI text template")
         p.add_argument("--seed", type=int, default=0, help="seed of the per-item random starts")
         p.add_argument("--cache", default=None,
                        help="where encoded features and inversions are kept (default ~/.cache/crossgap)")
@@ -170,11 +252,12 @@ def _run_eval(args: argparse.Namespace, model) -> int:
         report = evaluate_retrieval(
             args.dataset, args.dataroot, model, modes=[m.strip() for m in args.modes.split(",")],
             steps=args.steps, snapshot_steps=snaps or None,
-            exclude_self_inter=args.exclude_self_inter, **common,
+            exclude_self_inter=args.exclude_self_inter, warm_start=args.warm_start,
+            warm_steps=args.warm_steps, **common,
         )
     else:
         report = evaluate_zeroshot(args.dataset, args.dataroot, model,
-                                   steps=150 if args.steps is None else args.steps, **common)
+                                   steps=DEFAULT_STEPS["oti"] if args.steps is None else args.steps, **common)
     print(report.format())
     if args.out:
         for path in write_outputs(report, args.out):
@@ -188,12 +271,26 @@ def _is_rank0() -> bool:
 
 def _fail(message: str, code: int = 2) -> int:
     if _is_rank0():
-        print(f"crossgap: error: {message}", file=sys.stderr)
+        print(f"crossgap: error: {_printable(message)}", file=sys.stderr)
     return code
+
+
+def _printable(text: str) -> str:
+    """``text`` with what the terminal cannot encode escaped (a file name that is not UTF-8
+    comes from the file system as lone surrogates), so reporting it never raises."""
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
+
+
+def _os_problem(err: OSError) -> str:
+    where = f" ({err.filename!r})" if err.filename else ""
+    return f"{err.strerror or err}{where}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "selfcheck":
+        return _run_selfcheck(args)
     if args.command == "demo":
         from .demo.job import run_demo
 
@@ -220,8 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
+    text = _printable(str(message))
+    if text.startswith("crossgap: "):  # the engine's fallback warnings name themselves
+        return f"crossgap: warning: {text.removeprefix('crossgap: ')}\n"
     if issubclass(category, UserWarning) and not issubclass(category, DeprecationWarning):
-        return f"crossgap: warning: {message}\n"
+        return f"crossgap: warning: {text}\n"
     return f"{filename}:{lineno}: {category.__name__}: {message}\n"
 
 
@@ -241,8 +341,10 @@ def _load(name: str, pretrained: str):
 def _main(args: argparse.Namespace) -> int:
     try:
         model = _load(args.model, args.pretrained)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
+    except (ValueError, RuntimeError, ImportError) as err:
         return _fail(f"cannot load model {args.model!r} with --pretrained {args.pretrained!r}: {err}")
+    except OSError as err:
+        return _fail(f"cannot load model {args.model!r} with --pretrained {args.pretrained!r}: {_os_problem(err)}")
     if args.command == "eval":
         try:
             return _run_eval(args, model)
@@ -250,18 +352,26 @@ def _main(args: argparse.Namespace) -> int:
             return _fail(str(err))
         except ValueError as err:
             return _fail(f"invalid settings: {err}")
+        except OSError as err:
+            return _fail(_os_problem(err))
     common = dict(
         kind=args.kind, shard_size=args.shard_size, resume=args.resume, device=args.device,
         progress=not args.no_progress, workers=args.workers,
     )
     try:
         if args.command == "invert":
-            engine = {k: v for k, v in (("lr", args.lr), ("weight_decay", args.weight_decay)) if v is not None}
+            method = "oti" if args.kind == "images" else "ovi"
+            steps = args.steps
+            if steps is None and args.warm_start:
+                steps = DEFAULT_WARM_STEPS[method]
+            config = InversionConfig(
+                method=method, steps=steps, num_tokens=args.num_tokens, template=getattr(args, "template", None),
+                seed=args.seed, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            )
             summary = invert_gallery(
-                args.input, args.out, model, steps=args.steps, num_tokens=args.num_tokens,
-                template=getattr(args, "template", "a photo of {}"), seed=args.seed,
-                batch_size=args.batch_size, encode_batch_size=args.encode_batch_size,
-                keep_loss_curve=args.keep_loss_curve, **common, **engine,
+                args.input, args.out, model, config=config, warm_start=args.warm_start,
+                calibration_steps=args.calibration_steps, encode_batch_size=args.encode_batch_size,
+                keep_loss_curve=args.keep_loss_curve, **common,
             )
         else:
             summary = encode_gallery(args.input, args.out, model, encode_batch_size=args.batch_size, **common)
@@ -269,11 +379,14 @@ def _main(args: argparse.Namespace) -> int:
         return _fail(str(err))
     except ValueError as err:  # bad settings (steps, template, ...), found before any work
         return _fail(f"invalid settings: {err}")
+    except OSError as err:  # reading an input; the store reports its own write failures
+        return _fail(f"{_os_problem(err)}; finished shards in {args.out!r} are kept")
     except KeyboardInterrupt:
         return _fail(f"interrupted; finished shards in {args.out!r} are kept: rerun with --resume", 130)
     if _is_rank0():
-        print(summary.format())
-    return 0
+        print(_printable(summary.format()))
+    failure = summary.failure(args.max_failed_fraction)
+    return _fail(failure) if failure else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import baselines
-from .api import encode_texts, oti
-from .api import ovi as run_ovi
+from .api import encode_texts
+from .config import DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS, InversionConfig
+from .inverter import Inverter
 from .datasets import ImageRetrievalSet, load_image_dataset, load_text_dataset
 from .gallery import encode_gallery, invert_gallery
 from .models import ClipModel
@@ -66,12 +67,13 @@ class Report:
             return f"{self.task} on {self.dataset}: no results"
         metrics = [k for k in next(iter(self.rows.values())) if k not in ("num_queries", "num_skipped")]
         base = self.rows.get("intra") or self.rows.get("inter")
-        head = f"{'mode':<16}" + "".join(f"{m:>12}" for m in metrics)
+        w = max(16, 2 + max(len(mode) for mode in self.rows))
+        head = f"{'mode':<{w}}" + "".join(f"{m:>12}" for m in metrics)
         lines = [f"{self.task} on {self.dataset}", head, "-" * len(head)]
         for mode, row in self.rows.items():
-            lines.append(f"{mode:<16}" + "".join(f"{row[m]:>12.2f}" for m in metrics))
+            lines.append(f"{mode:<{w}}" + "".join(f"{row[m]:>12.2f}" for m in metrics))
             if base is not None and row is not base:
-                lines.append(f"{'  vs ' + ('intra' if 'intra' in self.rows else 'inter'):<16}"
+                lines.append(f"{'  vs ' + ('intra' if 'intra' in self.rows else 'inter'):<{w}}"
                              + "".join(f"{row[m] - base[m]:>+12.2f}" for m in metrics))
         for k, v in self.facts.items():
             lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
@@ -106,15 +108,18 @@ def image_retrieval_report(
     gnd: list[dict] | None = None,
     exclude_self_inter: bool = False,
     dataset: str = "custom",
+    more_inverted: dict[str, Tensor] | None = None,
 ) -> Report:
     """Image-to-image retrieval: intra-modal (image vs image) against inter-modal (OTI feature
-    of the query vs gallery images), with the training-free baselines alongside."""
+    of the query vs gallery images), with the training-free baselines alongside.
+    ``more_inverted``: other inverted query features (e.g. a warm start), one row each."""
     rep = Report("image retrieval", dataset)
     args = (query_labels, gallery_labels)
     rep.rows["intra"] = _metrics(query_features, gallery_features, *args, same_split, gnd)
-    if oti_features is not None:
-        rep.rows["oti"] = _metrics(oti_features, gallery_features, *args,
-                                   same_split and exclude_self_inter, gnd)
+    inverted = {"oti": oti_features, **(more_inverted or {})}
+    for name, feats in inverted.items():
+        if feats is not None:
+            rep.rows[name] = _metrics(feats, gallery_features, *args, same_split and exclude_self_inter, gnd)
     centre = F.normalize(gallery_features.float(), dim=-1).mean(0)
     rep.rows["centered"] = _metrics(baselines.mean_centered(query_features, centre),
                                     baselines.mean_centered(gallery_features, centre),
@@ -146,14 +151,17 @@ def text_retrieval_report(
     ovi_snapshots: dict[int, Tensor] | None = None,
     exclude_self_inter: bool = False,
     dataset: str = "custom",
+    more_inverted: dict[str, Tensor] | None = None,
 ) -> Report:
     """Text-to-text retrieval: intra (text vs text) against OVI feature of the query vs
-    gallery texts, with mean-centering alongside."""
+    gallery texts, with mean-centering alongside (``more_inverted`` as for images)."""
     rep = Report("text retrieval", dataset)
     args = (query_labels, gallery_labels)
     rep.rows["intra"] = _metrics(query_features, gallery_features, *args, same_split)
+    for name, feats in {"ovi": ovi_features, **(more_inverted or {})}.items():
+        if feats is not None:
+            rep.rows[name] = _metrics(feats, gallery_features, *args, same_split and exclude_self_inter)
     if ovi_features is not None:
-        rep.rows["ovi"] = _metrics(ovi_features, gallery_features, *args, same_split and exclude_self_inter)
         rep.facts["modality gap (texts vs OVI features)"] = baselines.modality_gap(
             ovi_features, query_features)
     centre = F.normalize(gallery_features.float(), dim=-1).mean(0)
@@ -208,10 +216,43 @@ def _cached_features(paths_or_texts: list[str], cache: Path, cm: ClipModel, kind
     return inv.features
 
 
-def _cached_inversion(feats: Tensor, cache: Path, cm: ClipModel, kind: str, device,
-                      progress: bool, **kw) -> Tensor:
-    invert_gallery(feats, cache, cm, kind=kind, resume=True, device=device, progress=progress, **kw)
+def _inversion_tag(cfg: InversionConfig) -> str:
+    """The cache folder of an inversion (the store itself refuses other optimiser settings)."""
+    if cfg.method == "ovi":
+        return f"ovi-s{cfg.steps}-p{cfg.num_tokens}-seed{cfg.seed}"
+    digest = hashlib.sha1(cfg.template.encode()).hexdigest()[:6]
+    return f"oti-s{cfg.steps}-r{cfg.num_tokens}-seed{cfg.seed}-{digest}"
+
+
+def _cached_inversion(feats: Tensor, cache: Path, cm: ClipModel, kind: str, cfg: InversionConfig,
+                      device, progress: bool, facts: dict | None = None, **warm: Any) -> Tensor:
+    """Invert into the gallery store under ``cache`` (reused on a rerun); ``facts`` gets the
+    run's items/s when it inverted anything."""
+    summary = invert_gallery(feats, cache, cm, kind=kind, resume=True, device=device, progress=progress,
+                             config=cfg, **warm)
+    if facts is not None and summary.items_done:
+        facts[f"items/s ({cache.name})"] = summary.items_per_s
     return load_inversions(cache).features
+
+
+def _warm_row(query: Tensor, cache: Path, cm: ClipModel, kind: str, cfg: InversionConfig, warm_start: int,
+              warm_steps: int | None, facts: dict, device, progress: bool) -> dict[str, Tensor]:
+    """{row name: features} of a warm-started inversion of the queries (none without ``warm_start``)."""
+    if not warm_start:
+        return {}
+    steps = DEFAULT_WARM_STEPS[cfg.method] if warm_steps is None else warm_steps
+    warm_cfg = cfg.replace(steps=steps)
+    tag = f"{_inversion_tag(cfg)}-warm{warm_start}-k{steps}"
+    feats = _cached_inversion(query, cache / tag, cm, kind, warm_cfg, device, progress, facts,
+                              warm_start=warm_start, calibration_steps=cfg.steps)
+    return {f"{cfg.method} warm ({steps} steps)": feats}
+
+
+def _snapshots(feats: Tensor, cm: ClipModel, cfg: InversionConfig, snapshot_steps: Sequence[int],
+               progress: bool) -> dict[int, Tensor]:
+    """Features after each of ``snapshot_steps`` updates, from one run of the curve's length."""
+    curve = cfg.replace(steps=max(snapshot_steps), snapshot_steps=tuple(snapshot_steps))
+    return Inverter(cm, curve).run(feats, progress=progress).snapshots
 
 
 def _cropped_query_features(ds: ImageRetrievalSet, cm: ClipModel) -> Tensor:
@@ -235,16 +276,22 @@ def evaluate_retrieval(
     modes: Sequence[str] = ("intra", "oti", "ovi"),
     steps: int | None = None,
     num_tokens: int = 1,
-    template: str = "a photo of {}",
+    template: str = DEFAULT_TEMPLATE,
     seed: int = 0,
     snapshot_steps: Sequence[int] | None = None,
     cache_dir: str | os.PathLike | None = None,
     device: str | None = None,
     progress: bool = True,
     exclude_self_inter: bool = False,
+    warm_start: int = 0,
+    warm_steps: int | None = None,
     **engine_kwargs: Any,
 ) -> Report:
-    """Run the retrieval comparison on a dataset (image or text, by its kind)."""
+    """Run the retrieval comparison on a dataset (image or text, by its kind).
+
+    ``warm_start=N`` adds a row for a warm-started inversion of the queries (as ``crossgap
+    invert --warm-start N``: N calibration queries exact, the others ``warm_steps`` steps from
+    the fitted map's start; default 15 OTI / 150 OVI steps), with items/s beside the exact run's."""
     from .datasets import list_datasets
 
     kinds = list_datasets()
@@ -254,6 +301,8 @@ def evaluate_retrieval(
     split = PAPER_SPLITS.get(name, "test") if split == "paper" else split
     cache = Path(cache_dir or Path.home() / ".cache" / "crossgap") / _model_key(model) / f"{name}-{split.replace(':', '_')}"
     common = dict(device=device, progress=progress)
+    facts: dict[str, Any] = {}
+    more: dict[str, Tensor] = {}
     if kinds[name] == "image":
         ds = load_image_dataset(name, dataroot, split)
         gallery = _cached_features(ds.gallery_paths, cache / "gallery", model, "images", **common)
@@ -265,22 +314,20 @@ def evaluate_retrieval(
             query = _cached_features(ds.query_paths, cache / "query", model, "images", **common)
         inv, snaps = None, None
         if "oti" in modes:
-            steps_ = 150 if steps is None else steps
-            tag = f"oti-s{steps_}-r{num_tokens}-seed{seed}-{hashlib.sha1(template.encode()).hexdigest()[:6]}"
-            inv = _cached_inversion(query, cache / tag, model, "images", steps=steps_,
-                                    num_tokens=num_tokens, template=template, seed=seed, **common,
-                                    **engine_kwargs)
+            cfg = InversionConfig(method="oti", steps=steps, num_tokens=num_tokens,
+                                  template=template, seed=seed, **engine_kwargs)
+            inv = _cached_inversion(query, cache / _inversion_tag(cfg), model, "images", cfg, **common,
+                                    facts=facts)
             if snapshot_steps:
-                snaps = oti(query, model, steps=max(snapshot_steps), num_tokens=num_tokens,
-                            template=template, seed=seed, snapshot_steps=snapshot_steps,
-                            progress=progress, **engine_kwargs).snapshots
+                snaps = _snapshots(query, model, cfg, snapshot_steps, progress)
+            more = _warm_row(query, cache, model, "images", cfg, warm_start, warm_steps, facts, **common)
         prompts = None
         if ds.classnames:
             prompts = encode_texts([CLASS_PROMPT.format(c) for c in ds.classnames], model)
         rep = image_retrieval_report(
             query, gallery, ds.query_labels, ds.gallery_labels, same_split=ds.same_split,
             oti_features=inv, oti_snapshots=snaps, class_text_features=prompts, gnd=ds.gnd,
-            exclude_self_inter=exclude_self_inter, dataset=f"{name} ({split})",
+            exclude_self_inter=exclude_self_inter, dataset=f"{name} ({split})", more_inverted=more,
         )
     else:
         ds = load_text_dataset(name, dataroot, split)
@@ -289,19 +336,19 @@ def evaluate_retrieval(
             ds.query_texts, cache / "query", model, "texts", **common)
         inv, snaps = None, None
         if "ovi" in modes:
-            steps_ = 1000 if steps is None else steps
-            tag = f"ovi-s{steps_}-p{num_tokens}-seed{seed}"
-            inv = _cached_inversion(query, cache / tag, model, "texts", steps=steps_,
-                                    num_tokens=num_tokens, seed=seed, **common, **engine_kwargs)
+            cfg = InversionConfig(method="ovi", steps=steps, num_tokens=num_tokens, seed=seed,
+                                  **engine_kwargs)
+            inv = _cached_inversion(query, cache / _inversion_tag(cfg), model, "texts", cfg, **common,
+                                    facts=facts)
             if snapshot_steps:
-                snaps = run_ovi(query, model, steps=max(snapshot_steps), num_tokens=num_tokens,
-                                seed=seed, snapshot_steps=snapshot_steps, progress=progress,
-                                **engine_kwargs).snapshots
+                snaps = _snapshots(query, model, cfg, snapshot_steps, progress)
+            more = _warm_row(query, cache, model, "texts", cfg, warm_start, warm_steps, facts, **common)
         rep = text_retrieval_report(
             query, gallery, ds.query_labels, ds.gallery_labels, same_split=ds.same_split,
             ovi_features=inv, ovi_snapshots=snaps, exclude_self_inter=exclude_self_inter,
-            dataset=f"{name} ({split})",
+            dataset=f"{name} ({split})", more_inverted=more,
         )
+    rep.facts.update(facts)
     rep.facts["model"] = f"{model.name} ({model.pretrained or 'random'})"
     return rep
 
@@ -312,9 +359,9 @@ def evaluate_zeroshot(
     model: ClipModel,
     *,
     split: str = "test",
-    steps: int = 150,
+    steps: int = DEFAULT_STEPS["oti"],
     num_tokens: int = 1,
-    template: str = "a photo of {}",
+    template: str = DEFAULT_TEMPLATE,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     device: str | None = None,
@@ -330,9 +377,9 @@ def evaluate_zeroshot(
     common = dict(device=device, progress=progress)
     feats = _cached_features(ds.query_paths, cache / ("gallery" if ds.same_split else "query"),
                              model, "images", **common)
-    tag = f"oti-s{steps}-r{num_tokens}-seed{seed}-{hashlib.sha1(template.encode()).hexdigest()[:6]}"
-    inv = _cached_inversion(feats, cache / tag, model, "images", steps=steps, num_tokens=num_tokens,
-                            template=template, seed=seed, **common, **engine_kwargs)
+    cfg = InversionConfig(method="oti", steps=steps, num_tokens=num_tokens, template=template, seed=seed,
+                          **engine_kwargs)
+    inv = _cached_inversion(feats, cache / _inversion_tag(cfg), model, "images", cfg, **common)
     prompts = encode_texts([CLASS_PROMPT.format(c) for c in ds.classnames], model)
     rep = zeroshot_report(feats, ds.query_labels, prompts, inv, dataset=f"{name} ({split})")
     rep.facts["model"] = f"{model.name} ({model.pretrained or 'random'})"

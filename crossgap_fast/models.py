@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 import open_clip
-from open_clip.model import CLIP
+from open_clip.model import CLIP, convert_to_custom_text_state_dict
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 
@@ -30,6 +31,28 @@ def register_model_configs() -> None:
 
 class UnsupportedModelError(ValueError):
     """The model's architecture cannot be inverted by this library."""
+
+
+class CheckpointError(ValueError):
+    """A local checkpoint file cannot be loaded into the asked-for architecture."""
+
+
+def unreadable_file_reason(path: str | os.PathLike, err: BaseException, expected: str) -> str:
+    """Why ``path`` could not be loaded as ``expected`` (e.g. "a PyTorch file of tensors"),
+    in words that never suggest loading it unsafely: torch and numpy advise
+    ``weights_only=False`` / ``allow_pickle=True``, which would run code from the file."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    if size == 0:
+        return "the file is empty"
+    if isinstance(err, OSError) and not isinstance(err, EOFError):
+        return f"it cannot be read ({err.strerror or err})"
+    if isinstance(err, EOFError):
+        return f"the file ends early: it is truncated or damaged ({size} bytes)"
+    return (f"it is not {expected}: it is damaged, or it holds Python objects, which are "
+            "never unpickled because that could run code from the file")
 
 
 @dataclass
@@ -307,9 +330,16 @@ def load_model(
             f"the tokenizer of {name!r} needs the Python package {missing!r}, which is not "
             f"installed (pip install {missing})"
         ) from err
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=tag, device=device
-    )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=tag, device=device
+        )
+    except Exception as err:
+        if tag is None or not os.path.isfile(tag):
+            raise
+        raise CheckpointError(
+            f"pretrained checkpoint {tag!r} cannot be loaded into {name!r}: {_checkpoint_problem(name, tag, err)}"
+        ) from err
     model.eval()
     model.requires_grad_(False)
     return ClipModel(
@@ -319,3 +349,85 @@ def load_model(
         name=name,
         pretrained=tag,
     )
+
+
+def _checkpoint_problem(name: str, path: str, err: Exception) -> str:
+    """What is wrong with the checkpoint ``path`` that open_clip failed to load (raising
+    ``err``), found by reading it again ourselves: open_clip's own errors range from an
+    unpickling error that advises an unsafe load to an interpolation error of fp16 weights."""
+    if not path.endswith((".npz", ".npy", ".safetensors")):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as load_err:
+            return unreadable_file_reason(path, load_err, "a PyTorch checkpoint of tensors")
+        if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+            data = data["state_dict"]
+        if not isinstance(data, dict):
+            return f"it holds a {type(data).__name__}, not a state dict of tensors"
+        other = next((k for k, v in data.items() if not isinstance(v, torch.Tensor)), None)
+        if other is not None:
+            return f"it is not a state dict of tensors (entry {other!r} is a {type(data[other]).__name__})"
+        mismatch = _state_dict_mismatch(name, data)
+        if mismatch:
+            return f"its weights do not fit the {name!r} architecture ({mismatch})"
+    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    return f"{type(err).__name__}: {first}"
+
+
+def _state_dict_mismatch(name: str, state: dict) -> str:
+    """'' when every tensor of ``state`` fits a fresh ``name`` model, else a short summary."""
+    with torch.random.fork_rng(devices=[]):  # the throwaway model must not move the caller's RNG
+        fresh = open_clip.create_model(name)
+    expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    if "positional_embedding" in state and not hasattr(fresh, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)  # as open_clip does for CustomTextCLIP
+    got = {k.removeprefix("module."): tuple(v.shape) for k, v in state.items()}
+    shape = [k for k in got if k in expected and got[k] != expected[k]]
+    missing = [k for k in expected if k not in got]
+    if not shape and not missing:
+        return ""
+    parts = []
+    if shape:
+        k = shape[0]
+        parts.append(f"{len(shape)} tensor(s) of another shape, e.g. {k!r}: checkpoint "
+                     f"{list(got[k])}, model {list(expected[k])}")
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Identity
+# --------------------------------------------------------------------------------------------
+#: Weight values sampled per parameter for a model's fingerprint.
+FINGERPRINT_VALUES = 64
+
+
+def model_identity(model: ClipModel | nn.Module) -> dict[str, str]:
+    """A JSON-able identity of a model: its name, its pretrained tag or checkpoint file name,
+    and a fingerprint of its weights (so random models and renamed checkpoints are told apart).
+
+    The fingerprint hashes every parameter's name, shape and a strided sample of its values
+    rounded to fp16 (so fp32 and fp16 copies of the same checkpoint agree); it reads a few
+    thousand numbers, not the whole model.
+    """
+    cm = as_clip_model(model)
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(cm.model.named_parameters()):
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // FINGERPRINT_VALUES)
+            sample = flat[::step][:FINGERPRINT_VALUES].to("cpu", torch.float16).numpy()
+            digest.update(f"{name}:{tuple(p.shape)}:".encode())
+            digest.update(sample.tobytes())
+    return {"name": str(cm.name), "pretrained": pretrained_label(cm.pretrained),
+            "fingerprint": digest.hexdigest()[:16]}
+
+
+def pretrained_label(pretrained: Any) -> str:
+    """A pretrained tag as is; a checkpoint by its file name (where it is installed is not
+    part of the identity)."""
+    text = str(pretrained)
+    if pretrained is not None and (os.sep in text or os.path.isfile(text)):
+        return Path(text).name
+    return text

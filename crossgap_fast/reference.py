@@ -34,9 +34,14 @@ def _loop(
     desc: str,
     info: dict,
     snapshot_steps: tuple[int, ...] = (),
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    amp: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
     n = targets.shape[0]
-    use_amp = device.type == "cuda"
+    use_amp = device.type == "cuda" if amp is None else amp
+    if use_amp and device.type != "cuda":
+        raise ValueError("the reference runs fp16 autocast (with a GradScaler) on CUDA only")
     features = torch.empty(n, targets.shape[1])
     tokens = torch.empty(init.shape)
     losses = torch.empty(n, steps)
@@ -47,7 +52,7 @@ def _loop(
         hi = min(lo + batch_size, n)
         target = targets[lo:hi].to(device, torch.float32)
         pseudo = init[lo:hi].to(device, torch.float32).clone().requires_grad_(True)
-        optimizer = torch.optim.AdamW([pseudo], lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW([pseudo], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
         def snapshot(done: int) -> None:
@@ -93,8 +98,14 @@ def reference_oti(
     progress: bool | Progress = False,
     info: dict | None = None,
     snapshot_steps: tuple[int, ...] = (),
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    amp: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
-    """OTI as in the paper: returns CPU ``(features, tokens, losses, snapshots)``."""
+    """OTI as in the paper: returns CPU ``(features, tokens, losses, snapshots)``.
+
+    ``amp``: fp16 autocast with a GradScaler (the authors' setting on CUDA; ``None``: on CUDA
+    only); ``False`` runs fp32 everywhere."""
     device = next(model.parameters()).device
     positions = template.positions.to(device)
 
@@ -103,7 +114,8 @@ def reference_oti(
         return full_text_forward(model, tokens, positions, pseudo)
 
     return _loop(encode, targets, init, steps, lr, weight_decay, batch_size, loss_batch,
-                 device, progress, "OTI reference", info if info is not None else {}, snapshot_steps)
+                 device, progress, "OTI reference", info if info is not None else {}, snapshot_steps,
+                 betas, eps, amp)
 
 
 def reference_ovi(
@@ -119,12 +131,17 @@ def reference_ovi(
     progress: bool | Progress = False,
     info: dict | None = None,
     snapshot_steps: tuple[int, ...] = (),
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    amp: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
-    """OVI as in the paper: returns CPU ``(features, tokens, losses, snapshots)``."""
+    """OVI as in the paper: returns CPU ``(features, tokens, losses, snapshots)`` (``amp`` as
+    in :func:`reference_oti`)."""
     device = next(model.parameters()).device
 
     def encode(pseudo: Tensor, b: int) -> Tensor:
         return full_vision_forward(model, pseudo)
 
     return _loop(encode, targets, init, steps, lr, weight_decay, batch_size, loss_batch,
-                 device, progress, "OVI reference", info if info is not None else {}, snapshot_steps)
+                 device, progress, "OVI reference", info if info is not None else {}, snapshot_steps,
+                 betas, eps, amp)

@@ -35,6 +35,8 @@ import re
 import tempfile
 import time
 import uuid
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -65,7 +67,13 @@ SETTINGS_KEYS = (
     "input_digest",
     "engine",
     "keep_loss_curve",
+    "warm_start",
 )
+
+#: Settings that may change on ``resume`` but move results at float-rounding level (the
+#: batch the engine optimises samples in, the encoder's batch, the CPU thread count): a
+#: resume with other values warns, and every shard entry records the values it was made with.
+RUN_KEYS = ("batch_size", "encode_batch_size", "threads")
 
 
 class GalleryError(Exception):
@@ -87,7 +95,13 @@ class SettingsMismatchError(GalleryError):
 
 
 class CorruptStoreError(GalleryError):
-    """A finished shard is missing or does not match its manifest entry."""
+    """A finished shard is missing or does not match its manifest entry, or a manifest is
+    unreadable."""
+
+
+class OutputWriteError(GalleryError, OSError):
+    """Writing to the output directory failed (read-only, full disk, a path under a file);
+    what was already finished is kept."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,6 +169,35 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(f.read().decode())
 
 
+def read_manifest(path: str | os.PathLike) -> dict:
+    """``manifest.json`` of an output directory; :class:`CorruptStoreError` (naming the file)
+    when it is unreadable, truncated or not a crossgap manifest."""
+    try:
+        manifest = read_json(path)
+    except (OSError, ValueError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+        raise CorruptStoreError(f"{str(path)!r} is unreadable ({why})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptStoreError(f"{str(path)!r} is not a crossgap manifest")
+    bad = [k for k, t in (("run_id", str), ("num_shards", int), ("shards", list))
+           if not isinstance(manifest.get(k), t)]
+    if bad:
+        raise CorruptStoreError(f"{str(path)!r} is damaged: {', '.join(bad)} missing or of the wrong type")
+    return manifest
+
+
+def error_line(record: dict) -> str:
+    """One ``errors.jsonl`` line: readable UTF-8, or ``\\u`` escapes for a record that holds
+    text no UTF-8 can carry (a file name that is not UTF-8 comes back from the file system as
+    lone surrogates; the escapes bring exactly that name back when the line is read)."""
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record, ensure_ascii=True)
+    return line + "\n"
+
+
 # --------------------------------------------------------------------------------------------
 # Shard plan
 # --------------------------------------------------------------------------------------------
@@ -182,6 +225,8 @@ class GalleryStore:
         self.rank = int(rank)
         self.manifest: dict | None = None
         self._own: dict[int, dict] = {}
+        self._digests: dict[tuple, str] = {}  # file identity -> sha256, so each file is hashed once
+        self._reported: set[int] = set()  # shards already reported as failing verification
 
     # ---- paths -------------------------------------------------------------------------
     @property
@@ -198,6 +243,23 @@ class GalleryStore:
     def shard_path(self, index: int) -> Path:
         return self.root / SHARD_FILE.format(index=index)
 
+    @contextmanager
+    def _writing(self, what: str, hint: str):
+        """Turn an OS error while writing ``what`` into one :class:`OutputWriteError` line."""
+        try:
+            yield
+        except OutputWriteError:
+            raise
+        except OSError as err:
+            raise OutputWriteError(
+                f"cannot write {what} in output directory {str(self.root)!r}: "
+                f"{err.strerror or err}{f' ({err.filename!r})' if err.filename else ''}; {hint}"
+            ) from err
+
+    def _kept_hint(self) -> str:
+        return ("finished shards are kept: fix the output location (space, permissions) and "
+                "rerun with --resume (resume=True)")
+
     # ---- start / resume ----------------------------------------------------------------
     def prepare(self, settings: dict, *, resume: bool, extra: dict | None = None) -> bool:
         """Check the directory and write the manifest of a new run; returns True when an
@@ -206,7 +268,10 @@ class GalleryStore:
         root = self.root
         if root.exists() and not root.is_dir():
             raise OutputExistsError(f"output {str(root)!r} exists and is not a directory")
-        entries = sorted(p.name for p in root.iterdir()) if root.exists() else []
+        try:
+            entries = sorted(p.name for p in root.iterdir()) if root.exists() else []
+        except OSError as err:
+            raise OutputWriteError(f"cannot read output directory {str(root)!r}: {err.strerror or err}") from err
         if entries and not resume:
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
             raise OutputExistsError(
@@ -224,7 +289,6 @@ class GalleryStore:
             self._check_settings(manifest, settings)
             self.manifest = manifest
             return True
-        root.mkdir(parents=True, exist_ok=True)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -238,7 +302,9 @@ class GalleryStore:
         total, size = int(settings["total_items"]), int(settings["shard_size"])
         manifest["num_shards"] = len(shard_ranges(total, size))
         manifest["shards"] = []
-        atomic_write_json(self.manifest_path, manifest)
+        with self._writing(MANIFEST, "choose a writable output directory"):
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.manifest_path, manifest)
         self.manifest = manifest
         return False
 
@@ -250,17 +316,20 @@ class GalleryStore:
                 "so it is not a crossgap output directory; choose a new output directory"
             )
         try:
-            manifest = read_json(path)
+            raw = read_json(path)
         except (OSError, ValueError) as err:
             raise CorruptStoreError(f"cannot resume: {str(path)!r} is unreadable ({err})") from err
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise OutputExistsError(f"cannot resume: {str(path)!r} is not a crossgap manifest")
-        if manifest.get("version") != VERSION:
+        if raw.get("version") != VERSION:
             raise SettingsMismatchError(
-                f"cannot resume: {str(path)!r} has store version {manifest.get('version')}, "
+                f"cannot resume: {str(path)!r} has store version {raw.get('version')}, "
                 f"this crossgap writes version {VERSION}"
             )
-        return manifest
+        try:
+            return read_manifest(path)
+        except CorruptStoreError as err:
+            raise CorruptStoreError(f"cannot resume: {err}") from err
 
     def _check_settings(self, manifest: dict, settings: dict) -> None:
         diffs = []
@@ -268,8 +337,8 @@ class GalleryStore:
             old, new = manifest.get(key), settings.get(key)
             if _normalise(old) != _normalise(new):
                 if key == "input_digest":
-                    diffs.append("input: the items (or texts / feature values) differ from the "
-                                 f"recorded run's input {manifest.get('input')!r}")
+                    diffs.append("input: the items (names, image sizes or modification times, texts "
+                                 f"or feature values) differ from the recorded run's input {manifest.get('input')!r}")
                 else:
                     diffs.append(f"{key}: recorded {_show(old)}, now {_show(new)}")
         if diffs:
@@ -279,11 +348,24 @@ class GalleryStore:
                 + "\nrerun with the recorded settings, or write to a new output directory"
             )
 
+    def warn_run_changes(self, extra: dict) -> None:
+        """Warn when ``extra`` holds other :data:`RUN_KEYS` values than the recorded run
+        (call it on a resume that will make shards)."""
+        assert self.manifest is not None, "call prepare() or open() first"
+        changed = [f"{k} {_show(extra[k])} (recorded {_show(self.manifest.get(k))})" for k in RUN_KEYS
+                   if k in extra and _normalise(extra[k]) != _normalise(self.manifest.get(k))]
+        if changed:
+            warnings.warn(
+                f"resuming the run in {str(self.root)!r} with {', '.join(changed)}: shards made "
+                "now can differ from the earlier ones at float-rounding level; each shard's "
+                "manifest entry records the values it was made with",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def open(self) -> dict:
         """Read the manifest (after rank 0's :meth:`prepare`) and this rank's own entries."""
-        manifest = read_json(self.manifest_path)
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise CorruptStoreError(f"{str(self.manifest_path)!r} is not a crossgap manifest")
+        manifest = read_manifest(self.manifest_path)
         self.manifest = manifest
         own = _entries_from(self.rank_manifest_path(), manifest["run_id"])
         self._own = {e["shard"]: e for e in own}
@@ -291,19 +373,29 @@ class GalleryStore:
 
     # ---- finished shards ---------------------------------------------------------------
     def finished(self) -> dict[int, dict]:
-        """Entries of every finished shard (all ranks), whose file exists with the recorded
-        size. A shard file without an entry is not finished."""
+        """Entries of every finished shard (all ranks): a recorded entry whose file exists
+        with the recorded size and sha256. A shard file without an entry is not finished;
+        a recorded shard whose file is missing or changed is not finished either (rank 0
+        warns once, naming it), so a resume redoes it."""
         assert self.manifest is not None, "call prepare() or open() first"
-        out = {}
-        for entry in collect_entries(self.root, self.manifest):
-            path = self.root / entry["file"]
-            try:
-                ok = path.stat().st_size == entry["bytes"]
-            except OSError:
-                ok = False
-            if ok:
-                out[entry["shard"]] = entry
-        return out
+        good, bad = resolve_entries(self.root, self.manifest, verify=True, digest=self._digest)
+        new = sorted(set(bad) - self._reported)
+        if new and self.rank == 0:
+            shown = "; ".join(f"shard {i}: {bad[i]}" for i in new[:5]) + ("; ..." if len(new) > 5 else "")
+            warnings.warn(
+                f"{len(new)} finished shard(s) in {str(self.root)!r} are missing or changed and "
+                f"will be redone ({shown})",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._reported.update(new)
+        return good
+
+    def _digest(self, path: Path, st: os.stat_result) -> str:
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        if key not in self._digests:
+            self._digests[key] = file_sha256(path)
+        return self._digests[key]
 
     # ---- writing -----------------------------------------------------------------------
     def write_shard(self, index: int, payload: dict, entry: dict) -> dict:
@@ -313,17 +405,21 @@ class GalleryStore:
         torch.save(payload, buf)
         data = buf.getvalue()
         name = SHARD_FILE.format(index=index)
-        atomic_write_bytes(self.root / name, data)
-        full = {
-            "shard": index,
-            "file": name,
-            **entry,
-            "rank": self.rank,
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "run_id": self.manifest["run_id"],
-        }
-        self._record(full)
+        sha = hashlib.sha256(data).hexdigest()
+        with self._writing(f"shard {index} ({name})", self._kept_hint()):
+            atomic_write_bytes(self.root / name, data)
+            st = (self.root / name).stat()
+            self._digests[(str(self.root / name), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)] = sha
+            full = {
+                "shard": index,
+                "file": name,
+                **entry,
+                "rank": self.rank,
+                "bytes": len(data),
+                "sha256": sha,
+                "run_id": self.manifest["run_id"],
+            }
+            self._record(full)
         return full
 
     def _record(self, entry: dict) -> None:
@@ -341,8 +437,10 @@ class GalleryStore:
         )
 
     def finalize(self, extra: dict | None = None) -> dict:
-        """Merge every rank's entries into ``manifest.json`` and rewrite ``errors.jsonl``;
-        the status is "complete" when every shard is finished. Rank 0, after a barrier."""
+        """Merge every rank's verified entries into ``manifest.json`` (so it carries the
+        digest of each file as it is on disk) and rewrite ``errors.jsonl`` (the input
+        listing's problems first, then each item's record in input order); the status is
+        "complete" when every shard is finished. Rank 0, after a barrier."""
         assert self.manifest is not None, "call prepare() or open() first"
         finished = self.finished()
         manifest = dict(self.manifest)
@@ -354,11 +452,20 @@ class GalleryStore:
         manifest["items_failed"] = sum(r["level"] == "error" for r in records)
         manifest["items_warned"] = sum(r["level"] == "warning" for r in records)
         manifest.update(extra or {})
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        atomic_write_bytes(self.errors_path, lines.encode())
-        atomic_write_json(self.manifest_path, manifest)
+        lines = "".join(error_line(r) for r in list(manifest.get("input_problems") or []) + records)
+        with self._writing(f"{ERRORS} and {MANIFEST}", self._kept_hint()):
+            atomic_write_bytes(self.errors_path, lines.encode())
+            atomic_write_json(self.manifest_path, manifest)
         self.manifest = manifest
         return manifest
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _entries_from(path: Path, run_id: str) -> list[dict]:
@@ -371,20 +478,65 @@ def _entries_from(path: Path, run_id: str) -> list[dict]:
     return [e for e in data.get("shards", []) if isinstance(e, dict) and e.get("run_id") == run_id]
 
 
-def collect_entries(root: str | os.PathLike, manifest: dict) -> list[dict]:
-    """Shard entries from ``manifest.json`` and every ``manifest.rank*.json`` of the same run,
-    one per shard, sorted by shard index."""
-    root = Path(root)
+def _candidates(root: Path, manifest: dict) -> dict[int, list[dict]]:
+    """Every recorded entry of each shard of the run: the rank files first (rewritten after
+    each shard, they hold the latest write), then ``manifest.json`` (the last merge)."""
     run_id = manifest["run_id"]
-    merged: dict[int, dict] = {}
-    for e in manifest.get("shards", []):
-        if e.get("run_id") == run_id:
-            merged[int(e["shard"])] = e
+    out: dict[int, list[dict]] = {}
     for p in sorted(root.iterdir()):
         if _RANK_RE.match(p.name):
             for e in _entries_from(p, run_id):
-                merged.setdefault(int(e["shard"]), e)
-    return [merged[k] for k in sorted(merged)]
+                out.setdefault(int(e["shard"]), []).append(e)
+    for e in manifest.get("shards", []):
+        if isinstance(e, dict) and e.get("run_id") == run_id:
+            out.setdefault(int(e["shard"]), []).append(e)
+    return out
+
+
+def resolve_entries(
+    root: str | os.PathLike,
+    manifest: dict,
+    *,
+    verify: bool,
+    digest: Callable[[Path, os.stat_result], str] | None = None,
+) -> tuple[dict[int, dict], dict[int, str]]:
+    """(the entry that matches each recorded shard's file, keyed by shard; why the others do
+    not match). A shard can have several entries (a shard redone on resume, perhaps by
+    another rank): the one with the file's size (and sha256, when ``verify``) wins, so a
+    stale entry never shadows the file on disk."""
+    root = Path(root)
+    digest = digest or (lambda path, st: file_sha256(path))
+    good: dict[int, dict] = {}
+    bad: dict[int, str] = {}
+    for shard, entries in sorted(_candidates(root, manifest).items()):
+        path = root / entries[0]["file"]
+        try:
+            st = path.stat()
+        except OSError as err:
+            bad[shard] = f"{path.name} is missing" if isinstance(err, FileNotFoundError) else \
+                f"{path.name} is unreadable ({err.strerror or err})"
+            continue
+        sized = [e for e in entries if e.get("bytes") == st.st_size]
+        if sized and verify:
+            try:
+                sha = digest(path, st)
+            except OSError as err:
+                bad[shard] = f"{path.name} is unreadable ({err.strerror or err})"
+                continue
+            sized = [e for e in sized if e.get("sha256") == sha]
+        if sized:
+            good[shard] = sized[0]
+        else:
+            bad[shard] = (f"{path.name} does not match its manifest entry (size or sha256 differ): "
+                          "it was changed after it was written")
+    return good, bad
+
+
+def collect_entries(root: str | os.PathLike, manifest: dict) -> list[dict]:
+    """The entry of every recorded shard whose file has the recorded size, sorted by shard
+    (see :func:`resolve_entries`; no hashing)."""
+    good, _ = resolve_entries(root, manifest, verify=False)
+    return [good[k] for k in sorted(good)]
 
 
 def _normalise(v: Any) -> Any:
@@ -408,8 +560,11 @@ class Inversions:
     ``encode``), ``targets``: (N, D) the features that were inverted (None for ``encode``),
     ``tokens``: (N, R, d) pseudo tokens / patches, ``losses``: (N,) final loss
     ``1 - cos(features, targets)``, ``loss_curves``: (N, steps) when the run kept them,
-    ``errors``: the failed items and warnings (dicts: index, name, level, reason),
+    ``errors``: the failed items and warnings (dicts: index, name, level, reason), after
+    the input listing's problems (index None: an unreadable sub-folder),
     ``manifest``: the run's settings, ``complete``: whether every shard is finished.
+    ``calibration``: (N,) bool for a warm-started run (``--warm-start``): True for the items
+    inverted exactly (the calibration set), False for the warm-started ones; None otherwise.
     """
 
     names: list[str]
@@ -422,6 +577,7 @@ class Inversions:
     errors: list[dict] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
     complete: bool = True
+    calibration: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -439,30 +595,32 @@ def load_inversions(out_dir: str | os.PathLike, *, allow_partial: bool = False, 
     path = root / MANIFEST
     if not path.is_file():
         raise GalleryError(f"{str(root)!r} has no {MANIFEST}: not a crossgap output directory")
-    manifest = read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise GalleryError(f"{str(path)!r} is not a crossgap manifest")
-    entries = collect_entries(root, manifest)
-    complete = len(entries) == manifest["num_shards"]
+    manifest = read_manifest(path)
+    candidates = _candidates(root, manifest)
+    complete = len(candidates) == manifest["num_shards"]
     if not complete and not allow_partial:
         raise GalleryError(
-            f"the run in {str(root)!r} is unfinished: {len(entries)} of {manifest['num_shards']} "
+            f"the run in {str(root)!r} is unfinished: {len(candidates)} of {manifest['num_shards']} "
             "shards done; resume it (--resume) or pass allow_partial=True"
         )
-    parts = []
-    for e in entries:
-        p = root / e["file"]
+    parts, entries = [], []
+    for shard, options in sorted(candidates.items()):
+        p = root / options[0]["file"]
         try:
             data = p.read_bytes()
         except OSError as err:
-            raise CorruptStoreError(f"shard {e['shard']} ({str(p)!r}) is unreadable: {err}") from err
-        if len(data) != e["bytes"] or (verify and hashlib.sha256(data).hexdigest() != e["sha256"]):
+            raise CorruptStoreError(f"shard {shard} ({str(p)!r}) is unreadable: {err}") from err
+        sha = hashlib.sha256(data).hexdigest() if verify else None
+        match = [e for e in options if e.get("bytes") == len(data) and (sha is None or e.get("sha256") == sha)]
+        if not match:
             raise CorruptStoreError(
-                f"shard {e['shard']} ({str(p)!r}) does not match its manifest entry (size or "
-                "sha256 differ): the file was changed after it was written"
+                f"shard {shard} ({str(p)!r}) does not match its manifest entry (size or "
+                "sha256 differ): the file was changed after it was written; resume the run "
+                "(--resume) to redo it"
             )
+        entries.append(match[0])
         parts.append(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
-    errors = [r for e in entries for r in e.get("errors", [])]
+    errors = list(manifest.get("input_problems") or []) + [r for e in entries for r in e.get("errors", [])]
     width = int(manifest.get("embed_dim") or 0)
     inverted = manifest.get("method") != "encode"
 
@@ -486,6 +644,7 @@ def load_inversions(out_dir: str | os.PathLike, *, allow_partial: bool = False, 
         errors=errors,
         manifest=manifest,
         complete=complete,
+        calibration=cat("calibration", (0,)).bool() if manifest.get("warm_start") else None,
     )
 
 

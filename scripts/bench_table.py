@@ -1,6 +1,6 @@
 """Markdown rows for the README's benchmark table from a ``--benchmark-json`` file.
 
-Usage: ``python scripts/bench_table.py bench.json``. One row per benchmark group: the device,
+Usage: ``python scripts/bench_table.py bench.json [more.json ...]``. One row per benchmark group: the device,
 the versions, each provider's median rate (or time per call for kernel micro-benchmarks) and
 each provider's speed-up over the group's baseline ("reference" for inversions, "torch" for
 kernels).
@@ -37,7 +37,9 @@ def rows(report: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python scripts/bench_table.py BENCH.json")
-    with open(sys.argv[1]) as fh:
-        print("\n".join(rows(json.load(fh))))
+    if len(sys.argv) < 2:
+        sys.exit("usage: python scripts/bench_table.py BENCH.json [MORE.json ...]")
+    for i, path in enumerate(sys.argv[1:]):
+        with open(path) as fh:
+            table = rows(json.load(fh))
+        print("\n".join(table if i == 0 else table[2:]))

@@ -54,14 +54,16 @@ def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own session; on timeout the whole group (ranks, DataLoader
     workers) is killed, so nothing is left behind."""
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd[:6])} ... timed out after {timeout} s\n{out}\n{err}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        pytest.fail(f"{' '.join(map(str, cmd[:6]))} ... timed out after {timeout} s\n{out!r}\n{err!r}")
+    # names that are not UTF-8 come back escaped; decoding must not fail on them
+    return subprocess.CompletedProcess(cmd, proc.returncode, out.decode(errors="replace"),
+                                       err.decode(errors="replace"))
 
 
 def make_images(root: Path, n: int = 22) -> tuple[list[str], str]:

@@ -59,3 +59,53 @@ def test_batch_invariance_on_gpu(gpu_model):
     alone = cg.oti(feats[4:5], gpu_model, steps=20, sample_ids=[4], precision="fp32",
                    cuda_graph=False, compile=False)
     torch.testing.assert_close(alone.features[0], batch.features[4], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- the default path checks itself
+@pytest.mark.parametrize("method", ["oti", "ovi"])
+def test_default_path_is_fully_fast_and_self_checked(gpu_model, method):
+    """On a GPU the defaults compile, capture and use the Triton ops, and the first chunk's
+    self-check against the plain eager step passes: nothing fell back."""
+    import warnings
+
+    feats = torch.randn(70, 512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = getattr(cg, method)(feats, gpu_model, steps=6)
+    assert res.info["fast_path"] == "compile+graph+kernels", res.info
+    assert res.info["selfcheck"]["status"] == "passed", res.info["selfcheck"]
+    assert res.info["batch_size"] % 64 == 0 and res.info["padding"] < 64
+
+
+def test_inverter_reuses_compiled_shapes(gpu_model):
+    inv = cg.Inverter(gpu_model, method="oti", steps=3)
+    for n in (100, 120, 128, 64):  # 128, 128, 128 and 64 after rounding to the chunk quantum
+        res = inv.run(torch.randn(n, 512))
+        assert res.info["fast_path"] == "compile+graph+kernels"
+    assert sorted(set(inv._compile_calls)) == [64, 128]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_model_on_a_second_gpu_is_captured_there():
+    torch.manual_seed(0)
+    model = cg.load_model("ViT-B-32", device="cuda:1")
+    torch.cuda.set_device(0)
+    feats = torch.randn(16, 512)
+    fast = cg.oti(feats, model, steps=5)
+    eager = cg.oti(feats, model, steps=5, compile=False, cuda_graph=False, use_kernels=False)
+    assert fast.info["cuda_graph"]
+    assert _cos(fast.features, eager.features).mean() > 0.99
+
+
+def test_selfcheck_command_on_cuda(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "selfcheck.json"
+    proc = subprocess.run([sys.executable, "-m", "crossgap_fast", "selfcheck", "--device", "cuda",
+                           "--json", str(out), "--no-throughput"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["passed"] and report["environment"]["capability"]
+    assert {r["stage"] for r in report["parity"]} >= {"eager-fp32", "compile+graph-bf16"}

@@ -30,7 +30,9 @@ def test_demo_command_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
     assert "image retrieval on crossgap demo gallery" in printed
     assert "zero-shot classification" in printed and "items/s" in printed
     report = json.loads((out / "report.json").read_text())
-    assert {"intra", "oti", "centered", "text-subspace"} <= set(report["rows"])
+    assert {"intra", "oti", "oti warm (15 steps)", "centered", "text-subspace"} <= set(report["rows"])
+    assert "OTI warm start: 128 queries x 15 steps" in printed
+    assert len(cg.load_inversions(out / "oti-gallery-4")) == 346  # the map's fitting set
     assert report["rows"]["intra"]["num_queries"] == 128
     assert sorted(int(k) for k in report["curve"]) == [0, 4]
     assert (out / "report.png").stat().st_size > 0

@@ -29,11 +29,86 @@ def test_device_step_adamw_matches_torch_optim_adamw(wd):
 
 
 def test_default_batch_size_respects_the_budget():
-    cpu = torch.device("cpu")
-    per = 12 * 2 * 512 * 40 * 4
-    assert engine.default_batch_size(10_000, 2, 512, 12, cpu, 4, budget=per * 100) == 100
-    assert engine.default_batch_size(7, 2, 512, 12, cpu, 4, budget=per * 100) == 7
-    assert engine.default_batch_size(10, 50, 768, 12, cpu, 4, budget=1) == 1
+    assert engine.default_batch_size(10_000, 1000, budget_bytes=1000 * 100) == 100
+    assert engine.default_batch_size(7, 1000, budget_bytes=1000 * 100) == 7
+    assert engine.default_batch_size(10, 10**9, budget_bytes=1) == 1
+    assert engine.default_batch_size(10**9, 1, budget_bytes=1e12) == engine.MAX_CHUNK
+
+
+def _saved_bytes_per_sample(fwd, b: int, r: int, d: int) -> float:
+    """Bytes of the distinct storages autograd keeps for one forward of ``fwd`` on ``b``
+    samples, per sample; the frozen weights and shared constants are not per-sample memory."""
+    shared = {t.untyped_storage().data_ptr() for t in (*fwd.parameters(), *fwd.buffers())}
+    for k, v in getattr(fwd, "prefix_kv", []):
+        shared |= {k.untyped_storage().data_ptr(), v.untyped_storage().data_ptr()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in shared:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    p = torch.randn(b, r, d, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fwd(p).sum()
+    return sum(seen.values()) / b
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("template", ["a photo of {}", "a " * 60 + "photo of {}"])
+def test_memory_estimate_bounds_what_autograd_keeps(vitb32, template, shared, monkeypatch):
+    """The per-sample estimate covers the saved activations, including the per-sample copies of
+    the shared prefix's keys/values when the attention concatenates them (with a 60-word
+    template those copies alone exceed the estimate that left them out)."""
+    from crossgap_fast import towers
+    from crossgap_fast.inverter import Inverter
+
+    monkeypatch.setattr(towers, "SHARED_PREFIX_ATTENTION", shared)
+    inv = Inverter(vitb32, method="oti", template=template)
+    fwd = inv._forward
+    assert fwd.shared_prefix == shared
+    measured = _saved_bytes_per_sample(fwd, 4, 1, 512)
+    tpl = inv.template
+    rows = int(fwd.rows)
+    copied = 0 if shared else tpl.prefix_len
+    estimate = engine.activation_bytes_per_sample(rows, rows + tpl.prefix_len, 512, 8, 12, 4, copied)
+    assert measured <= estimate, (measured, estimate)
+    assert estimate <= 8 * measured  # conservative, not absurd
+
+
+def test_balanced_chunks_for_the_issue_sizes():
+    plan = engine.plan_chunks(50_000, 48_000, static=True)
+    assert len(plan.sizes) == 2 and sum(plan.sizes) == 50_000
+    assert plan.padded <= 25_024 and plan.padded % 64 == 0
+    assert plan.padding < 64 * len(plan.sizes)
+
+
+@pytest.mark.parametrize("n,capacity,static", [
+    (1, 1, True), (1, 4096, True), (63, 64, True), (65, 64, True), (4097, 4096, True),
+    (100_003, 65_536, True), (10, 3, False), (10, 3, True), (7, 100, False), (12_345, 1000, False),
+])
+def test_chunk_plans_cover_every_sample_within_the_capacity(n, capacity, static):
+    plan = engine.plan_chunks(n, capacity, static)
+    assert sum(plan.sizes) == n
+    assert max(plan.sizes) - min(plan.sizes) <= 1  # balanced
+    assert len(plan.sizes) == -(-n // max(1, capacity - (capacity % 64 if static and capacity >= 64 else 0)))
+    if static:
+        assert all(s <= plan.padded <= capacity for s in plan.sizes)
+        if capacity >= 64:
+            assert plan.padded % 64 == 0 and plan.padded - max(plan.sizes) < 64
+    else:
+        assert plan.padded == 0 and max(plan.sizes) <= capacity
+
+
+def test_fast_path_names_and_stages():
+    full = engine.FastPath(compile=True, graph=True, kernels=True)
+    assert full.name == "compile+graph+kernels"
+    assert full.without("kernels").name == "compile+graph"
+    assert full.without("kernels").without("graph").name == "compile"
+    assert engine.FastPath(kernels=True).name == "eager+kernels"
+    assert engine.FastPath().name == "eager" and engine.FastPath().plain
+    assert full.first_stage() == "kernels" and full.without("kernels").first_stage() == "graph"
 
 
 def test_precision_names():
@@ -45,7 +120,7 @@ def test_precision_names():
         engine.autocast_dtype("int8", cpu)
 
 
-def test_cuda_graph_needs_a_cuda_model(tiny):
+def test_cuda_graph_needs_a_cuda_model(tiny):  # no graph runner is registered for the CPU
     import crossgap_fast as cg
 
     with pytest.raises(ValueError, match="cuda_graph=True needs"):

@@ -147,3 +147,25 @@ def test_eval_command_reports_a_missing_dataset(tmp_path, capsys):
                      "--model", "crossgap-tiny", "--pretrained", "random", "--no-progress"])
     assert code == 2
     assert "CUB_200_2011" in capsys.readouterr().err
+
+
+def test_eval_retrieval_with_a_warm_start_row(tmp_path, capsys):
+    """``--warm-start N`` adds a row for the warm-started queries beside the exact ones, with the
+    items/s of both runs."""
+    from crossgap_fast import cli
+
+    csv = tmp_path / "texts.csv"
+    words = ["car", "dog", "tree", "boat", "house"]
+    rows = ["text,label"] + [f"a photo number {i} of a {words[i % 5]},{i % 5}" for i in range(40)]
+    csv.write_text("\n".join(rows) + "\n")
+    code = cli.main(["eval", "retrieval", "--dataset", "csv", "--dataroot", str(csv),
+                     "--model", "crossgap-tiny", "--pretrained", "random", "--steps", "6",
+                     "--warm-start", "32", "--warm-steps", "2", "--cache", str(tmp_path / "cache"),
+                     "--out", str(tmp_path / "out"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(data["rows"]) == {"intra", "ovi", "ovi warm (2 steps)", "centered"}
+    assert data["rows"]["ovi warm (2 steps)"]["num_queries"] == 40
+    rates = [k for k in data["facts"] if k.startswith("items/s")]
+    assert len(rates) == 2 and any("warm32-k2" in k for k in rates)

@@ -5,6 +5,7 @@ Payloads are synthetic tensors built in the tests, so every expected value is kn
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -244,3 +245,49 @@ def test_changed_shard_file_is_detected(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptStoreError, match="shard 0"):
         load_inversions(out)
+
+
+def test_stale_entry_never_shadows_the_file_on_disk(tmp_path):
+    """A shard redone on resume (here by another rank) has two entries; the one that matches
+    the file wins everywhere, and the merged manifest carries the file's digest."""
+    out = tmp_path / "out"
+    store = GalleryStore(out, rank=1)
+    GalleryStore(out).prepare(_settings(total=4, shard_size=2), resume=False)
+    store.open()
+    ranges = shard_ranges(4, 2)
+    _write(store, 0, ranges)
+    _write(store, 1, ranges)
+    first = GalleryStore(out)
+    first.open()
+    first.finalize()  # manifest.json now holds rank 1's entries
+    redo = GalleryStore(out, rank=0)
+    redo.open()
+    (out / "shard-00001.pt").unlink()
+    with pytest.warns(UserWarning, match="shard 1: shard-00001.pt is missing"):
+        assert sorted(redo.finished()) == [0]
+    # the redone shard differs (other items failed): other bytes, other size and sha256
+    lo, hi = ranges[1]
+    errs = [{"index": 2, "name": "item2", "level": "error", "reason": "bad"}]
+    fresh = redo.write_shard(1, _payload(lo, hi, skip=(2,)), _entry(lo, hi, errs))
+    stale = json.loads((out / MANIFEST).read_text())["shards"][1]
+    assert stale["sha256"] != fresh["sha256"] and stale["rank"] == 1
+    assert redo.finished()[1]["sha256"] == fresh["sha256"]
+    inv = load_inversions(out)
+    assert inv.indices.tolist() == [0, 1, 3] and [e["index"] for e in inv.errors] == [2]
+    merged = redo.finalize()
+    data = (out / "shard-00001.pt").read_bytes()
+    assert merged["shards"][1]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert merged["items_failed"] == 1 and merged["status"] == "complete"
+
+
+def test_damaged_manifest_is_named(tmp_path):
+    out = tmp_path / "out"
+    GalleryStore(out).prepare(_settings(), resume=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    del manifest["num_shards"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CorruptStoreError, match=r"manifest\.json.*damaged: num_shards"):
+        load_inversions(out)
+    (out / MANIFEST).write_text('{"format": "crossgap-gal')
+    with pytest.raises(CorruptStoreError, match=r"manifest\.json.*unreadable"):
+        GalleryStore(out).open()
