@@ -236,3 +236,44 @@ def test_cli_sigkill_during_calibration_then_resume(feats_file, cli_full, tmp_pa
     bad = subprocess.run([sys.executable, "-m", "crossgap_fast", *_cli_args(src, tmp_path / "x"),
                           "--warm-start", "3"], env=ENV, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "at least 32" in bad.stderr
+
+
+HOLD_SECOND_SHARD = """
+import sys, time
+from crossgap_fast import store
+real = store.GalleryStore._record
+def held(self, entry):
+    if entry["shard"] >= 1:
+        time.sleep(120)
+    real(self, entry)
+store.GalleryStore._record = held
+from crossgap_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_sigkill_during_the_warm_phase_then_resume(feats_file, cli_full, tmp_path):
+    """Killed after the map is stored and one shard is finished: the resume reuses the map and
+    the finished shard and ends equal to the uninterrupted run."""
+    src = feats_file[0]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_SECOND_SHARD, *_cli_args(src, out)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "shard-00001.pt").exists():
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert time.monotonic() < deadline, "the run never wrote its second shard"
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    map_time = (out / cal_mod.MAP_FILE).stat().st_mtime_ns
+    resumed = subprocess.run([sys.executable, "-m", "crossgap_fast", *_cli_args(src, out), "--resume"],
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "skipped 1 finished shard" in resumed.stdout
+    assert (out / cal_mod.MAP_FILE).stat().st_mtime_ns == map_time  # the stored map was reused
+    a, b = cg.load_inversions(cli_full), cg.load_inversions(out)
+    assert torch.equal(a.features, b.features) and torch.equal(a.tokens, b.tokens)
