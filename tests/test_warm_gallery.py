@@ -238,26 +238,14 @@ def test_cli_sigkill_during_calibration_then_resume(feats_file, cli_full, tmp_pa
     assert bad.returncode == 2 and "at least 32" in bad.stderr
 
 
-HOLD_SECOND_SHARD = """
-import sys, time
-from crossgap_fast import store
-real = store.GalleryStore._record
-def held(self, entry):
-    if entry["shard"] >= 1:
-        time.sleep(120)
-    real(self, entry)
-store.GalleryStore._record = held
-from crossgap_fast.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_cli_sigkill_during_the_warm_phase_then_resume(feats_file, cli_full, tmp_path):
     """Killed after the map is stored and one shard is finished: the resume reuses the map and
     the finished shard and ends equal to the uninterrupted run."""
+    from test_cli import SLOW_WRAPPER  # holds the run before shard 1's manifest entry
+
     src = feats_file[0]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_SECOND_SHARD, *_cli_args(src, out)], env=ENV,
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRAPPER, *_cli_args(src, out)], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
