@@ -14,7 +14,6 @@ they exist redoes the calibration, which is deterministic.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,18 +69,12 @@ class Calibration:
     def rows(self) -> dict[int, int]:
         return {i: r for r, i in enumerate(self.indices)}
 
-    @property
-    def mean_loss(self) -> float:
-        """Mean final loss (1 - cos of input and inverted feature)."""
-        return float((1 - torch.nn.functional.cosine_similarity(self.features, self.targets, dim=-1)).mean())
-
 
 def run_calibration(inverter: Inverter, indices: list[int], targets: Tensor, steps: int | None,
-                    progress) -> tuple[InversionResult, InversionConfig]:
+                    progress) -> InversionResult:
     """Invert the calibration items exactly (their starts seeded by their item indices)."""
-    cfg = calibration_config(inverter.config, steps)
-    exact = Inverter(inverter.model, cfg)
-    return exact.run(targets, sample_ids=indices, progress=progress), cfg
+    exact = Inverter(inverter.model, calibration_config(inverter.config, steps))
+    return exact.run(targets, sample_ids=indices, progress=progress)
 
 
 def save_calibration(root: Path, indices: list[int], targets: Tensor, result: InversionResult,
@@ -117,6 +110,3 @@ def load_calibration(root: Path, inverter: Inverter) -> Calibration | None:
     return Calibration([int(i) for i in data["indices"]], data["targets"], data["features"], data["tokens"],
                        data["curves"], ws)
 
-
-def files_present(root: Path) -> bool:
-    return all(os.path.isfile(root / name) for name in (CALIBRATION_FILE, MAP_FILE))

@@ -587,28 +587,30 @@ def _calibrate(ctx: DistContext, gallery: Gallery, store: GalleryStore, inverter
     """Rank 0 inverts the calibration items exactly and fits the map (or reuses the stored
     ones on resume); every rank then reads them."""
     n, steps = warm
-    outcome = None
+    outcome, found = None, None
     if ctx.rank == 0:
         try:
             found = cal_mod.load_calibration(store.root, inverter)
             if found is None:
                 candidates = [i for i in range(len(gallery)) if gallery.issues.get(i, {}).get("level") != "error"]
                 chosen = cal_mod.calibration_indices(candidates, n, inverter.config.seed)
-                _, idx, feats, _ = next(_group_features(gallery, [("calibration", chosen)], cm, dev, workers,
-                                                        encode_batch_size, timer))
+                # consumed to the end, so the decoding workers are shut down here
+                [(_, idx, feats, _)] = list(_group_features(gallery, [("calibration", chosen)], cm, dev,
+                                                            workers, encode_batch_size, timer))
                 bar = Progress(len(idx), desc=f"calibration ({inverter.config.method.upper()}, exact)",
                                enabled=show)
                 t0 = time.perf_counter()
                 try:
-                    result, _ = cal_mod.run_calibration(inverter, idx, feats, steps, bar)
+                    result = cal_mod.run_calibration(inverter, idx, feats, steps, bar)
                 finally:
                     bar.close()
                 timer.optimise_s += time.perf_counter() - t0
-                cal_mod.save_calibration(store.root, idx, feats, result, inverter)
+                found = cal_mod.save_calibration(store.root, idx, feats, result, inverter)
         except (GalleryError, ValueError) as err:
             outcome = (type(err).__name__, f"warm start: {err}")
     _raise_from_rank0(ctx.broadcast(outcome))
-    found = cal_mod.load_calibration(store.root, inverter)
+    if found is None:  # the other ranks read what rank 0 stored
+        found = cal_mod.load_calibration(store.root, inverter)
     if found is None:
         raise GalleryError(f"warm start: the calibration files in {str(store.root)!r} cannot be read")
     return found

@@ -366,13 +366,13 @@ class Inverter:
             st = Stepper(self._loss_fn, size, self.token_shape, self.embed_dim, self._adamw(),
                          self.device, path.kernels)
             st.load(init, target)
-            self._prepare(st)
+            self._prepare(st)  # warm-up and capture put the loaded state back
             self._steppers[size] = st
             while len(self._steppers) > MAX_STEPPERS:
                 self._steppers.popitem(last=False)
         else:
-            self._steppers.move_to_end(size if path.static_shapes else st.capacity)
-        st.load(init, target)
+            self._steppers.move_to_end(st.capacity)  # keyed by the capacity it was built for
+            st.load(init, target)
         return st
 
     def _adamw(self) -> engine.AdamWSettings:

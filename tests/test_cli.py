@@ -66,6 +66,25 @@ def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
                                        err.decode(errors="replace"))
 
 
+def kill_when_written(wrapper: str, args: list[str], path: Path, settle: float = 0.2) -> subprocess.Popen:
+    """Run ``wrapper`` (a Python script taking the CLI's arguments) with ``args`` in its own
+    session and SIGKILL the whole group (the run and its DataLoader workers) once ``path``
+    exists; returns the finished process."""
+    proc = subprocess.Popen([sys.executable, "-c", wrapper] + list(args), env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not path.exists():
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert time.monotonic() < deadline, f"the run never wrote {path.name}"
+            time.sleep(0.02)
+        time.sleep(settle)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return proc
+
+
 def make_images(root: Path, n: int = 22) -> tuple[list[str], str]:
     rng = np.random.default_rng(1)
     good = []
@@ -131,18 +150,7 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, images, tmp_pat
     root, good, bad = images
     out = tmp_path / "killed"
     args = ["invert", "images", "--input", str(root), "--out", str(out)] + COMMON
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRAPPER] + args, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (out / "shard-00001.pt").exists():
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "the run never wrote its second shard"
-            time.sleep(0.02)
-        time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and its DataLoader workers
-        proc.wait()
+    proc = kill_when_written(SLOW_WRAPPER, args, out / "shard-00001.pt")
     assert proc.returncode == -signal.SIGKILL
     # killed mid-run: shard 1's file exists but only shard 0 is recorded as finished
     rank0 = json.loads((out / "manifest.rank0.json").read_text())

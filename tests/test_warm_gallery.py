@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ import crossgap_fast as cg
 from crossgap_fast import calibration as cal_mod
 from crossgap_fast.store import SettingsMismatchError
 from crossgap_fast.warm_start import load_warm_start
+from test_cli import SLOW_WRAPPER, kill_when_written
 
 N_ITEMS, N_CAL, WARM, EXACT = 90, 40, 4, 30
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -217,17 +216,7 @@ def test_cli_sigkill_during_calibration_then_resume(feats_file, cli_full, tmp_pa
     src = feats_file[0]
     full = cli_full
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_CALIBRATION, *_cli_args(src, out)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (out / cal_mod.CALIBRATION_FILE).exists():
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "the calibration never finished"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when_written(HOLD_CALIBRATION, _cli_args(src, out), out / cal_mod.CALIBRATION_FILE, settle=0)
     resumed = subprocess.run([sys.executable, "-m", "crossgap_fast", *_cli_args(src, out), "--resume"],
                              env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -241,22 +230,9 @@ def test_cli_sigkill_during_calibration_then_resume(feats_file, cli_full, tmp_pa
 def test_cli_sigkill_during_the_warm_phase_then_resume(feats_file, cli_full, tmp_path):
     """Killed after the map is stored and one shard is finished: the resume reuses the map and
     the finished shard and ends equal to the uninterrupted run."""
-    from test_cli import SLOW_WRAPPER  # holds the run before shard 1's manifest entry
-
     src = feats_file[0]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRAPPER, *_cli_args(src, out)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (out / "shard-00001.pt").exists():
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "the run never wrote its second shard"
-            time.sleep(0.05)
-        time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when_written(SLOW_WRAPPER, _cli_args(src, out), out / "shard-00001.pt")  # held before its entry
     map_time = (out / cal_mod.MAP_FILE).stat().st_mtime_ns
     resumed = subprocess.run([sys.executable, "-m", "crossgap_fast", *_cli_args(src, out), "--resume"],
                              env=ENV, capture_output=True, text=True, timeout=300)
