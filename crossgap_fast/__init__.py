@@ -17,7 +17,7 @@ from .inverter import FastPathError, Inverter
 from .models import ClipModel, UnsupportedModelError, load_model
 from .evaluation import evaluate_retrieval, evaluate_zeroshot
 from .gallery import encode_gallery, invert_gallery
-from .store import load_inversions
+from .reader import Inversions, iter_inversions, load_inversions
 from .warm_start import WarmStart, fit_warm_start, load_warm_start
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "FastPathError",
     "InversionConfig",
     "InversionResult",
+    "Inversions",
     "Inverter",
     "UnsupportedModelError",
     "WarmStart",
@@ -40,6 +41,7 @@ __all__ = [
     "invert_gallery",
     "invert_images",
     "invert_texts",
+    "iter_inversions",
     "load_inversions",
     "load_model",
     "load_warm_start",

@@ -5,6 +5,7 @@
     crossgap encode images|texts --input ... --out OUTDIR --pretrained ...
     crossgap eval retrieval --dataset NAME --dataroot DIR --pretrained ... [--modes intra,oti,ovi]
     crossgap eval zeroshot  --dataset NAME --dataroot DIR --pretrained ...
+    crossgap status OUTDIR [--json]   (progress of a run: shards, items/s, ETA, failures)
 
 A thin layer over :func:`crossgap_fast.invert_gallery` / :func:`crossgap_fast.encode_gallery`;
 ``python -m crossgap_fast`` is the same. Under ``torchrun --nproc-per-node K`` the gallery is
@@ -26,8 +27,12 @@ from typing import Sequence
 
 import torch
 
+from . import shard_format as fmt
 from .gallery import (
+    ENGINES,
     DEFAULT_ENCODE_BATCH,
+    DEFAULT_ENGINE,
+    DEFAULT_RAY_ACTORS,
     DEFAULT_MAX_FAILED_FRACTION,
     DEFAULT_SHARD_SIZE,
     default_workers,
@@ -36,7 +41,9 @@ from .gallery import (
 )
 from .config import DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS, DEFAULT_WEIGHT_DECAY
 from .config import InversionConfig
-from .models import DEMO_MODEL, UnsupportedModelError, load_model
+from .models import DEMO_MODEL, HF_HUB, LOCAL_DIR, UnsupportedModelError, load_model
+from .status import StatusError, add_status_parser, status_command
+from .leases import DEFAULT_LEASE_SECONDS
 from .store import GalleryError
 
 #: The built-in default: the shipped demo model. ``--pretrained`` may be left out for it (its
@@ -70,11 +77,13 @@ def _fraction(text: str) -> float:
 
 def _common(p: argparse.ArgumentParser, kind: str) -> None:
     inp = (
-        "an image folder (searched recursively), a file listing image paths, or a .npy/.pt "
-        "file of (N, D) image features"
+        "an image folder (searched recursively), a file listing image paths, webdataset tars "
+        "('shards-{000..099}.tar'), a .parquet file with a path or url column, a .npy/.pt file "
+        "of (N, D) image features, or a clip-retrieval folder (img_emb/*.npy + metadata/)"
         if kind == "images"
         else "a .txt file (one text per line), a .jsonl file (field 'text'), a .json array (of "
-        "strings or such objects), a .csv file (column 'text'), or a .npy/.pt file of (N, D) text features"
+        "strings or such objects), a .csv or .parquet file (column 'text' or 'caption'), webdataset "
+        "tars, a .npy/.pt file of (N, D) text features, or a clip-retrieval folder (text_emb/*.npy)"
     )
     p.add_argument("--input", required=True, help=inp)
     p.add_argument("--out", required=True, help="output directory (must be empty unless --resume)")
@@ -86,7 +95,18 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
         f"optional for {DEMO_MODEL}, whose weights ship with the package",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
+    p.add_argument("--input-column", default=None,
+                   help="the column of a .parquet input to read (default: found by name)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, skipping finished shards")
+    p.add_argument("--worker", action="store_true",
+                   help="work on the run in --out beside other processes (started by anyone: several "
+                   "shells, a Slurm array, hosts sharing the folder); starts it when --out is empty")
+    p.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS,
+                   help="a shard's lease without renewal; a dead worker's shard is taken over after "
+                   f"this long (default {DEFAULT_LEASE_SECONDS:g})")
+    p.add_argument("--dtype", choices=fmt.DTYPES, default=fmt.DEFAULT_DTYPE,
+                   help=f"dtype of the stored features (default {fmt.DEFAULT_DTYPE})")
+    p.add_argument("--normalize", action="store_true", help="store L2-normalised features")
     p.add_argument("--shard-size", type=_positive, default=DEFAULT_SHARD_SIZE,
                    help=f"items per output shard (default {DEFAULT_SHARD_SIZE})")
     p.add_argument("--workers", type=_non_negative, default=None,
@@ -101,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossgap", description="Modality inversion (OTI / OVI) and encoding of whole galleries."
     )
-    top = parser.add_subparsers(dest="command", required=True, metavar="{demo,invert,encode,eval,selfcheck}")
+    top = parser.add_subparsers(dest="command", required=True, metavar="{demo,invert,encode,eval,selfcheck,status,export}")
     demo = top.add_parser("demo", help="the main job on the built-in demo model and gallery",
                           description="Invert the shipped clip-art queries with OTI (crossgap-demo "
                           "model), compare intra-modal and OTI retrieval, print the tables and "
@@ -148,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
                                help=f"AdamW learning rate (default {DEFAULT_LR:g})")
                 p.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
                                help=f"AdamW weight decay (default {DEFAULT_WEIGHT_DECAY:g})")
+                p.add_argument("--store", default=",".join(fmt.DEFAULT_STORE),
+                               help="what to keep, some of " + ",".join(fmt.STORE_COLUMNS)
+                               + " (default all)")
+                p.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                               help="local: this process (and any --worker beside it); ray: a Ray "
+                               "cluster (needs crossgap-fast[ray])")
+                p.add_argument("--ray-actors", type=_positive, default=DEFAULT_RAY_ACTORS,
+                               help="with --engine ray: most actors (one Inverter each; one GPU each on a "
+                               f"GPU cluster) (default {DEFAULT_RAY_ACTORS})")
                 p.add_argument("--keep-loss-curve", action="store_true",
                                help="also store every item's loss at every step")
             else:
@@ -155,7 +184,41 @@ def build_parser() -> argparse.ArgumentParser:
                                help=f"items per encoder call (default {DEFAULT_ENCODE_BATCH})")
     _eval_parsers(top)
     _selfcheck_parser(top)
+    add_status_parser(top)
+    _export_parser(top)
     return parser
+
+
+def _export_parser(top) -> None:
+    what = ("rewrite a run in the current store format (numpy + parquet): converts an older "
+            "store, or changes the feature dtype, normalisation or columns")
+    p = top.add_parser("export", help=what, description=what)
+    p.add_argument("outdir", help="the run's output directory (only read)")
+    p.add_argument("--to", required=True, help="the new, empty output directory")
+    p.add_argument("--store", default=None,
+                   help="what to keep, some of " + ",".join(fmt.STORE_COLUMNS) + " (default all)")
+    p.add_argument("--dtype", choices=fmt.DTYPES, default=None,
+                   help="dtype of the stored features (default: the run's)")
+    p.add_argument("--normalize", action="store_true", default=None,
+                   help="store L2-normalised features (default: as the run stored them)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_store
+
+    try:
+        manifest = export_store(args.outdir, args.to, store=args.store, dtype=args.dtype,
+                                normalize=args.normalize, progress=not args.no_progress)
+    except GalleryError as err:
+        return _fail(str(err))
+    except ValueError as err:
+        return _fail(f"invalid settings: {err}")
+    except OSError as err:
+        return _fail(_os_problem(err))
+    print(_printable(f"crossgap: exported {manifest.get('items_ok', 0)} items in {len(manifest['shards'])} "
+                     f"shard(s) -> {args.to} (status {manifest['status']})"))
+    return 0
 
 
 def _selfcheck_parser(top) -> None:
@@ -265,13 +328,14 @@ def _run_eval(args: argparse.Namespace, model) -> int:
     return 0
 
 
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+def _rank_label() -> str:
+    """" (rank R of W)" under a launcher's ranks: each rank reports for itself."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '0')} of {world})" if world not in ("", "1") else ""
 
 
 def _fail(message: str, code: int = 2) -> int:
-    if _is_rank0():
-        print(f"crossgap: error: {_printable(message)}", file=sys.stderr)
+    print(f"crossgap: error{_rank_label()}: {_printable(message)}", file=sys.stderr)
     return code
 
 
@@ -289,6 +353,13 @@ def _os_problem(err: OSError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "export":
+        return _run_export(args)
+    if args.command == "status":  # reads the output directory only: no model
+        try:
+            return status_command(args)
+        except StatusError as err:
+            return _fail(str(err))
     if args.command == "selfcheck":
         return _run_selfcheck(args)
     if args.command == "demo":
@@ -302,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.pretrained is None and args.model == DEMO_MODEL:
         args.pretrained = "demo"
-    if args.pretrained is None:
+    if args.pretrained is None and not args.model.startswith((HF_HUB, LOCAL_DIR)):  # those bring their weights
         return _fail(
             f"no --pretrained given for --model {args.model} (only {DEMO_MODEL} ships its weights): "
             "pass an open_clip pretrained tag (e.g. --pretrained openai), the path of a checkpoint "
@@ -356,7 +427,9 @@ def _main(args: argparse.Namespace) -> int:
             return _fail(_os_problem(err))
     common = dict(
         kind=args.kind, shard_size=args.shard_size, resume=args.resume, device=args.device,
-        progress=not args.no_progress, workers=args.workers,
+        progress=not args.no_progress, workers=args.workers, worker=args.worker,
+        lease_seconds=args.lease_seconds, dtype=args.dtype, normalize=args.normalize,
+        column=args.input_column,
     )
     try:
         if args.command == "invert":
@@ -371,7 +444,8 @@ def _main(args: argparse.Namespace) -> int:
             summary = invert_gallery(
                 args.input, args.out, model, config=config, warm_start=args.warm_start,
                 calibration_steps=args.calibration_steps, encode_batch_size=args.encode_batch_size,
-                keep_loss_curve=args.keep_loss_curve, **common,
+                keep_loss_curve=args.keep_loss_curve, store=args.store, engine=args.engine,
+                ray_actors=args.ray_actors, **common,
             )
         else:
             summary = encode_gallery(args.input, args.out, model, encode_batch_size=args.batch_size, **common)
@@ -383,8 +457,7 @@ def _main(args: argparse.Namespace) -> int:
         return _fail(f"{_os_problem(err)}; finished shards in {args.out!r} are kept")
     except KeyboardInterrupt:
         return _fail(f"interrupted; finished shards in {args.out!r} are kept: rerun with --resume", 130)
-    if _is_rank0():
-        print(_printable(summary.format()))
+    print(_printable(summary.format()))
     failure = summary.failure(args.max_failed_fraction)
     return _fail(failure) if failure else 0
 

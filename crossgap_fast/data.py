@@ -1,25 +1,34 @@
-"""Gallery inputs: image folders and lists, text files, precomputed features.
+"""Gallery inputs: image folders and lists, text files, precomputed features, and inputs at
+scale (webdataset tar shards, parquet tables, clip-retrieval embedding folders; their readers
+are in :mod:`crossgap_fast.sources`).
 
 A :class:`Gallery` is the ordered list of items of one input, with their names and the
 problems already known before any model runs (an empty text, a text too long for the
 context, a non-finite feature row). Item order is fixed by the input (sorted paths for a
-folder), so shard ``i`` of a run always covers the same items.
+folder, tar order for shards, row order for parquet, sorted files for an embedding folder),
+so shard ``i`` of a run always covers the same items. :func:`write_index` stores a listed
+gallery in one parquet file and :func:`read_index` rebuilds it without listing the input again.
 
 Names: an image's path relative to the input folder (POSIX separators) or as written in the
 list file; a text's line number (1-based) in a ``.txt``, its ``id`` field / column (else its
 line / row / array position, 1-based) in a ``.jsonl`` / ``.csv`` / ``.json``; the path as given for a Python list
-of image paths; the index (0-based) of a Python list of strings or of a feature row.
+of image paths; the index (0-based) of a Python list of strings or of a feature row; the sample
+key of a webdataset sample; a parquet row's ``id`` / ``key`` / ``name`` (else the image path or
+URL as written, or the 1-based row number for texts); an embedding row's metadata name (see
+:func:`crossgap_fast.sources.list_embedding_folder`).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,8 +37,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from . import sources
 from .models import unreadable_file_reason
-from .store import InputError
+from .sources import FeatureRows, ImageUrl, ItemReadError, TarMember
+from .shard_format import utf8_safe
+from .store import InputError, atomic_write
 from .towers import text_too_long
 
 IMAGE_EXTENSIONS = frozenset(
@@ -41,37 +53,43 @@ ID_FIELDS = ("id", "name")
 #: Text inputs are read with this codec: UTF-8, minus a leading byte-order mark (which
 #: Windows tools write and which would otherwise stick to the first path or column name).
 TEXT_ENCODING = "utf-8-sig"
+#: Members of a webdataset sample that hold its text, in order of preference.
+TAR_TEXT_SUFFIXES = ("txt", "caption", "json")
 
 
 @dataclass
 class Gallery:
     """The items of one input, in order.
 
-    ``kind``: "images" (``items`` are file paths), "texts" (``items`` are strings, or None
-    for an unusable entry) or "features" (``features`` holds the (N, D) rows).
+    ``kind``: "images" (``items`` are file paths, :class:`~crossgap_fast.sources.TarMember`
+    or :class:`~crossgap_fast.sources.ImageUrl` locators), "texts" (``items`` are strings, or
+    None for an unusable entry) or "features" (``features`` holds the (N, D) rows: a tensor,
+    or lazy :class:`~crossgap_fast.sources.FeatureRows` over memory-mapped files).
     ``issues``: index -> {"level": "error" | "warning", "reason": ...}; items with an error
     are skipped, items with a warning are processed.
-    ``stamps``: for "images", each file's (size, modification time in ns), or None when it
-    could not be found. ``problems``: records of what the input listing had to skip that is
-    no item (an unreadable sub-folder): {"index": None, "name", "level", "reason"}.
+    ``stamps``: for "images", each file's (size, modification time in ns) (a tar member's:
+    (tar size, tar modification time, member size)), or None when it could not be found or
+    is a URL. ``problems``: records of what the input listing had to skip that is no item
+    (an unreadable sub-folder): {"index": None, "name", "level", "reason"}.
     """
 
     kind: str
     source: str
     names: list[str]
     items: list[Any] | None = None
-    features: Tensor | None = None
+    features: Tensor | FeatureRows | None = None
     issues: dict[int, dict] = field(default_factory=dict)
-    stamps: list[tuple[int, int] | None] | None = None
+    stamps: list[tuple[int, ...] | None] | None = None
     problems: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def digest(self) -> str:
-        """A fingerprint of the item list (names, image sizes and modification times, texts,
-        feature values), recorded in the manifest so that a resume over a changed input is
-        refused. Image contents are not read: size and time are the cheap proxy."""
+        """A fingerprint of the item list (names, image sizes and modification times, URLs,
+        texts, feature values), recorded in the manifest so that a resume over a changed
+        input is refused. Image contents are not read: size and time are the cheap proxy;
+        for lazy feature rows, so are the files' names, sizes and times."""
         h = hashlib.sha256(self.kind.encode())
         for i, name in enumerate(self.names):
             h.update(b"\0" + name.encode("utf-8", "surrogatepass"))
@@ -79,9 +97,14 @@ class Gallery:
                 item = self.items[i]
                 h.update(b"\1" + (item.encode("utf-8", "surrogatepass") if isinstance(item, str) else b"\2"))
             elif self.stamps is not None:
+                item = self.items[i]
+                if isinstance(item, ImageUrl):
+                    h.update(b"\5" + item.url.encode("utf-8", "surrogatepass"))
                 stamp = self.stamps[i]
-                h.update(b"\3" + (b"%d:%d" % stamp if stamp is not None else b"missing"))
-        if self.features is not None:
+                h.update(b"\3" + (b":".join(b"%d" % v for v in stamp) if stamp is not None else b"missing"))
+        if isinstance(self.features, FeatureRows):
+            h.update(b"\4" + self.features.digest_bytes())
+        elif self.features is not None:
             h.update(self.features.numpy().tobytes())
         return h.hexdigest()
 
@@ -95,6 +118,31 @@ class Gallery:
             return None
         return {"index": index, "name": self.names[index], **issue}
 
+    @cached_property
+    def has_urls(self) -> bool:
+        return self.kind == "images" and any(isinstance(item, ImageUrl) for item in self.items)
+
+    def columns(self, indices: Sequence[int]) -> dict[str, list]:
+        """What the items at ``indices`` were, for an output's metadata, as valid UTF-8:
+        images: ``image_path`` (a tar member as ``"<tar path>#<member path>"``, None for a
+        URL), plus ``url`` when the input has URLs; texts: ``caption`` (None for an unusable
+        text); features: the embedding folder's name column (``{column: names}``), or nothing.
+        The same columns for every call on one gallery."""
+        if self.kind == "texts":
+            return {"caption": [None if self.items[i] is None else utf8_safe(self.items[i])[0] for i in indices]}
+        if self.kind == "features":
+            column = getattr(self.features, "name_column", None)
+            return {column: [utf8_safe(self.names[i])[0] for i in indices]} if column else {}
+        paths: list[str | None] = []
+        urls: list[str | None] = []
+        for i in indices:
+            item = self.items[i]
+            url = item.url if isinstance(item, ImageUrl) else None
+            path = None if url else f"{item.tar}#{item.member}" if isinstance(item, TarMember) else str(item)
+            paths.append(None if path is None else utf8_safe(path)[0])
+            urls.append(None if url is None else utf8_safe(url)[0])
+        return {"image_path": paths, "url": urls} if self.has_urls else {"image_path": paths}
+
 
 # --------------------------------------------------------------------------------------------
 # Resolving an input
@@ -105,6 +153,7 @@ def load_gallery(
     *,
     tokenizer: Callable[[Sequence[str]], Tensor] | None = None,
     context_length: int | None = None,
+    column: str | None = None,
 ) -> Gallery:
     """Resolve ``inputs`` for ``kind`` ("images" or "texts").
 
@@ -112,39 +161,27 @@ def load_gallery(
     per line, relative to the list's folder); a text file (``.txt`` one text per line,
     ``.jsonl`` with a "text" (or "caption") field, ``.json`` holding an array of strings or
     of such objects, ``.csv`` with a "text" (or "caption") column, optional "id"); a ``.npy`` / ``.pt`` file of (N, D) features; a Python list of
-    image paths or strings; or a (N, D) tensor / array of features. ``tokenizer`` and
-    ``context_length`` flag texts too long for the model's context (they are truncated).
+    image paths or strings; or a (N, D) tensor / array of features. At scale: webdataset
+    ``.tar`` shards, one file or a pattern (``shards-{000..099}.tar``, which needs the
+    ``webdataset`` package); a ``.parquet`` file with an image path / URL column (images) or
+    a caption column (texts); a clip-retrieval embedding folder (``img_emb/*.npy`` for
+    images, ``text_emb/*.npy`` for texts, optional ``metadata/*.parquet``), used as
+    precomputed features, memory-mapped. ``column`` names the parquet column to take the
+    items from, or the metadata column to name an embedding folder's rows by.
+    ``tokenizer`` and ``context_length`` flag texts too long for the model's context (they
+    are truncated).
     """
     if kind not in ("images", "texts"):
         raise ValueError(f"kind must be 'images' or 'texts', got {kind!r}")
     if isinstance(inputs, (Tensor, np.ndarray)):
+        _refuse_column(column, "a feature array")
         return _features_gallery(inputs, "features")
     if isinstance(inputs, (str, os.PathLike)):
-        path = Path(inputs)
-        if not path.exists():
-            raise InputError(f"input {str(path)!r} does not exist")
-        mode = path.stat().st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise InputError(f"input {str(path)!r} is {_file_kind(mode)}, not a file or folder")
-        if path.is_file() and path.suffix.lower() in FEATURE_EXTENSIONS:
-            return _features_gallery(read_features(path), str(path))
-        if kind == "images":
-            if path.is_dir():
-                rel, problems = scan_images(path)
-                if not rel:
-                    unread = f"; {len(problems)} sub-folder(s) could not be read" if problems else ""
-                    raise InputError(
-                        f"input folder {str(path)!r} has no image files "
-                        f"({', '.join(sorted(IMAGE_EXTENSIONS))}){unread}"
-                    )
-                return _images_gallery(str(path), rel, [str(path / r) for r in rel], problems)
-            names, paths = read_image_list(path)
-            return _images_gallery(str(path), names, paths)
-        if path.is_dir():
-            raise InputError(f"input {str(path)!r} is a folder; texts come from a .txt, .jsonl, .json or .csv file")
-        names, texts, issues = read_texts(path)
-        gallery = Gallery("texts", str(path), names=names, items=texts, issues=issues)
+        gallery = _path_gallery(os.fspath(inputs), kind, column)
+        if gallery.kind != "texts":
+            return gallery
     elif isinstance(inputs, Sequence):
+        _refuse_column(column, "a Python list")
         items = list(inputs)
         if not items:
             raise InputError("the input list is empty: nothing to process")
@@ -170,6 +207,55 @@ def load_gallery(
         )
     _check_texts(gallery, tokenizer, context_length)
     return gallery
+
+
+def _path_gallery(text: str, kind: str, column: str | None) -> Gallery:
+    """The gallery of a path input (a file, a folder, or a webdataset shard pattern)."""
+    path = Path(text)
+    if not path.exists():
+        sources.refuse_remote(text)
+        if sources.is_tar_pattern(text):
+            _refuse_column(column, text)
+            return _tar_gallery(text, sources.expand_shards(text), kind)
+        raise InputError(f"input {str(path)!r} does not exist")
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InputError(f"input {str(path)!r} is {_file_kind(mode)}, not a file or folder")
+    if path.is_dir() and sources.is_embedding_folder(path):
+        rows, names = sources.list_embedding_folder(path, kind, column)
+        return _features_gallery(rows, text, names)
+    suffix = path.name.lower()
+    if path.is_file() and suffix.endswith(".parquet"):
+        return _parquet_gallery(path, kind, column)
+    _refuse_column(column, text)
+    if path.is_file() and (suffix.endswith(".tar") or sources.is_compressed_tar(suffix)):
+        sources.check_tar_path(text, text)
+        return _tar_gallery(text, [text], kind)
+    if path.is_file() and path.suffix.lower() in FEATURE_EXTENSIONS:
+        return _features_gallery(read_features(path), str(path))
+    if kind == "images":
+        if path.is_dir():
+            rel, problems = scan_images(path)
+            if not rel:
+                unread = f"; {len(problems)} sub-folder(s) could not be read" if problems else ""
+                raise InputError(
+                    f"input folder {str(path)!r} has no image files "
+                    f"({', '.join(sorted(IMAGE_EXTENSIONS))}){unread}"
+                )
+            return _images_gallery(str(path), rel, [str(path / r) for r in rel], problems)
+        names, paths = read_image_list(path)
+        return _images_gallery(str(path), names, paths)
+    if path.is_dir():
+        raise InputError(f"input {str(path)!r} is a folder; texts come from a .txt, .jsonl, .json, .csv, "
+                         ".parquet or .tar file, or a clip-retrieval embedding folder")
+    names, texts, issues = read_texts(path)
+    return Gallery("texts", str(path), names=names, items=texts, issues=issues)
+
+
+def _refuse_column(column: str | None, source: str) -> None:
+    if column is not None:
+        raise InputError(f"a column ({column!r}) can be chosen for a .parquet input or an embedding "
+                         f"folder's metadata, not for {source!r}")
 
 
 def _check_texts(gallery: Gallery, tokenizer, context_length: int | None) -> None:
@@ -254,21 +340,31 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _images_gallery(source: str, names: list[str], paths: list[str], problems: list[dict] | None = None) -> Gallery:
-    """A gallery of image files, stamped with each file's size and modification time; a
-    path that is not a regular file (a FIFO would block the reader) is an error item."""
-    stamps: list[tuple[int, int] | None] = []
-    issues: dict[int, dict] = {}
-    for i, p in enumerate(paths):
+def _images_gallery(source: str, names: list[str], items: list[Any], problems: list[dict] | None = None,
+                    issues: dict[int, dict] | None = None) -> Gallery:
+    """A gallery of image files (or tar members, or URLs), stamped with each file's size and
+    modification time (see :class:`Gallery`); a path that is not a regular file (a FIFO
+    would block the reader) is an error item. ``issues``: errors already known."""
+    stamps: list[tuple[int, ...] | None] = []
+    issues = dict(issues or {})
+    tar_stats: dict[str, os.stat_result] = {}
+    for i, item in enumerate(items):
+        if i in issues or isinstance(item, ImageUrl):
+            stamps.append(None)
+            continue
         try:
-            st = os.stat(p)
+            if isinstance(item, TarMember):
+                st = tar_stats.get(item.tar) or tar_stats.setdefault(item.tar, os.stat(item.tar))
+                stamps.append((st.st_size, st.st_mtime_ns, item.size))
+                continue
+            st = os.stat(item)
         except OSError:
             stamps.append(None)  # reported when the file is decoded ("file not found", ...)
             continue
         stamps.append((st.st_size, st.st_mtime_ns))
         if not stat.S_ISREG(st.st_mode):
             issues[i] = {"level": "error", "reason": f"not a regular file ({_file_kind(st.st_mode)})"}
-    return Gallery("images", source, names=names, items=paths, issues=issues, stamps=stamps,
+    return Gallery("images", source, names=names, items=items, issues=issues, stamps=stamps,
                    problems=list(problems or []))
 
 
@@ -302,14 +398,19 @@ class NotRegularFileError(OSError):
     """An image path that is a FIFO, device or folder: opening it could block forever."""
 
 
-def load_image(path: str, preprocess: Callable[[Any], Tensor]) -> Tensor:
-    """Decode the image file ``path`` to RGB (see :func:`to_rgb`) and preprocess it."""
+def load_image(path: str | TarMember | ImageUrl, preprocess: Callable[[Any], Tensor]) -> Tensor:
+    """Decode the image file ``path`` (or tar member, or URL) to RGB (see :func:`to_rgb`)
+    and preprocess it."""
     from PIL import Image
 
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):  # checked again here: the file may have changed since listing
-        raise NotRegularFileError(f"not a regular file ({_file_kind(mode)})")
-    with Image.open(path) as im:
+    if isinstance(path, (TarMember, ImageUrl)):
+        source: Any = io.BytesIO(sources.read_item_bytes(path))
+    else:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # checked again here: the file may have changed since listing
+            raise NotRegularFileError(f"not a regular file ({_file_kind(mode)})")
+        source = path
+    with Image.open(source) as im:
         im.load()
         rgb = to_rgb(im)
     return preprocess(rgb)
@@ -357,7 +458,7 @@ class ImageDataset(Dataset):
     """Decodes and preprocesses images in DataLoader workers; a failure comes back as an
     error string instead of raising, so one bad file never stops the run."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Callable[[Any], Tensor]):
+    def __init__(self, paths: Sequence[str | TarMember | ImageUrl], preprocess: Callable[[Any], Tensor]):
         self.paths = list(paths)
         self.preprocess = preprocess
 
@@ -370,7 +471,7 @@ class ImageDataset(Dataset):
             return index, load_image(path, self.preprocess), None
         except FileNotFoundError:
             return index, None, "file not found"
-        except NotRegularFileError as err:
+        except (NotRegularFileError, ItemReadError) as err:
             return index, None, str(err)
         except Exception as err:  # PIL raises many types for corrupt files
             return index, None, f"unreadable image ({type(err).__name__}: {err})"
@@ -384,6 +485,117 @@ def collate_images(batch: list[tuple[int, Tensor | None, str | None]]) -> dict:
         "images": torch.stack([x for _, x in ok]) if ok else None,
         "errors": [(i, err) for i, x, err in batch if x is None],
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Webdataset shards and parquet tables (readers in sources.py)
+# --------------------------------------------------------------------------------------------
+def _is_image_suffix(suffix: str) -> bool:
+    return "." + suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+
+
+def _tar_gallery(source: str, tars: list[str], kind: str) -> Gallery:
+    """Images: one item per sample with an image member (its first, in tar order), named by
+    the sample key; texts: the sample's ``.txt``, else ``.caption``, else a ``.json`` with a
+    "text" / "caption" field (one line terminator at the end of a text file is dropped).
+    Samples without such a member are no item."""
+    samples = sources.tar_samples(tars, source)
+    names: list[str] = []
+    if kind == "images":
+        items: list[TarMember] = []
+        for sample in samples:
+            member = next((m for suffix, m in sample.members.items() if _is_image_suffix(suffix)), None)
+            if member is not None:
+                names.append(sample.key)
+                items.append(member)
+        if not items:
+            raise InputError(f"webdataset input {source!r} has no sample with an image member "
+                             f"({', '.join(sorted(IMAGE_EXTENSIONS))}) in {len(tars)} shard(s)")
+        return _images_gallery(source, names, items)
+    picked: list[tuple[str, TarMember]] = []
+    for sample in samples:
+        suffix = next((x for x in TAR_TEXT_SUFFIXES if x in sample.members), None)
+        if suffix is not None:
+            names.append(sample.key)
+            picked.append((suffix, sample.members[suffix]))
+    if not picked:
+        raise InputError(f"webdataset input {source!r} has no sample with a text member "
+                         f"({', '.join('.' + x for x in TAR_TEXT_SUFFIXES)}) in {len(tars)} shard(s)")
+    texts: list[str | None] = []
+    issues: dict[int, dict] = {}
+    for i, ((suffix, _), data) in enumerate(zip(picked, sources.read_members([m for _, m in picked]))):
+        text, reason = _member_text(suffix, data)
+        texts.append(text)
+        if reason is not None:
+            issues[i] = {"level": "error", "reason": reason}
+    return Gallery("texts", source, names=names, items=texts, issues=issues)
+
+
+def _member_text(suffix: str, data: bytes | Exception) -> tuple[str | None, str | None]:
+    """(text, None) or (None, why not) of a text member's bytes."""
+    if isinstance(data, Exception):
+        return None, str(data)
+    try:
+        raw = data.decode(TEXT_ENCODING)
+    except UnicodeDecodeError as err:
+        return None, f".{suffix} member is not UTF-8 ({err.reason} at byte {err.start})"
+    if suffix != "json":
+        return raw.removesuffix("\n").removesuffix("\r"), None
+    try:
+        return _json_text(json.loads(raw))
+    except ValueError as err:
+        return None, f"invalid JSON ({err})"
+
+
+def _parquet_gallery(path: Path, kind: str, column: str | None) -> Gallery:
+    """Images: a path column (relative paths are relative to the file's folder) or a URL
+    column (http/https, fetched when decoded); texts: a caption column. ``column`` picks
+    it, else the first of :data:`~crossgap_fast.sources.IMAGE_PATH_COLUMNS` +
+    :data:`~crossgap_fast.sources.IMAGE_URL_COLUMNS` / :data:`~crossgap_fast.sources.CAPTION_COLUMNS`.
+    Names: the ``id`` / ``key`` / ``name`` column (unique; a null is named by its 1-based
+    row), else the path or URL as written (images) or the 1-based row (texts)."""
+    found = sources.parquet_columns(path)
+    if column is not None:
+        col = sources.require_column(path, found, column)
+    else:
+        options = (sources.IMAGE_PATH_COLUMNS + sources.IMAGE_URL_COLUMNS if kind == "images"
+                   else sources.CAPTION_COLUMNS)
+        col = sources.pick_column(found, options)
+        if col is None:
+            what = "image path or URL" if kind == "images" else "text"
+            raise InputError(f"parquet input {str(path)!r} has no {what} column: expected one of "
+                             f"{', '.join(options)} (or pass a column), found "
+                             f"{', '.join(found) or 'no columns'}")
+    id_col = sources.pick_column(found, sources.ID_COLUMNS)
+    id_col = None if id_col == col else id_col
+    data = sources.read_parquet_columns(path, [col] + ([id_col] if id_col else []), strings=[col])
+    values = data[col]
+    if not values:
+        raise InputError(f"parquet input {str(path)!r} has no rows")
+    missing = "no image path (null or empty)" if kind == "images" else "no text (null)"
+    issues = {i: {"level": "error", "reason": missing} for i, v in enumerate(values)
+              if v is None or (kind == "images" and not v)}
+    if id_col is not None:
+        names = [str(v) if v is not None else str(row) for row, v in enumerate(data[id_col], start=1)]
+        _check_unique_ids(path, names, what="parquet input")
+    elif kind == "images":
+        names = [v if v else str(row) for row, v in enumerate(values, start=1)]
+    else:
+        names = [str(row) for row in range(1, len(values) + 1)]
+    if kind == "texts":
+        return Gallery("texts", str(path), names=names, items=values, issues=issues)
+    items: list[Any] = []
+    for i, v in enumerate(values):
+        if not v:
+            items.append("")
+        elif v[:8].lower().startswith(sources.URL_SCHEMES):
+            items.append(ImageUrl(v))
+        elif sources.is_remote(v):
+            items.append(v)
+            issues[i] = {"level": "error", "reason": "unsupported URL scheme (only http and https are fetched)"}
+        else:
+            items.append(v if os.path.isabs(v) else str(path.parent / v))
+    return _images_gallery(str(path), names, items, issues=issues)
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,12 +629,7 @@ def read_texts(path: str | os.PathLike) -> tuple[list[str], list[str | None], di
     return [str(i + 1) for i in range(len(lines))], list(lines), {}
 
 
-def _pick(keys: Sequence[str], options: Sequence[str]) -> str | None:
-    lower = {k.lower(): k for k in keys}
-    for o in options:
-        if o in lower:
-            return lower[o]
-    return None
+_pick = sources.pick_column
 
 
 def _read_jsonl(path: Path, raw: str):
@@ -468,32 +675,34 @@ def _read_json(path: Path, raw: str):
 def _add_json_entry(obj: Any, fallback_name: str, names: list, texts: list, issues: dict) -> None:
     """Append one JSON object's (name, text), or an error item when it has no usable text."""
     i = len(names)
-    if not isinstance(obj, dict):
-        names.append(fallback_name)
-        texts.append(None)
-        issues[i] = {"level": "error", "reason": "not a JSON object"}
-        return
-    id_key = _pick(list(obj), ID_FIELDS)
+    id_key = _pick(list(obj), ID_FIELDS) if isinstance(obj, dict) else None
     names.append(str(obj[id_key]) if id_key is not None else fallback_name)
+    text, reason = _json_text(obj)
+    texts.append(text)
+    if reason is not None:
+        issues[i] = {"level": "error", "reason": reason}
+
+
+def _json_text(obj: Any) -> tuple[str | None, str | None]:
+    """(text, None) of a JSON object with a "text" (or "caption") string, else (None, why)."""
+    if not isinstance(obj, dict):
+        return None, "not a JSON object"
     key = _pick(list(obj), TEXT_FIELDS)
     if key is None:
-        texts.append(None)
-        issues[i] = {"level": "error", "reason": f"no {' or '.join(map(repr, TEXT_FIELDS))} field"}
-    elif not isinstance(obj[key], str):
-        texts.append(None)
-        issues[i] = {"level": "error", "reason": f"field {key!r} is not a string"}
-    else:
-        texts.append(obj[key])
+        return None, f"no {' or '.join(map(repr, TEXT_FIELDS))} field"
+    if not isinstance(obj[key], str):
+        return None, f"field {key!r} is not a string"
+    return obj[key], None
 
 
-def _check_unique_ids(path: Path, names: list[str]) -> None:
+def _check_unique_ids(path: Path, names: list[str], what: str = "text input") -> None:
     """Names are the keys of the stored results: two items with one id would be ambiguous."""
     counts = Counter(names)
     dups = [n for n, c in counts.items() if c > 1]
     if dups:
         shown = ", ".join(f"{n!r} x{counts[n]}" for n in dups[:5]) + (", ..." if len(dups) > 5 else "")
         raise InputError(
-            f"text input {str(path)!r} has {len(dups)} duplicate id(s) ({shown}); ids name the "
+            f"{what} {str(path)!r} has {len(dups)} duplicate id(s) ({shown}); ids name the "
             "results, so they must be unique"
         )
 
@@ -562,15 +771,153 @@ def _check_feature_array(x: Tensor, source: str) -> Tensor:
     return x.detach().float().cpu().contiguous()
 
 
-def _features_gallery(x: Any, source: str) -> Gallery:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    x = _check_feature_array(x, source)
-    issues = {}
-    finite = torch.isfinite(x).all(dim=1)
-    zero = x.abs().amax(dim=1) == 0
-    for i in (~finite).nonzero().flatten().tolist():
-        issues[i] = {"level": "error", "reason": "NaN or infinite values"}
-    for i in (zero & finite).nonzero().flatten().tolist():
-        issues[i] = {"level": "error", "reason": "all-zero feature (no direction to match)"}
-    return Gallery("features", source, names=[str(i) for i in range(x.shape[0])], features=x, issues=issues)
+def _features_gallery(x: Any, source: str, names: list[str] | None = None) -> Gallery:
+    """A features gallery; rows with NaN / infinite values or all zeros are error items.
+    Lazy rows are checked chunk by chunk (bounded memory)."""
+    if isinstance(x, FeatureRows):
+        chunks: Any = x.chunks()
+    else:
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        x = _check_feature_array(x, source)
+        chunks = [(0, x)]
+    issues: dict[int, dict] = {}
+    for start, rows in chunks:
+        finite = torch.isfinite(rows).all(dim=1)
+        zero = rows.abs().amax(dim=1) == 0
+        for i in (~finite).nonzero().flatten().tolist():
+            issues[start + i] = {"level": "error", "reason": "NaN or infinite values"}
+        for i in (zero & finite).nonzero().flatten().tolist():
+            issues[start + i] = {"level": "error", "reason": "all-zero feature (no direction to match)"}
+    names = [str(i) for i in range(x.shape[0])] if names is None else names
+    return Gallery("features", source, names=names, features=x, issues=issues)
+
+
+# --------------------------------------------------------------------------------------------
+# Input index: a listed gallery in one parquet file
+# --------------------------------------------------------------------------------------------
+INDEX_FORMAT = "crossgap-input-index"
+INDEX_VERSION = 1
+#: The schema metadata key holding the gallery-level fields (JSON, ASCII-escaped).
+INDEX_KEY = b"crossgap.input_index"
+#: String columns of the index that have a binary ``<name>_raw`` twin for exact bytes.
+_LOSSLESS = ("name", "item", "member")
+
+
+def write_index(gallery: Gallery, path: str | os.PathLike) -> None:
+    """Write ``gallery`` to the parquet file ``path`` (atomically), so that :func:`read_index`
+    rebuilds it without listing the input again.
+
+    One row per item: ``name``, ``item_type`` ("path", "tar", "url", "text" or null),
+    ``item`` (path, tar path, URL or text), ``member`` / ``offset`` / ``size`` (tar members),
+    ``stamp`` (list of ints), ``issue`` (JSON), and ``feature`` (float32 list of the row) for
+    in-RAM features. Strings are valid UTF-8; a value that is not (a file name that is not
+    UTF-8) also has its exact bytes in ``<column>_raw`` (``os.fsencode`` bytes). Gallery-level
+    fields (kind, source, problems, and the ``.npy`` files of lazy features: re-opened, not
+    copied) are JSON under the schema metadata key :data:`INDEX_KEY`."""
+    import pyarrow.parquet as pq
+
+    table = _index_table(gallery)
+    atomic_write(path, lambda f: pq.write_table(table, f))
+
+
+def read_index(path: str | os.PathLike) -> Gallery:
+    """The :class:`Gallery` stored by :func:`write_index` (same names, items, stamps, issues,
+    problems and :meth:`Gallery.digest`)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+        meta = json.loads((table.schema.metadata or {})[INDEX_KEY])
+    except Exception as err:
+        raise InputError(f"input index {str(path)!r} is unreadable ({type(err).__name__}: {err})") from None
+    if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
+        raise InputError(f"input index {str(path)!r} is not a version {INDEX_VERSION} {INDEX_FORMAT}")
+    passed = {k: set(v) for k, v in meta["surrogatepass"].items()}
+    cols = {c: _restored(table, c, passed.get(c, ())) for c in _LOSSLESS}
+    items = None
+    if meta["has_items"]:
+        kinds = table.column("item_type").to_pylist()
+        offsets, sizes = table.column("offset").to_pylist(), table.column("size").to_pylist()
+        tars: dict[str, str] = {}  # one string per tar, as listing makes them
+        items = [TarMember(tars.setdefault(v, v), o, z, m) if t == "tar" else ImageUrl(v) if t == "url" else v
+                 for t, v, m, o, z in zip(kinds, cols["item"], cols["member"], offsets, sizes)]
+    stamps = None
+    if meta["has_stamps"]:
+        stamps = [None if s is None else tuple(s) for s in table.column("stamp").to_pylist()]
+    issues = {i: json.loads(v) for i, v in enumerate(table.column("issue").to_pylist()) if v is not None}
+    feats = meta["features"]
+    features: Tensor | FeatureRows | None = None
+    if feats is not None and feats["type"] == "npy":
+        features = FeatureRows(feats["root"], feats["files"], feats["dim"], feats["name_column"])
+    elif feats is not None:
+        flat = table.column("feature").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        features = torch.from_numpy(flat.reshape(len(table), feats["dim"]).copy())
+    return Gallery(meta["kind"], meta["source"], names=cols["name"], items=items, features=features,
+                   issues=issues, stamps=stamps, problems=meta["problems"])
+
+
+def _index_table(g: Gallery):
+    import pyarrow as pa
+
+    n = len(g)
+    item_type, item, member = [None] * n, [None] * n, [None] * n
+    offset, size = [None] * n, [None] * n
+    for i, it in enumerate(g.items or ()):
+        if isinstance(it, TarMember):
+            item_type[i], item[i], member[i], offset[i], size[i] = "tar", it.tar, it.member, it.offset, it.size
+        elif isinstance(it, ImageUrl):
+            item_type[i], item[i] = "url", it.url
+        elif it is not None:
+            item_type[i], item[i] = ("path" if g.kind == "images" else "text"), it
+    data: dict[str, Any] = {}
+    passed: dict[str, list[int]] = {}
+    for column, values in (("name", g.names), ("item", item), ("member", member)):
+        data[column], data[f"{column}_raw"], rows = _lossless(values)
+        if rows:
+            passed[column] = rows
+    data["item_type"] = pa.array(item_type, pa.string())
+    data["offset"] = pa.array(offset, pa.int64())
+    data["size"] = pa.array(size, pa.int64())
+    data["stamp"] = pa.array([None if s is None else list(s) for s in (g.stamps or [None] * n)],
+                             pa.list_(pa.int64()))
+    data["issue"] = pa.array([json.dumps(g.issues[i]) if i in g.issues else None for i in range(n)], pa.string())
+    features = None
+    if isinstance(g.features, FeatureRows):
+        f = g.features
+        features = {"type": "npy", "root": f.root, "files": [list(x) for x in f.files], "dim": f.dim,
+                    "name_column": f.name_column}
+    elif g.features is not None:
+        values = g.features.detach().cpu().float().contiguous().numpy().reshape(-1)
+        data["feature"] = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), g.features.shape[1])
+        features = {"type": "tensor", "dim": int(g.features.shape[1])}
+    meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": g.kind, "source": g.source,
+            "problems": g.problems, "has_items": g.items is not None, "has_stamps": g.stamps is not None,
+            "features": features, "surrogatepass": passed}
+    return pa.table(data).replace_schema_metadata({INDEX_KEY: json.dumps(meta).encode()})
+
+
+def _lossless(values: Sequence[str | None]):
+    """(UTF-8 strings, exact bytes where those differ, rows whose bytes are surrogatepass-
+    encoded because they hold lone surrogates that are no escaped file-name byte)."""
+    import pyarrow as pa
+
+    clean, raw, passed = [], [], []
+    for i, v in enumerate(values):
+        safe, changed = (None, False) if v is None else utf8_safe(v)
+        clean.append(safe)
+        if not changed:
+            raw.append(None)
+            continue
+        try:
+            raw.append(v.encode("utf-8", "surrogateescape"))  # = os.fsencode on POSIX
+        except UnicodeEncodeError:
+            raw.append(v.encode("utf-8", "surrogatepass"))
+            passed.append(i)
+    return pa.array(clean, pa.string()), pa.array(raw, pa.binary()), passed
+
+
+def _restored(table, column: str, passed: set[int]) -> list[str | None]:
+    clean, raw = table.column(column).to_pylist(), table.column(f"{column}_raw").to_pylist()
+    return [c if r is None else r.decode("utf-8", "surrogatepass" if i in passed else "surrogateescape")
+            for i, (c, r) in enumerate(zip(clean, raw))]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,11 +33,14 @@ from .config import DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS, Inversi
 from .inverter import Inverter
 from .datasets import ImageRetrievalSet, load_image_dataset, load_text_dataset
 from .gallery import encode_gallery, invert_gallery
-from .models import ClipModel
+from .models import ClipModel, model_name_id, pretrained_id
 from .retrieval import retrieval_metrics_from_features, revisited_map
-from .store import load_inversions
+from .reader import load_inversions
+from .store import CorruptStoreError, GalleryError, OutputExistsError, SettingsMismatchError
 
 CLASS_PROMPT = "a photo of a {}."
+#: Where encoded features and inversions are kept when no ``cache_dir`` is given.
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "crossgap"
 
 #: Query/gallery splits the paper's evaluation used (per its authors' code), by dataset.
 PAPER_SPLITS = {
@@ -201,14 +205,41 @@ def zeroshot_report(
 # Dataset pipelines
 # --------------------------------------------------------------------------------------------
 def _model_key(cm: ClipModel) -> str:
-    p = "random" if cm.pretrained in (None, "random") else str(cm.pretrained)
-    return f"{cm.name}-{hashlib.sha1(p.encode()).hexdigest()[:8]}"
+    """A folder name for the model: its name (``hf-hub:org/x`` flattened) and a hash of its
+    weights' identity (a checkpoint by its sha256: a moved one keeps its cache)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name_id(cm))
+    return f"{name}-{hashlib.sha1(pretrained_id(cm).encode()).hexdigest()[:8]}"
+
+
+def dataset_cache_dir(cache_dir: str | os.PathLike | None, model: ClipModel, dataset: str, split: str,
+                      dataroot: str | os.PathLike) -> Path:
+    """The cache folder of one dataset's features and inversions: by model, dataset name,
+    split and a short hash of the resolved ``dataroot`` (two ``imagefolder`` sets at two
+    places never share one)."""
+    where = hashlib.sha1(os.fsencode(Path(dataroot).resolve())).hexdigest()[:8]
+    return (Path(cache_dir or DEFAULT_CACHE_DIR) / _model_key(model)
+            / f"{dataset}-{split.replace(':', '_')}-{where}")
+
+
+def _stale_cache(cache: Path, err: GalleryError) -> GalleryError:
+    """``err`` (the store refusing to reuse ``cache``) told as what to do: delete the
+    dataset's cache folder (``cache``'s parent: what was made from the stale results too)."""
+    lines = str(err).splitlines()
+    details = [ln.strip() for ln in lines[1:] if ln.startswith("  ")] or lines[:1]
+    return type(err)(f"the cached results in {str(cache)!r} do not match this run ({'; '.join(details)}); "
+                     f"they are only a cache: delete the folder {str(cache.parent)!r} and rerun")
+
+
+_CACHE_REFUSALS = (SettingsMismatchError, CorruptStoreError, OutputExistsError)
 
 
 def _cached_features(paths_or_texts: list[str], cache: Path, cm: ClipModel, kind: str,
                      device, progress: bool) -> Tensor:
     """Encode once into the gallery store under ``cache``; reuse it on later runs."""
-    encode_gallery(paths_or_texts, cache, cm, kind=kind, resume=True, device=device, progress=progress)
+    try:
+        encode_gallery(paths_or_texts, cache, cm, kind=kind, resume=True, device=device, progress=progress)
+    except _CACHE_REFUSALS as err:
+        raise _stale_cache(cache, err) from err
     inv = load_inversions(cache)
     if inv.errors and any(e.get("level") == "error" for e in inv.errors):
         bad = [e["name"] for e in inv.errors if e.get("level") == "error"][:5]
@@ -228,8 +259,11 @@ def _cached_inversion(feats: Tensor, cache: Path, cm: ClipModel, kind: str, cfg:
                       device, progress: bool, facts: dict | None = None, **warm: Any) -> Tensor:
     """Invert into the gallery store under ``cache`` (reused on a rerun); ``facts`` gets the
     run's items/s when it inverted anything."""
-    summary = invert_gallery(feats, cache, cm, kind=kind, resume=True, device=device, progress=progress,
-                             config=cfg, **warm)
+    try:
+        summary = invert_gallery(feats, cache, cm, kind=kind, resume=True, device=device, progress=progress,
+                                 config=cfg, **warm)
+    except _CACHE_REFUSALS as err:
+        raise _stale_cache(cache, err) from err
     if facts is not None and summary.items_done:
         facts[f"items/s ({cache.name})"] = summary.items_per_s
     return load_inversions(cache).features
@@ -299,7 +333,7 @@ def evaluate_retrieval(
     if name not in kinds:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(kinds))}")
     split = PAPER_SPLITS.get(name, "test") if split == "paper" else split
-    cache = Path(cache_dir or Path.home() / ".cache" / "crossgap") / _model_key(model) / f"{name}-{split.replace(':', '_')}"
+    cache = dataset_cache_dir(cache_dir, model, name, split, dataroot)
     common = dict(device=device, progress=progress)
     facts: dict[str, Any] = {}
     more: dict[str, Tensor] = {}
@@ -373,7 +407,7 @@ def evaluate_zeroshot(
     ds = load_image_dataset(name, dataroot, split)
     if not ds.classnames:
         raise ValueError(f"dataset {dataset!r} has no class names: zero-shot needs them")
-    cache = Path(cache_dir or Path.home() / ".cache" / "crossgap") / _model_key(model) / f"{name}-{split.replace(':', '_')}"
+    cache = dataset_cache_dir(cache_dir, model, name, split, dataroot)
     common = dict(device=device, progress=progress)
     feats = _cached_features(ds.query_paths, cache / ("gallery" if ds.same_split else "query"),
                              model, "images", **common)

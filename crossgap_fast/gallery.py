@@ -1,129 +1,103 @@
 """Whole-gallery inversion and encoding into a sharded, resumable output directory.
 
 :func:`invert_gallery` runs OTI (images -> text features) or OVI (texts -> image features) over
-every item of an input (a folder or list of images, a text file, precomputed features) and
-writes the results shard by shard (see :mod:`crossgap_fast.store`); :func:`encode_gallery`
-writes plain CLIP features the same way. ``crossgap invert`` / ``crossgap encode`` are thin
-layers over them.
+every item of an input (a folder or list of images, a text file, webdataset tars, a parquet
+file, precomputed features) and writes the results shard by shard (see
+:mod:`crossgap_fast.store`); :func:`encode_gallery` writes plain CLIP features the same way.
+``crossgap invert`` / ``crossgap encode`` are thin layers over them.
 
 Determinism: an item's random start depends only on ``(seed, its index in the input)``, and
 shard ``i`` always holds the same items encoded and optimised in the same batches, so a run
-that is interrupted and resumed, or split over ranks (``torchrun``), gives the same result as
-one uninterrupted single-process run.
+that is interrupted and resumed, or split over workers, gives the same result as one
+uninterrupted single-process run.
 
-Many processes: when ``WORLD_SIZE > 1`` (``torchrun --nproc-per-node K``) a gloo process group
-is created (unless one exists), shard ``i`` goes to rank ``i % K``, each rank writes its own
-shards and ``manifest.rank{R}.json``, and rank 0 merges them into ``manifest.json`` after a
-barrier. On CUDA each rank uses ``cuda:LOCAL_RANK``.
+Many processes: shards are leased tasks (:mod:`crossgap_fast.tasks`): any number of workers
+(``worker=True`` / ``--worker``, ``torchrun`` ranks, a Slurm array, shells on hosts that share
+the output directory) cooperate on one run without a process group. On CUDA a ``torchrun``
+rank uses ``cuda:LOCAL_RANK``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import queue
-import threading
 import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import store as store_mod
 from . import calibration as cal_mod
+from . import shard_format as fmt
+from . import store as store_mod
 from .config import DEFAULT_STEPS, DEFAULT_WARM_STEPS, InversionConfig, check_int
+from .data import Gallery, load_gallery, read_index, write_index
+from .encode import DEFAULT_ENCODE_BATCH, Timer, default_workers, group_features
 from .inverter import Inverter, frozen
-from .data import Gallery, ImageDataset, collate_images, load_gallery
-from .models import ClipModel, as_clip_model
+from .leases import DEFAULT_LEASE_SECONDS, Leases
+from .models import ClipModel, as_clip_model, model_name_id, pretrained_id
 from .progress import Progress
-from .store import GalleryError, GalleryStore, InputError, shard_owner, shard_ranges
+from .store import JOIN_KEYS, GalleryError, GalleryStore, InputError, shard_ranges
+from .tasks import POLL_SECONDS, Place, ShardClaims, open_run, place_from_env, wait_for
 
 DEFAULT_SHARD_SIZE = 4096
 #: A run in which more than this fraction of the items failed ends with an error (exit code 2
 #: on the command line, ``--max-failed-fraction``); finished shards are kept.
 DEFAULT_MAX_FAILED_FRACTION = 0.5
-DEFAULT_ENCODE_BATCH = 128
-#: Decoded images kept in flight ahead of the model (bytes of preprocessed tensors): the
-#: DataLoader workers keep decoding this far ahead while a shard is being optimised.
-PREFETCH_BYTES = 1 << 30
-#: Decoded batches waiting between the decoding thread and the encoder.
-_HANDOVER = 2
 #: InversionConfig fields the gallery sets itself or cannot store (snapshots are not kept).
 _GALLERY_OWNED = {"method", "snapshot_steps"}
+ENGINES = ("local", "ray")
+DEFAULT_ENGINE = "local"
+#: Most Ray actors (one Inverter each) of ``engine="ray"``.
+DEFAULT_RAY_ACTORS = 1
+
+__all__ = ["invert_gallery", "encode_gallery", "GallerySummary", "Output", "default_workers",
+           "DEFAULT_SHARD_SIZE", "DEFAULT_MAX_FAILED_FRACTION", "DEFAULT_ENCODE_BATCH"]
 
 
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+@dataclass(frozen=True)
+class Output:
+    """What the store keeps: ``store`` columns (features, tokens, targets, losses), the
+    feature ``dtype`` (float32 or float16) and whether features are L2-normalised."""
+
+    store: tuple[str, ...] = fmt.DEFAULT_STORE
+    dtype: str = fmt.DEFAULT_DTYPE
+    normalize: bool = False
+
+    @classmethod
+    def make(cls, method: str, store: str | Sequence[str] | None, dtype: str, normalize: bool) -> "Output":
+        return cls(fmt.parse_store(store, method), fmt.check_dtype(dtype), bool(normalize))
+
+    def record(self) -> dict:
+        return {"store": list(self.store), "dtype": self.dtype, "normalize": self.normalize}
 
 
-# --------------------------------------------------------------------------------------------
-# Processes
-# --------------------------------------------------------------------------------------------
 @dataclass
-class DistContext:
-    """This process's place among the ranks (a single process: rank 0 of 1)."""
+class _Pipeline:
+    """The pipeline settings of one call (not the inversion's)."""
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    created: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.active:
-            torch.distributed.barrier()
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if not self.active:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def reduce(self, value: float, op: str) -> float:
-        if not self.active:
-            return value
-        dist = torch.distributed
-        on_gpu = dist.get_backend() == "nccl"  # a caller's NCCL group: reduce on its device
-        t = torch.tensor([float(value)], dtype=torch.float64,
-                         device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX)
-        return float(t.item())
-
-    def close(self) -> None:
-        if self.created and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-            self.created = False
+    shard_size: int
+    resume: bool
+    worker: bool
+    progress: bool
+    workers: int
+    encode_batch_size: int
+    keep_loss_curve: bool
+    output: Output
+    lease_seconds: float
+    column: str | None
+    engine: str
+    ray_actors: int
 
 
-def dist_context() -> DistContext:
-    """Join the ranks started by ``torchrun`` (env ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``):
-    uses an existing process group, else creates a gloo one when ``WORLD_SIZE > 1``."""
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return DistContext(dist.get_rank(), dist.get_world_size(), local, False)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        if not dist.is_available():
-            raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-        dist.init_process_group("gloo")
-        return DistContext(dist.get_rank(), dist.get_world_size(), local, True)
-    return DistContext()
-
-
-def resolve_device(device: str | torch.device | None, ctx: DistContext, current: torch.device) -> torch.device:
+def resolve_device(device: str | torch.device | None, place: Place, current: torch.device) -> torch.device:
     """``None``: the model's device; ``"auto"``: CUDA if available, else CPU. A CUDA device
-    without an index means ``cuda:LOCAL_RANK`` under several ranks."""
+    without an index means ``cuda:LOCAL_RANK`` under a launcher's ranks."""
     if device is None:
         dev = current
     elif str(device) == "auto":
@@ -138,8 +112,8 @@ def resolve_device(device: str | torch.device | None, ctx: DistContext, current:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise GalleryError(f"device {str(dev)!r} asked for, but CUDA is not available")
-        if dev.index is None or (ctx.active and device is None):
-            dev = torch.device("cuda", ctx.local_rank if ctx.active else torch.cuda.current_device())
+        if dev.index is None or (place.launched and device is None):
+            dev = torch.device("cuda", place.local_rank if place.launched else torch.cuda.current_device())
         if dev.index >= torch.cuda.device_count():
             raise GalleryError(f"device {str(dev)!r} asked for, but only {torch.cuda.device_count()} "
                                "CUDA device(s) are visible")
@@ -152,22 +126,23 @@ def resolve_device(device: str | torch.device | None, ctx: DistContext, current:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class GallerySummary:
-    """What a gallery run did. Counts are over all ranks; ``timings`` are this rank's."""
+    """What a gallery run did. ``items_done``, ``shards_done``, ``seconds`` and ``timings``
+    are this worker's; the other counts are the whole output directory's."""
 
     out_dir: str
     kind: str  # "images" | "texts"
     method: str  # "oti" | "ovi" | "encode"
     total_items: int  # items in the input
-    items_done: int  # items processed by this call (failed ones excluded)
+    items_done: int  # items processed by this worker (failed ones excluded)
     items_ok: int  # items in the output directory (all finished shards)
     failed: int  # items recorded as errors (skipped), in the whole output
     warnings: int  # items recorded as warnings (processed), in the whole output
-    shards_done: int  # shards written by this call
+    shards_done: int  # shards written by this worker
     shards_skipped: int  # shards already finished before this call (resume)
     num_shards: int
     complete: bool
     resumed: bool
-    seconds: float  # processing time (slowest rank), from the first shard to the last write
+    seconds: float  # this worker's processing time, from its first shard to its last write
     items_per_s: float  # items_done / seconds
     timings: dict = field(default_factory=dict)  # load_s, encode_s, optimise_s, write_s
     errors_path: str = ""
@@ -201,7 +176,7 @@ class GallerySummary:
                 f"{100 * self.failed_fraction:.0f}% of the items failed, more than the "
                 f"allowed {100 * max_failed_fraction:.0f}%")
         return (f"{what}: {self.failed} of {seen}{examples}; all are listed in {self.errors_path}; "
-                f"the {self.shards_done + self.shards_skipped} finished shard(s) in {self.out_dir!r} are kept")
+                f"the finished shards in {self.out_dir!r} are kept")
 
     @property
     def shares(self) -> dict:
@@ -249,7 +224,7 @@ class GallerySummary:
                                   ("optimisation", "optimise"), ("writing", "write"))
                 if key in sh
             )
-            + (f" (rank 0 of {self.world_size})" if self.world_size > 1 else "")
+            + (f" (this worker: rank {self.rank} of {self.world_size})" if self.world_size > 1 else "")
         )
         return "\n".join(lines)
 
@@ -278,6 +253,14 @@ def invert_gallery(
     config: InversionConfig | None = None,
     warm_start: int = 0,
     calibration_steps: int | None = None,
+    worker: bool = False,
+    store: str | Sequence[str] | None = None,
+    dtype: str = fmt.DEFAULT_DTYPE,
+    normalize: bool = False,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    column: str | None = None,
+    engine: str = DEFAULT_ENGINE,
+    ray_actors: int = DEFAULT_RAY_ACTORS,
     **settings: Any,
 ) -> GallerySummary:
     """Invert every item of a gallery into ``out_dir``; returns a :class:`GallerySummary`.
@@ -308,7 +291,18 @@ def invert_gallery(
 
     Unreadable images, empty texts and bad feature rows are recorded in
     ``out_dir/errors.jsonl`` and skipped; texts longer than the context are truncated and
-    recorded there as warnings. Load the result with :func:`crossgap_fast.load_inversions`.
+    recorded there as warnings. Load the result with :func:`crossgap_fast.load_inversions` or
+    stream it with :func:`crossgap_fast.iter_inversions`.
+
+    Output: ``store`` picks the columns kept ("features,tokens,targets,losses", the default,
+    or a subset; see :mod:`crossgap_fast.shard_format` for the files), ``dtype`` the feature
+    dtype ("float32" or "float16") and ``normalize`` L2-normalises stored features.
+    Workers: ``worker=True`` joins (or starts) the run in ``out_dir`` beside other processes
+    working on it; shards are leased for ``lease_seconds`` and renewed while computed (see
+    :mod:`crossgap_fast.tasks`). ``column`` names the input column of a parquet input.
+    ``engine="ray"`` runs the shards with Ray Data on up to ``ray_actors`` actors (one
+    Inverter each; see :mod:`crossgap_fast.ray`), on the cluster ``ray.init()`` joins; not
+    with ``warm_start``.
     """
     method = "oti" if kind == "images" else "ovi" if kind == "texts" else None
     if method is None:
@@ -340,12 +334,13 @@ def invert_gallery(
         raise ValueError(f"config is for {config.method.upper()}, but kind={kind!r} runs {method.upper()}")
     else:
         config = config.replace(**settings) if settings else config
-    return _run(
-        inputs, out_dir, model, kind=kind, method=method, config=config, shard_size=shard_size,
-        resume=resume, device=device, progress=progress, workers=workers,
-        encode_batch_size=encode_batch_size, keep_loss_curve=keep_loss_curve,
-        warm=(warm_start, calibration_steps) if warm_start else None,
-    )
+    if engine == "ray" and warm_start:
+        raise ValueError("warm_start is not supported with engine='ray'")
+    pipe = _pipeline(method, shard_size, resume, worker, progress, workers, encode_batch_size,
+                     keep_loss_curve, Output.make(method, store, dtype, normalize), lease_seconds, column, engine,
+                     ray_actors)
+    return _run(inputs, out_dir, model, kind=kind, method=method, config=config, device=device, pipe=pipe,
+                warm=(warm_start, calibration_steps) if warm_start else None)
 
 
 def encode_gallery(
@@ -360,91 +355,92 @@ def encode_gallery(
     progress: bool = True,
     workers: int | None = None,
     encode_batch_size: int = DEFAULT_ENCODE_BATCH,
+    worker: bool = False,
+    dtype: str = fmt.DEFAULT_DTYPE,
+    normalize: bool = False,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    column: str | None = None,
 ) -> GallerySummary:
     """Plain CLIP features of every image / text of a gallery, stored like
-    :func:`invert_gallery` (same store, errors file, resume and ranks); ``features`` of
+    :func:`invert_gallery` (same store, errors file, resume and workers); ``features`` of
     :func:`crossgap_fast.load_inversions` are the image / text features."""
     if kind not in ("images", "texts"):
         raise ValueError(f"kind must be 'images' or 'texts', got {kind!r}")
-    return _run(
-        inputs, out_dir, model, kind=kind, method="encode", config=None, shard_size=shard_size,
-        resume=resume, device=device, progress=progress, workers=workers,
-        encode_batch_size=encode_batch_size, keep_loss_curve=False, warm=None,
-    )
+    pipe = _pipeline("encode", shard_size, resume, worker, progress, workers, encode_batch_size, False,
+                     Output.make("encode", None, dtype, normalize), lease_seconds, column, DEFAULT_ENGINE)
+    return _run(inputs, out_dir, model, kind=kind, method="encode", config=None, device=device, pipe=pipe,
+                warm=None)
 
 
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-def _pretrained_id(cm: ClipModel) -> str:
-    p = cm.pretrained
-    if p is None or str(p) == "random":
-        return "random"
-    p = os.fspath(p)
-    return os.path.abspath(p) if os.path.isfile(p) else p
-
-
 def _engine_record(config: InversionConfig, device: torch.device) -> dict:
     """The optimiser settings a resume must match (the manifest's "engine" entry)."""
     r = config.result_settings(device.type)
     return {k: r[k] for k in ("lr", "weight_decay", "betas", "eps", "loss_batch", "backend", "precision")}
 
 
-def _validate(shard_size, encode_batch_size, workers) -> None:
+def _pipeline(method, shard_size, resume, worker, progress, workers, encode_batch_size, keep_loss_curve,
+              output: Output, lease_seconds, column, engine, ray_actors: int = DEFAULT_RAY_ACTORS) -> _Pipeline:
     """Check the pipeline's own settings before anything is written (the inversion settings
     are checked by :class:`~crossgap_fast.config.InversionConfig`)."""
     check_int("shard_size", shard_size)
     check_int("encode_batch_size", encode_batch_size)
     if workers is not None:
         check_int("workers", workers, minimum=0)
+    if not (isinstance(lease_seconds, (int, float)) and 0 < lease_seconds < math.inf):
+        raise ValueError(f"lease_seconds must be a positive, finite number of seconds, got {lease_seconds!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    check_int("ray_actors", ray_actors)
+    return _Pipeline(shard_size, bool(resume), bool(worker), bool(progress),
+                     default_workers() if workers is None else workers, encode_batch_size,
+                     bool(keep_loss_curve), output, float(lease_seconds), column, engine, ray_actors)
 
 
-def _raise_from_rank0(err: tuple[str, str] | None) -> None:
-    if err is None:
-        return
-    name, message = err
-    cls = getattr(store_mod, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, GalleryError)):
-        cls = GalleryError
-    raise cls(message)
-
-
-@dataclass
-class _Timer:
-    load_s: float = 0.0
-    encode_s: float = 0.0
-    optimise_s: float = 0.0
-    write_s: float = 0.0
-
-
-def _run(inputs, out_dir, model, *, kind, method, config: InversionConfig | None, shard_size, resume,
-         device, progress, workers, encode_batch_size, keep_loss_curve,
-         warm: tuple[int, int] | None) -> GallerySummary:
+def _run(inputs, out_dir, model, *, kind, method, config: InversionConfig | None, device,
+         pipe: _Pipeline, warm: tuple[int, int] | None) -> GallerySummary:
     cm = as_clip_model(model)
-    _validate(shard_size, encode_batch_size, workers)
-    ctx = dist_context()
-    try:
-        dev = resolve_device(device, ctx, cm.device)
-        if cm.device != dev:
-            cm.to(dev)
-        with frozen(cm.model):
-            # Built once for the whole run: template, prefix cache, compiled step and graph.
-            inverter = Inverter(cm, config) if config is not None else None
-            return _run_ranked(
-                ctx, inputs, Path(out_dir), cm, dev, kind=kind, method=method, inverter=inverter,
-                shard_size=shard_size, resume=resume, progress=progress,
-                workers=default_workers() if workers is None else workers,
-                encode_batch_size=encode_batch_size, keep_loss_curve=keep_loss_curve, warm=warm,
-            )
-    finally:
-        ctx.close()
+    place = place_from_env()
+    dev = resolve_device(device, place, cm.device)
+    if cm.device != dev:
+        cm.to(dev)
+    with frozen(cm.model):
+        # Built once for the whole run: template, prefix cache, compiled step and graph.
+        inverter = Inverter(cm, config) if config is not None else None
+        store = GalleryStore(out_dir)
+        leases = Leases(store.leases_dir, store.worker, pipe.lease_seconds)
+        try:
+            return _work(place, inputs, store, leases, cm, dev, kind=kind, method=method, inverter=inverter,
+                         pipe=pipe, warm=warm)
+        finally:
+            leases.close()
 
 
-def _run_ranked(ctx: DistContext, inputs, out_dir: Path, cm: ClipModel, dev: torch.device, *, kind,
-                method, inverter: Inverter | None, shard_size, resume, progress, workers,
-                encode_batch_size, keep_loss_curve, warm: tuple[int, int] | None) -> GallerySummary:
-    config = inverter.config if inverter is not None else None
-    gallery = load_gallery(inputs, kind, tokenizer=cm.tokenizer, context_length=cm.context_length)
+def _settings(kind, method, cm: ClipModel, config, pipe: _Pipeline, dev, warm, gallery: Gallery | None,
+              source: str) -> dict:
+    s = {
+        "kind": kind, "method": method, "model": model_name_id(cm), "pretrained": pretrained_id(cm),
+        "steps": config and config.steps, "template": config and config.template,
+        "seed": config and config.seed, "num_tokens": config and config.num_tokens,
+        "shard_size": pipe.shard_size, "engine": config and _engine_record(config, dev),
+        "keep_loss_curve": pipe.keep_loss_curve,
+        "warm_start": warm and {"items": warm[0], "calibration_steps": warm[1]},
+        "output": pipe.output.record(), "input": source,
+    }
+    if gallery is not None:
+        s.update(total_items=len(gallery), input_digest=gallery.digest())
+    return s
+
+
+def _source_name(inputs: Any) -> str | None:
+    """The input's path as given (what a joining worker must match); None for an input held
+    in memory (a list, an array), which only a resume can compare, by its digest."""
+    return str(inputs) if isinstance(inputs, (str, os.PathLike)) else None
+
+
+def _check_input(gallery: Gallery, cm: ClipModel, method: str) -> None:
     if gallery.kind == "features":
         if method == "encode":
             raise InputError(f"input {gallery.source!r} already holds features: nothing to encode")
@@ -457,38 +453,158 @@ def _run_ranked(ctx: DistContext, inputs, out_dir: Path, cm: ClipModel, dev: tor
         raise InputError("the model has no image preprocess transform: cannot read image files")
     _refuse_unusable(gallery)
 
-    run_values = _run_values(config, encode_batch_size, dev)
-    settings = {
-        "kind": kind, "method": method, "model": cm.name, "pretrained": _pretrained_id(cm),
-        "steps": config and config.steps, "template": config and config.template,
-        "seed": config and config.seed, "num_tokens": config and config.num_tokens,
-        "shard_size": shard_size, "total_items": len(gallery), "input_digest": gallery.digest(),
-        "engine": config and _engine_record(config, dev), "keep_loss_curve": keep_loss_curve,
-        "warm_start": warm and {"items": warm[0], "calibration_steps": warm[1]},
-    }
-    extra = {
-        "input": gallery.source, "input_type": gallery.kind, "embed_dim": cm.embed_dim,
-        "token_dim": inverter.token_shape[1] if inverter is not None else 0,
-        "world_size": ctx.world_size, **run_values, "input_problems": gallery.problems,
-        "inversion": config and config.to_dict(),
-    }
-    store = GalleryStore(out_dir, rank=ctx.rank)
-    outcome: tuple = (None, False)
-    if ctx.rank == 0:
-        try:
-            outcome = (None, store.prepare(settings, resume=resume, extra=extra))
-        except GalleryError as err:
-            outcome = ((type(err).__name__, str(err)), False)
-    err, resumed = ctx.broadcast(outcome)
-    _raise_from_rank0(err)
-    store.open()
 
-    ranges = shard_ranges(len(gallery), shard_size)
-    finished = store.finished()
-    mine = [i for i in range(len(ranges)) if i not in finished and shard_owner(i, ctx.world_size) == ctx.rank]
-    show = progress and ctx.rank == 0
+def _work(place: Place, inputs, store: GalleryStore, leases: Leases, cm: ClipModel, dev: torch.device, *,
+          kind, method, inverter: Inverter | None, pipe: _Pipeline, warm) -> GallerySummary:
+    config = inverter.config if inverter is not None else None
+    run_values = _run_values(config, pipe.encode_batch_size, dev)
+    source = _source_name(inputs)
+
+    def listed() -> Gallery:
+        gallery = load_gallery(inputs, kind, tokenizer=cm.tokenizer, context_length=cm.context_length,
+                               column=pipe.column)
+        _check_input(gallery, cm, method)
+        return gallery
+
+    def create() -> Gallery:
+        gallery = listed()
+        settings = _settings(kind, method, cm, config, pipe, dev, warm, gallery, source)
+        extra = {
+            "input": gallery.source, "input_type": gallery.kind, "embed_dim": cm.embed_dim,
+            "token_dim": inverter.token_shape[1] if inverter is not None else 0,
+            "world_size": place.world_size, "launch": place.launch, **run_values,
+            "input_problems": gallery.problems,
+            "inversion": config and config.to_dict(),
+            "layout": {c: fmt.folder_of(method, kind, c) for c in ("features", "targets")
+                       if c in pipe.output.store and (c == "features" or method != "encode")},
+        }
+        settings["input"] = gallery.source
+        with store._writing(store_mod.INPUT_INDEX, "choose a writable output directory"):
+            write_index(gallery, store.index_path)
+        store.create(settings, extra)
+        return gallery
+
+    def join(manifest: dict) -> Gallery:
+        mine = _settings(kind, method, cm, config, pipe, dev, warm, None, manifest.get("input"))
+        store.check_settings(manifest, mine, [k for k in JOIN_KEYS if k != "input"])
+        if pipe.resume and not pipe.worker and place.rank == 0:
+            # a resume looks at the input again: a changed input is refused, not mixed in
+            gallery = listed()
+            store.check_settings(manifest, _settings(kind, method, cm, config, pipe, dev, warm, gallery, source))
+        else:
+            if source is not None and not _same_path(source, manifest.get("input")):
+                store.check_settings(manifest, {**mine, "input": source}, ["input"])
+            gallery = read_index(store.index_path)
+        store.remove_stale_temp_files(older_than_s=4 * pipe.lease_seconds)
+        return gallery
+
+    def joining(manifest: dict) -> bool:
+        return pipe.resume or pipe.worker or (place.launched and manifest.get("launch") == place.launch)
+
+    gallery, resumed = open_run(store, leases, joining=joining, create=create, join=join)
+    store.open()
+    if resumed and not pipe.worker:
+        store.warn_run_changes(run_values)
+    show = pipe.progress and place.rank == 0
+    if not resumed:
+        _warn_listing(gallery, store, cm)
+    ranges = shard_ranges(len(gallery), pipe.shard_size)
+    # a resume checks every finished file's sha256; a joining worker trusts sizes (hashing a
+    # whole store per worker would read it once per worker)
+    finished = store.finished(verify=pipe.resume and not pipe.worker and place.rank == 0)
+    skipped = len(finished)
+    timer = Timer()
+    calibration = None
+    if warm:
+        calibration = _calibrate(gallery, store, leases, inverter, warm, cm, dev, pipe, timer, show)
+    bar = Progress(sum(hi - lo for i, (lo, hi) in enumerate(ranges) if i not in finished),
+                   desc={"oti": "OTI", "ovi": "OVI", "encode": "encode"}[method] + f" {kind}", enabled=show)
+    claims = ShardClaims(store, leases, len(gallery), pipe.shard_size, finished, on_others=bar.update)
+    done_items = done_shards = 0
+    run0 = last = time.perf_counter()
+    try:
+        if pipe.engine == "ray":
+            done_items, done_shards = _run_on_ray(gallery, cm, inverter, store, claims, pipe, dev, bar, run_values)
+            last = time.perf_counter()
+            timer.optimise_s += last - run0  # decoding, encoding and optimising, in the actors
+        while True:
+            for index, idx, feats, load_errors in group_features(gallery, claims.claim_now(), cm, dev,
+                                                                 pipe.workers, pipe.encode_batch_size, timer,
+                                                                 look_ahead=pipe.shard_size):
+                lo, hi = ranges[index]
+                t0 = time.perf_counter()
+                payload = _payload(gallery, idx, feats, inverter, keep_loss_curve=pipe.keep_loss_curve,
+                                   bar=bar, calibration=calibration)
+                t1 = time.perf_counter()
+                timer.optimise_s += t1 - t0
+                if not claims.holds(index):
+                    _warn_lost(store, index, pipe.lease_seconds)
+                    continue
+                _write(store, gallery, index, lo, hi, idx, payload, load_errors, run_values, t1 - last)
+                claims.done(index)
+                last = time.perf_counter()
+                timer.write_s += last - t1
+                done_items += len(idx)
+                done_shards += 1
+                # The engine advanced the bar by the items it optimised, step by step.
+                bar.update(hi - lo - (len(idx) if method != "encode" else 0))
+            if claims.all_finished():
+                break
+            time.sleep(POLL_SECONDS)  # the shards left are leased by live workers: wait for them
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - run0
+    manifest = store.finalize(extra={"warm_start_result": _warm_summary(store.finished(verify=False), warm, inverter)}
+                              if warm else None)
+    timings = {"load_s": timer.load_s, "encode_s": timer.encode_s, "write_s": timer.write_s}
+    if method != "encode":
+        timings["optimise_s"] = timer.optimise_s
+    timings = {k: timings[k] for k in ("load_s", "encode_s", "optimise_s", "write_s") if k in timings}
+    return GallerySummary(
+        out_dir=str(store.root), kind=kind, method=method, total_items=len(gallery),
+        items_done=done_items, items_ok=int(manifest.get("items_ok", 0)),
+        failed=int(manifest.get("items_failed", 0)), warnings=int(manifest.get("items_warned", 0)),
+        shards_done=done_shards, shards_skipped=skipped, num_shards=len(ranges),
+        complete=manifest.get("status") == "complete", resumed=bool(resumed),
+        seconds=seconds, items_per_s=done_items / seconds if seconds > 0 else 0.0,
+        timings=timings, errors_path=str(store.errors_path), manifest_path=str(store.manifest_path),
+        world_size=place.world_size, rank=place.rank,
+        problems=len(manifest.get("input_problems") or []),
+        error_examples=_error_examples(store.errors_path),
+        warm_start=manifest.get("warm_start_result"),
+    )
+
+
+def _same_path(given: str, recorded: Any) -> bool:
+    return isinstance(recorded, str) and os.path.abspath(given) == os.path.abspath(recorded)
+
+
+def _write(store: GalleryStore, gallery: Gallery, index: int, lo: int, hi: int, idx: list[int], payload: dict,
+           load_errors: list[tuple[int, str]], run_values: dict, seconds: float) -> None:
+    records = [r for r in (gallery.record(i) for i in range(lo, hi)) if r is not None]
+    records += [{"index": i, "name": gallery.names[i], "level": "error", "reason": why} for i, why in load_errors]
+    records.sort(key=lambda r: r["index"])
+    store.write_shard(index, payload, {
+        "start": lo, "stop": hi, "count": len(idx),
+        "failed": sum(r["level"] == "error" for r in records),
+        "warnings": sum(r["level"] == "warning" for r in records),
+        "errors": records, **run_values, **_warm_counts(payload), "seconds": round(seconds, 3),
+    })
+
+
+def _warn_lost(store: GalleryStore, index: int, lease_seconds: float) -> None:
+    warnings.warn(
+        f"shard {index} of {str(store.root)!r}: this worker stalled past its lease of {lease_seconds:g} s "
+        "and another worker took the shard over; this worker's result for it is dropped",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _warn_listing(gallery: Gallery, store: GalleryStore, cm: ClipModel) -> None:
+    """What the input listing found, said once by the worker that listed it."""
     long = [i for i, v in gallery.issues.items() if v["level"] == "warning"]
-    if long and ctx.rank == 0:
+    if long:
         names = ", ".join(repr(gallery.names[i]) for i in sorted(long)[:5])
         warnings.warn(
             f"{len(long)} text(s) in {gallery.source!r} are longer than the model's context of "
@@ -496,124 +612,86 @@ def _run_ranked(ctx: DistContext, inputs, out_dir: Path, cm: ClipModel, dev: tor
             f"{', ...' if len(long) > 5 else ''}); they are listed as "
             f"warnings in {store.errors_path}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    if resumed and ctx.rank == 0 and len(finished) < len(ranges):
-        store.warn_run_changes(run_values)
-    if gallery.problems and ctx.rank == 0:
+    if gallery.problems:
         shown = "; ".join(f"{p['name']!r}: {p['reason']}" for p in gallery.problems[:3])
         warnings.warn(
             f"{len(gallery.problems)} sub-folder(s) of {gallery.source!r} could not be read and their "
             f"images are left out ({shown}{'; ...' if len(gallery.problems) > 3 else ''}); they are "
             f"listed in {store.errors_path}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
-    timer = _Timer()
-    calibration = None
-    if warm:
-        calibration = _calibrate(ctx, gallery, store, inverter, warm, cm, dev, workers,
-                                 encode_batch_size, timer, show)
-    done_items = 0
-    bar = Progress(sum(ranges[i][1] - ranges[i][0] for i in mine),
-                   desc={"oti": "OTI", "ovi": "OVI", "encode": "encode"}[method] + f" {kind}",
-                   enabled=show)
-    run0 = time.perf_counter()
-    try:
-        shards = [(i, range(*ranges[i])) for i in mine]
-        for index, idx, feats, load_errors in _group_features(gallery, shards, cm, dev, workers,
-                                                              encode_batch_size, timer):
-            lo, hi = ranges[index]
-            records = [r for r in (gallery.record(i) for i in range(lo, hi)) if r is not None]
-            records += [{"index": i, "name": gallery.names[i], "level": "error", "reason": why}
-                        for i, why in load_errors]
-            records.sort(key=lambda r: r["index"])
-            t0 = time.perf_counter()
-            payload = _payload(gallery, idx, feats, inverter, keep_loss_curve=keep_loss_curve, bar=bar,
-                               calibration=calibration)
-            t1 = time.perf_counter()
-            timer.optimise_s += t1 - t0
-            store.write_shard(index, payload, {
-                "start": lo, "stop": hi, "count": len(idx),
-                "failed": sum(r["level"] == "error" for r in records),
-                "warnings": sum(r["level"] == "warning" for r in records),
-                "errors": records, **run_values, **_warm_counts(payload),
-            })
-            timer.write_s += time.perf_counter() - t1
-            done_items += len(idx)
-            # The engine advanced the bar by the items it optimised, step by step.
-            bar.update(hi - lo - (len(idx) if method != "encode" else 0))
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - run0
 
-    ctx.barrier()
-    if ctx.rank == 0:
-        store.finalize(extra={"warm_start_result": _warm_summary(store.finished(), warm, inverter)}
-                       if warm else None)
-    ctx.barrier()
-    manifest = store_mod.read_json(store.manifest_path)
-    total_done = int(ctx.reduce(done_items, "sum"))
-    total_shards = int(ctx.reduce(len(mine), "sum"))
-    max_seconds = ctx.reduce(seconds, "max")
-    timings = {"load_s": timer.load_s, "encode_s": timer.encode_s, "write_s": timer.write_s}
-    if method != "encode":
-        timings["optimise_s"] = timer.optimise_s
-    timings = {k: timings[k] for k in ("load_s", "encode_s", "optimise_s", "write_s") if k in timings}
-    return GallerySummary(
-        out_dir=str(out_dir), kind=kind, method=method, total_items=len(gallery),
-        items_done=total_done, items_ok=int(manifest.get("items_ok", 0)),
-        failed=int(manifest.get("items_failed", 0)), warnings=int(manifest.get("items_warned", 0)),
-        shards_done=total_shards, shards_skipped=len(finished), num_shards=len(ranges),
-        complete=manifest.get("status") == "complete", resumed=bool(resumed),
-        seconds=max_seconds,
-        items_per_s=total_done / max_seconds if max_seconds > 0 else 0.0,
-        timings=timings, errors_path=str(store.errors_path), manifest_path=str(store.manifest_path),
-        world_size=ctx.world_size, rank=ctx.rank,
-        problems=len(manifest.get("input_problems") or []),
-        error_examples=_error_examples(store.errors_path),
-        warm_start=manifest.get("warm_start_result"),
-    )
+def _run_on_ray(gallery: Gallery, cm: ClipModel, inverter: Inverter, store: GalleryStore, claims: ShardClaims,
+                pipe: _Pipeline, dev: torch.device, bar: Progress, run_values: dict) -> tuple[int, int]:
+    """The shards no other worker holds, through Ray Data (:func:`crossgap_fast.ray.run_ray`);
+    shards left over (their worker died meanwhile) then run here, like any worker's."""
+    from .ray import run_ray
+    from .tasks import shard_task
+
+    ranges = claims.ranges
+    finished = claims.finished()
+    mine = [i for i in range(len(ranges)) if i not in finished and claims.leases.acquire(shard_task(i))]
+    claims.taken.update(mine)
+    done = [0, 0]
+    last = [time.perf_counter()]
+
+    def write(index: int, payload: dict) -> None:
+        if not claims.holds(index):
+            _warn_lost(store, index, pipe.lease_seconds)
+            return
+        lo, hi = ranges[index]
+        idx = payload["indices"].tolist()
+        now = time.perf_counter()
+        _write(store, gallery, index, lo, hi, idx, payload, payload.pop("errors", []), run_values, now - last[0])
+        last[0] = time.perf_counter()
+        claims.done(index)
+        done[0] += len(idx)
+        done[1] += 1
+        bar.update(hi - lo)
+
+    run_ray(gallery, cm, inverter.config, kind=gallery.kind if gallery.kind != "features" else
+            ("images" if inverter.config.method == "oti" else "texts"),
+            shard_ranges=ranges, skip=set(range(len(ranges))) - set(mine), write_shard=write,
+            batch_size=inverter.config.batch_size or pipe.encode_batch_size, actors=pipe.ray_actors,
+            device=str(dev), encode_batch_size=pipe.encode_batch_size, keep_loss_curve=pipe.keep_loss_curve)
+    return done[0], done[1]
 
 
 def _fmt(loss: float | None) -> str:
     return "n/a" if loss is None else f"{loss:.4f}"
 
 
-def _calibrate(ctx: DistContext, gallery: Gallery, store: GalleryStore, inverter: Inverter,
-               warm: tuple[int, int], cm: ClipModel, dev: torch.device, workers: int,
-               encode_batch_size: int, timer: _Timer, show: bool) -> cal_mod.Calibration:
-    """Rank 0 inverts the calibration items exactly and fits the map (or reuses the stored
-    ones on resume); every rank then reads them."""
+def _calibrate(gallery: Gallery, store: GalleryStore, leases: Leases, inverter: Inverter,
+               warm: tuple[int, int], cm: ClipModel, dev: torch.device, pipe: _Pipeline, timer: Timer,
+               show: bool) -> cal_mod.Calibration:
+    """The worker that takes the "calibration" lease inverts the calibration items exactly
+    and fits the map (or finds them stored, on resume); the others wait and read them."""
     n, steps = warm
-    outcome, found = None, None
-    if ctx.rank == 0:
+
+    def make() -> cal_mod.Calibration:
         try:
-            found = cal_mod.load_calibration(store.root, inverter)
-            if found is None:
-                candidates = [i for i in range(len(gallery)) if gallery.issues.get(i, {}).get("level") != "error"]
-                chosen = cal_mod.calibration_indices(candidates, n, inverter.config.seed)
-                # consumed to the end, so the decoding workers are shut down here
-                [(_, idx, feats, _)] = list(_group_features(gallery, [("calibration", chosen)], cm, dev,
-                                                            workers, encode_batch_size, timer))
-                bar = Progress(len(idx), desc=f"calibration ({inverter.config.method.upper()}, exact)",
-                               enabled=show)
-                t0 = time.perf_counter()
-                try:
-                    result = cal_mod.run_calibration(inverter, idx, feats, steps, bar)
-                finally:
-                    bar.close()
-                timer.optimise_s += time.perf_counter() - t0
-                found = cal_mod.save_calibration(store.root, idx, feats, result, inverter)
-        except (GalleryError, ValueError) as err:
-            outcome = (type(err).__name__, f"warm start: {err}")
-    _raise_from_rank0(ctx.broadcast(outcome))
-    if found is None:  # the other ranks read what rank 0 stored
-        found = cal_mod.load_calibration(store.root, inverter)
-    if found is None:
-        raise GalleryError(f"warm start: the calibration files in {str(store.root)!r} cannot be read")
-    return found
+            candidates = [i for i in range(len(gallery)) if gallery.issues.get(i, {}).get("level") != "error"]
+            chosen = cal_mod.calibration_indices(candidates, n, inverter.config.seed)
+            # consumed to the end, so the decoding workers are shut down here
+            [(_, idx, feats, _)] = list(group_features(gallery, [("calibration", chosen)], cm, dev,
+                                                       pipe.workers, pipe.encode_batch_size, timer))
+            bar = Progress(len(idx), desc=f"calibration ({inverter.config.method.upper()}, exact)",
+                           enabled=show)
+            t0 = time.perf_counter()
+            try:
+                result = cal_mod.run_calibration(inverter, idx, feats, steps, bar)
+            finally:
+                bar.close()
+            timer.optimise_s += time.perf_counter() - t0
+            return cal_mod.save_calibration(store.root, idx, feats, result, inverter)
+        except ValueError as err:
+            raise GalleryError(f"warm start: {err}") from err
+
+    return wait_for(leases, "calibration", lambda: cal_mod.load_calibration(store.root, inverter), make)
 
 
 def _warm_counts(payload: dict) -> dict:
@@ -677,221 +755,13 @@ def _error_examples(errors_path: Path, limit: int = 2) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Per-shard work
 # --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def _encode_images(cm: ClipModel, images: Tensor, dev: torch.device) -> Tensor:
-    return cm.model.encode_image(images.to(dev, non_blocking=True)).float().cpu()
-
-
-@torch.no_grad()
-def _encode_texts(cm: ClipModel, texts: list[str], dev: torch.device) -> Tensor:
-    tokens = cm.tokenizer(texts)  # truncates texts longer than the context
-    return cm.model.encode_text(tokens.to(dev)).float().cpu()
-
-
-def _group_features(gallery: Gallery, groups: list[tuple[Any, Sequence[int]]], cm: ClipModel,
-                    dev: torch.device, workers: int, encode_batch: int, timer: _Timer
-                    ) -> Iterator[tuple[Any, list[int], Tensor, list[tuple[int, str]]]]:
-    """For each ``(key, item indices)`` of ``groups`` (a shard, or the calibration items):
-    (key, indices of the good items, their features (n, D), load errors [(index, reason)]).
-    Items with a known error are left out."""
-    width = cm.embed_dim
-
-    def good(items: Sequence[int]) -> list[int]:
-        return [j for j in items if gallery.issues.get(j, {}).get("level") != "error"]
-
-    if gallery.kind == "features":
-        for i, items in groups:
-            idx = good(items)
-            yield i, idx, gallery.features[idx], []
-        return
-    if gallery.kind == "texts":
-        for i, items in groups:
-            idx = good(items)
-            t0 = time.perf_counter()
-            parts = [_encode_texts(cm, [gallery.items[j] for j in idx[s:s + encode_batch]], dev)
-                     for s in range(0, len(idx), encode_batch)]
-            timer.encode_s += time.perf_counter() - t0
-            yield i, idx, torch.cat(parts) if parts else torch.empty(0, width), []
-        return
-    yield from _image_groups(gallery, groups, good, cm, dev, workers, encode_batch, timer)
-
-
-def _image_groups(gallery: Gallery, groups, good, cm: ClipModel, dev, workers: int, encode_batch: int,
-                  timer: _Timer):
-    if not groups:
-        return
-    batches, per_shard = [], []
-    for _, items in groups:
-        todo = good(items)
-        b = [todo[s:s + encode_batch] for s in range(0, len(todo), encode_batch)]
-        batches += b
-        per_shard.append(len(b))
-    dataset = ImageDataset(gallery.items, cm.preprocess)
-    decoded = _decoded_batches(dataset, batches, workers, _prefetch_factor(cm, workers, encode_batch),
-                               pin=dev.type == "cuda")
-    try:
-        for (i, _), nb in zip(groups, per_shard):
-            idx: list[int] = []
-            feats: list[Tensor] = []
-            errors: list[tuple[int, str]] = []
-            for _ in range(nb):
-                t0 = time.perf_counter()
-                batch = next(decoded)
-                t1 = time.perf_counter()
-                timer.load_s += t1 - t0
-                errors += batch["errors"]
-                if batch["images"] is not None:
-                    feats.append(_encode_images(cm, batch["images"], dev))
-                    idx += batch["indices"]
-                timer.encode_s += time.perf_counter() - t1
-            yield i, idx, torch.cat(feats) if feats else torch.empty(0, cm.embed_dim), errors
-    finally:
-        decoded.close()  # stops the decoding thread and its worker processes
-
-
-def shared_memory_free() -> int | None:
-    """Free bytes of ``/dev/shm``, where DataLoader workers hand decoded batches over (None
-    where there is no such file system)."""
-    try:
-        st = os.statvfs("/dev/shm")
-    except (OSError, AttributeError):
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def _prefetch_factor(cm: ClipModel, workers: int, encode_batch: int) -> int | None:
-    """Batches each worker decodes ahead: enough to keep decoding while a shard is being
-    optimised (up to :data:`PREFETCH_BYTES`), within half the free shared memory. None when
-    even one batch per worker does not fit (Docker gives ``/dev/shm`` 64 MB): the workers
-    would die writing their batches, so the images are decoded in this process instead."""
-    if workers == 0:
-        return None
-    size = getattr(cm.model.visual, "image_size", (224, 224))
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    per_batch = 3 * size[0] * size[1] * 4 * encode_batch
-    prefetch = max(2, math.ceil(PREFETCH_BYTES / (workers * per_batch)))
-    shm = shared_memory_free()
-    if shm is not None:
-        # batches in flight: prefetch per worker, plus the hand-over queue and the one in use
-        fit = (shm // 2) // per_batch - _HANDOVER - 1
-        if fit < workers:
-            need = (workers + _HANDOVER + 1) * per_batch
-            warnings.warn(
-                f"/dev/shm has {shm / 2**20:.0f} MiB free, too little for {workers} image decoding "
-                f"worker(s) to hand over batches of {encode_batch} images (about {need / 2**20:.0f} MiB "
-                "within half of it): decoding in the main process instead (slower; give the "
-                "container more shared memory, e.g. docker run --shm-size=2g, or lower the encode "
-                "batch size)",
-                UserWarning,
-                stacklevel=4,
-            )
-            return None
-        prefetch = min(prefetch, fit // workers)
-    return prefetch
-
-
-def _decoded_batches(dataset: ImageDataset, batches: list[list[int]], workers: int,
-                     prefetch_factor: int | None, pin: bool) -> Iterator[dict]:
-    """The collated ``batches`` of ``dataset`` in order. With ``workers`` (and a
-    ``prefetch_factor``) they are decoded by DataLoader worker processes that a background
-    thread drives; otherwise, or for what is left when the workers fail (one is killed, runs
-    out of memory or shared memory), in this process, with a warning naming the cause."""
-    done = 0
-    if workers > 0 and prefetch_factor is not None:
-        feed = _DecodeThread(dataset, batches, workers, prefetch_factor, pin)
-        try:
-            for batch in feed:
-                yield batch
-                done += 1
-        except _WorkersFailed as err:
-            warnings.warn(
-                f"image decoding workers failed ({err}); decoding the remaining "
-                f"{len(batches) - done} batch(es) in the main process (--workers 0 does this "
-                "from the start)",
-                UserWarning,
-                stacklevel=2,
-            )
-        finally:
-            feed.close()
-    for b in batches[done:]:
-        yield collate_images([dataset[i] for i in b])
-
-
-class _WorkersFailed(RuntimeError):
-    """The DataLoader (its worker processes) raised; the message is its error."""
-
-
-class _DecodeThread:
-    """Drives a DataLoader from a background thread and hands its batches over in order.
-
-    Why a thread: torch reports a dead worker either from a periodic liveness check inside
-    the loader (every 5 s while it waits) or from a SIGCHLD handler, which it installs only
-    for loaders made in the main thread and which raises in whatever the main thread runs at
-    that moment, such as the middle of an optimisation. Made and iterated here, the loader
-    raises in this thread, and the main thread gets :class:`_WorkersFailed` at a hand-over.
-    """
-
-    def __init__(self, dataset: ImageDataset, batches: list[list[int]], workers: int,
-                 prefetch_factor: int, pin: bool):
-        self._queue: queue.Queue = queue.Queue(maxsize=_HANDOVER)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(dataset, batches, workers, prefetch_factor, pin),
-            name="crossgap-image-decoding", daemon=True,
-        )
-        self._thread.start()
-
-    def _run(self, dataset, batches, workers, prefetch_factor, pin) -> None:
-        from torch.utils.data import DataLoader
-
-        try:
-            loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                collate_fn=collate_images, pin_memory=pin,
-                                prefetch_factor=prefetch_factor)
-            it = iter(loader)
-            try:
-                for batch in it:
-                    if not self._put(("batch", batch)):
-                        return
-            finally:
-                del it  # shuts the worker processes down (the error's traceback must not hold it)
-            self._put(("end", None))
-        except Exception as err:  # handed to the main thread, which decodes the rest itself
-            self._put(("error", f"{type(err).__name__}: {err}"))
-
-    def _put(self, item: tuple) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[dict]:
-        while True:
-            kind, value = self._queue.get()
-            if kind == "batch":
-                yield value
-            elif kind == "end":
-                return
-            else:
-                raise _WorkersFailed(value)
-
-    def close(self) -> None:
-        """Stop the thread; it shuts its workers down after the batch it is waiting for.
-        The wait is short: after a Ctrl-C the thread only notices the workers are gone at
-        torch's next liveness check, and it is a daemon, so it never holds the exit up."""
-        self._stop.set()
-        self._thread.join(timeout=2)
-
-
 def _payload(gallery: Gallery, idx: list[int], feats: Tensor, inverter: Inverter | None, *,
              keep_loss_curve: bool, bar: Progress | None = None,
              calibration: cal_mod.Calibration | None = None) -> dict:
     payload: dict = {
         "indices": torch.tensor(idx, dtype=torch.long),
         "names": [gallery.names[j] for j in idx],
+        "columns": gallery.columns(idx),  # what each item was, for the metadata
     }
     if inverter is None:  # encoding only
         payload["features"] = feats.float().contiguous()

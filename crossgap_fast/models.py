@@ -18,6 +18,9 @@ from open_clip.transformer import ResidualAttentionBlock, TextTransformer, Visio
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEMO_MODEL = "crossgap-demo"  # the built-in default, trained here (crossgap_fast/demo)
+#: Model-name prefixes with which open_clip takes the config and weights from the Hugging Face
+#: hub or a local folder (it ignores ``pretrained`` then).
+HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"
 _registered = False
 
 
@@ -295,7 +298,8 @@ def load_model(
             ``torch.manual_seed`` (for ``"crossgap-demo"``, ``None`` or ``"demo"`` means its
             shipped trained weights; ``"random"`` still gives random ones); an open_clip
             pretrained tag (``"openai"``,
-            ``"laion2b_s34b_b79k"``, ...); or the path of a local checkpoint file.
+            ``"laion2b_s34b_b79k"``, ...); or the path of a local checkpoint file. Must be
+            ``None`` for ``hf-hub:`` / ``local-dir:`` names, whose weights come with them.
         device: where to put the model.
     """
     register_model_configs()
@@ -303,7 +307,13 @@ def load_model(
         from .demo import demo_checkpoint_path
 
         pretrained = demo_checkpoint_path()
-    if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
+    if name.startswith((HF_HUB, LOCAL_DIR)):
+        if pretrained is not None:  # open_clip would ignore it and load the model's own weights
+            raise ValueError(
+                f"pretrained={os.fspath(pretrained)!r} cannot be used with {name!r}: its weights "
+                f"come with it (from the {'hub' if name.startswith(HF_HUB) else 'folder'}); leave pretrained out"
+            )
+    elif name not in open_clip.list_models():
         raise ValueError(
             f"unknown model name {name!r}; see open_clip.list_models() for the architectures"
         )
@@ -431,3 +441,71 @@ def pretrained_label(pretrained: Any) -> str:
     if pretrained is not None and (os.sep in text or os.path.isfile(text)):
         return Path(text).name
     return text
+
+
+# --------------------------------------------------------------------------------------------
+# Where the weights came from, independent of where they are installed
+# --------------------------------------------------------------------------------------------
+#: Suffixes of the files of a ``local-dir:`` model folder that make the model: open_clip's
+#: config and weights, and a Hugging Face tokenizer's files.
+LOCAL_DIR_FILES = (".json", ".safetensors", ".bin", ".pth", ".pt", ".txt", ".model")
+
+_file_digests: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, hashed once per (path, size, mtime) in this process
+    (a run asks for its checkpoint's identity more than once; a rewritten file is hashed again)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_size, st.st_mtime_ns)
+    if key not in _file_digests:
+        with open(real, "rb") as f:
+            _file_digests[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _file_digests[key]
+
+
+def folder_sha256(folder: str | os.PathLike) -> str:
+    """Hex sha256 over the names and contents of a model folder's :data:`LOCAL_DIR_FILES`
+    (top level only, as open_clip reads it), so a moved or copied folder keeps its digest."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model folder {str(root)!r} does not exist")
+    digest = hashlib.sha256()
+    for p in sorted(root.iterdir(), key=lambda q: q.name):
+        if p.suffix in LOCAL_DIR_FILES and p.is_file():
+            digest.update(f"{p.name}\0{file_sha256(p)}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def model_name_id(cm: ClipModel) -> str:
+    """What a run records as the model's name: ``cm.name``, except that a ``local-dir:PATH``
+    model is ``"local-dir"`` (where the folder lies is not part of the identity; its files
+    are, in :func:`pretrained_id`)."""
+    name = str(cm.name)
+    return LOCAL_DIR.rstrip(":") if name.startswith(LOCAL_DIR) else name
+
+
+def pretrained_id(cm: ClipModel) -> str:
+    """What a run records as the model's weights, so that a resume can tell them apart and a
+    moved checkpoint is still the same one.
+
+    ``"random"`` for random weights; ``"sha256:<hex>"`` of a local checkpoint file;
+    ``"hf-hub:org/name"`` as named; ``"local-dir:<hex>"`` (:func:`folder_sha256`) for a model
+    folder; an open_clip pretrained tag (``"openai"``) as it is.
+    """
+    name = str(cm.name)
+    if name.startswith(HF_HUB):
+        return name
+    if name.startswith(LOCAL_DIR):
+        return LOCAL_DIR + folder_sha256(name[len(LOCAL_DIR):])
+    p = cm.pretrained
+    if p is None or str(p) == "random":
+        return "random"
+    p = os.fspath(p)
+    if os.path.isfile(p):
+        return "sha256:" + file_sha256(p)
+    if os.sep in p or os.path.exists(p):  # a tag never holds a separator
+        raise FileNotFoundError(f"checkpoint {p!r} of the loaded model is no longer a file: "
+                                "its sha256 cannot be recorded")
+    return p

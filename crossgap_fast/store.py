@@ -1,28 +1,36 @@
 """Crash-safe, sharded output store for gallery inversions and encodings.
 
-Layout of an output directory (``OUTDIR``)::
+Layout of an output directory (``OUTDIR``), readable without this package (see
+:mod:`crossgap_fast.shard_format` for the shard files)::
 
-    manifest.json          run settings, written first (status "running"); rewritten at the
-                           end with every finished shard merged in (status "complete")
-    manifest.rank{R}.json  finished shards of rank R, rewritten (atomically) after each shard
-    shard-{i:05d}.pt       shard i: the items [i * shard_size, (i + 1) * shard_size) of the
-                           input, minus the items that failed (torch.save of a dict of tensors)
-    errors.jsonl           one JSON object per failed item (level "error") or warning
-                           (level "warning"), in input order: index, name, level, reason
+    manifest.json           run settings, written first (status "running"); rewritten when the
+                            last shard is finished, with every shard's entry merged in
+                            (status "complete")
+    input.parquet           the input's item list, made once per run by the worker that set the
+                            run up; the other workers read it instead of listing the input
+    text_emb/ img_emb/ tokens/ loss_curves/ metadata/
+                            the shards' files: shard i holds the items
+                            [i * shard_size, (i + 1) * shard_size) of the input, minus failures
+    workers/{id}.jsonl      the finished shards of one worker, one entry per line, appended
+    leases/                 which worker is computing which shard (:mod:`crossgap_fast.leases`)
+    errors.jsonl            one JSON object per failed item (level "error") or warning
+                            (level "warning"), in input order: index, name, level, reason
 
 Crash safety:
 
 * every file is written to a temporary file in the same directory (``.NAME.tmp-*``), flushed,
   fsync'ed and moved into place with :func:`os.replace` (then the directory is fsync'ed), so a
   reader sees either the old or the new complete file, never half of one;
-* a shard counts as finished only once its entry (with the file's size and sha256) is in a
-  manifest, and the entry is written after the shard file. A shard file without an entry (a
-  crash between the two writes) or any temporary file is ignored and the shard redone on resume;
+* a shard counts as finished only once its entry (with every file's size and sha256) is in a
+  manifest, and the entry is written after the files. Files without an entry (a crash between
+  the writes) or with other contents are ignored and the shard is redone;
 * shard ``i`` always covers the same input items (fixed by the shard size and the item order),
   so a resumed run skips finished shards exactly.
 
 Every manifest and entry carries the ``run_id`` of the run that created the directory; files
-from another run are ignored.
+from another run are ignored. Stores of version 1 (``shard-*.pt`` files written with
+``torch.save``) are still read by :func:`crossgap_fast.load_inversions` and converted by
+``crossgap export``.
 """
 
 from __future__ import annotations
@@ -32,24 +40,27 @@ import io
 import json
 import os
 import re
+import socket
 import tempfile
 import time
 import uuid
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import torch
-from torch import Tensor
+from . import shard_format as fmt
 
 FORMAT = "crossgap-gallery"
-VERSION = 1
+VERSION = 2
+#: Stores this crossgap reads (version 1: torch shards, read-only).
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
-RANK_MANIFEST = "manifest.rank{rank}.json"
-SHARD_FILE = "shard-{index:05d}.pt"
+INPUT_INDEX = "input.parquet"
+WORKERS = "workers"
+LEASES = "leases"
+#: Version 1: per-rank manifests (read for their entries).
 _RANK_RE = re.compile(r"^manifest\.rank(\d+)\.json$")
 
 #: Manifest keys that must match for ``resume`` to continue a run.
@@ -68,7 +79,11 @@ SETTINGS_KEYS = (
     "engine",
     "keep_loss_curve",
     "warm_start",
+    "output",
 )
+#: Settings a worker joining a running run must match (it reads the input from the run's
+#: index instead of listing it, so the input is matched by its name).
+JOIN_KEYS = tuple(k for k in SETTINGS_KEYS if k not in ("total_items", "input_digest")) + ("input",)
 
 #: Settings that may change on ``resume`` but move results at float-rounding level (the
 #: batch the engine optimises samples in, the encoder's batch, the CPU thread count): a
@@ -208,25 +223,29 @@ def shard_ranges(total: int, shard_size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + shard_size, total)) for lo in range(0, total, shard_size)]
 
 
-def shard_owner(index: int, world_size: int) -> int:
-    """The rank that computes shard ``index`` (round robin)."""
-    return index % world_size
+def new_worker_id() -> str:
+    """A worker's name: host, process and a random part (unique across hosts and restarts)."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 # --------------------------------------------------------------------------------------------
 # The store
 # --------------------------------------------------------------------------------------------
 class GalleryStore:
-    """One output directory. Rank 0 calls :meth:`prepare` (and :meth:`finalize`); every rank
-    calls :meth:`open`, :meth:`finished` and :meth:`write_shard` for its own shards."""
+    """One output directory, as seen by one worker: the worker that sets a run up calls
+    :meth:`create`; every worker calls :meth:`open`, :meth:`finished` and
+    :meth:`write_shard`, and whoever finds the run complete calls :meth:`finalize`."""
 
-    def __init__(self, root: str | os.PathLike, rank: int = 0):
+    def __init__(self, root: str | os.PathLike, worker: str | None = None):
         self.root = Path(root)
-        self.rank = int(rank)
+        self.worker = worker or new_worker_id()
+        self.host = socket.gethostname()
         self.manifest: dict | None = None
-        self._own: dict[int, dict] = {}
         self._digests: dict[tuple, str] = {}  # file identity -> sha256, so each file is hashed once
         self._reported: set[int] = set()  # shards already reported as failing verification
+        self._read_to: dict[Path, int] = {}  # worker log -> bytes of it already read
+        self._recorded: dict[int, float] = {}
 
     # ---- paths -------------------------------------------------------------------------
     @property
@@ -237,11 +256,16 @@ class GalleryStore:
     def errors_path(self) -> Path:
         return self.root / ERRORS
 
-    def rank_manifest_path(self, rank: int | None = None) -> Path:
-        return self.root / RANK_MANIFEST.format(rank=self.rank if rank is None else rank)
+    @property
+    def index_path(self) -> Path:
+        return self.root / INPUT_INDEX
 
-    def shard_path(self, index: int) -> Path:
-        return self.root / SHARD_FILE.format(index=index)
+    @property
+    def leases_dir(self) -> Path:
+        return self.root / LEASES
+
+    def worker_manifest_path(self, worker: str | None = None) -> Path:
+        return self.root / WORKERS / f"{worker or self.worker}.jsonl"
 
     @contextmanager
     def _writing(self, what: str, hint: str):
@@ -260,35 +284,26 @@ class GalleryStore:
         return ("finished shards are kept: fix the output location (space, permissions) and "
                 "rerun with --resume (resume=True)")
 
-    # ---- start / resume ----------------------------------------------------------------
-    def prepare(self, settings: dict, *, resume: bool, extra: dict | None = None) -> bool:
-        """Check the directory and write the manifest of a new run; returns True when an
-        earlier run is resumed. Refuses a non-empty directory without ``resume`` and a
-        resume with other settings than recorded."""
+    # ---- start / join ------------------------------------------------------------------
+    def listing(self) -> list[str]:
+        """The directory's entries, without temporary files and the lease folder (which
+        workers create before any manifest exists)."""
         root = self.root
         if root.exists() and not root.is_dir():
             raise OutputExistsError(f"output {str(root)!r} exists and is not a directory")
         try:
-            entries = sorted(p.name for p in root.iterdir()) if root.exists() else []
+            names = sorted(p.name for p in root.iterdir()) if root.exists() else []
         except OSError as err:
             raise OutputWriteError(f"cannot read output directory {str(root)!r}: {err.strerror or err}") from err
-        if entries and not resume:
-            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-            raise OutputExistsError(
-                f"output directory {str(root)!r} is not empty ({len(entries)} entries: {shown}); "
-                "pass --resume (resume=True) to continue the run recorded there, or choose "
-                "a new, empty output directory"
-            )
-        if resume and entries and all(_is_temp(e) for e in entries):
-            entries = []  # a crash before the first manifest landed: start afresh
-        if entries:
-            manifest = self._read_manifest_for_resume(entries)
-            for name in entries:  # leftovers of interrupted writes; no writer runs yet
-                if _is_temp(name):
-                    (root / name).unlink(missing_ok=True)
-            self._check_settings(manifest, settings)
-            self.manifest = manifest
-            return True
+        return [n for n in names if not _is_temp(n) and n != LEASES]
+
+    def make_root(self) -> None:
+        with self._writing("the lease folder", "choose a writable output directory"):
+            self.leases_dir.mkdir(parents=True, exist_ok=True)
+
+    def create(self, settings: dict, extra: dict | None = None) -> dict:
+        """Write the manifest of a new run (the caller holds the setup lease and found no
+        manifest)."""
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -303,17 +318,20 @@ class GalleryStore:
         manifest["num_shards"] = len(shard_ranges(total, size))
         manifest["shards"] = []
         with self._writing(MANIFEST, "choose a writable output directory"):
-            root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.manifest_path, manifest)
         self.manifest = manifest
-        return False
+        return manifest
 
-    def _read_manifest_for_resume(self, entries: list[str]) -> dict:
+    def read_for_join(self) -> dict:
+        """The manifest of the run recorded here, for a worker that continues it (a resume or
+        a cooperating worker); refuses a directory that is no crossgap output and stores
+        written by another version."""
         path = self.manifest_path
-        if MANIFEST not in entries:
+        if not path.is_file():
             raise OutputExistsError(
-                f"cannot resume into {str(self.root)!r}: it is not empty but has no {MANIFEST}, "
-                "so it is not a crossgap output directory; choose a new output directory"
+                f"cannot continue a run in {str(self.root)!r}: it is not empty but has no "
+                f"{MANIFEST}, so it is not a crossgap output directory; choose a new output directory"
             )
         try:
             raw = read_json(path)
@@ -322,18 +340,22 @@ class GalleryStore:
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise OutputExistsError(f"cannot resume: {str(path)!r} is not a crossgap manifest")
         if raw.get("version") != VERSION:
+            hint = (": load it with load_inversions, or convert it with `crossgap export`"
+                    if raw.get("version") in READABLE_VERSIONS else "")
             raise SettingsMismatchError(
                 f"cannot resume: {str(path)!r} has store version {raw.get('version')}, "
-                f"this crossgap writes version {VERSION}"
+                f"this crossgap writes version {VERSION}{hint}"
             )
         try:
             return read_manifest(path)
         except CorruptStoreError as err:
             raise CorruptStoreError(f"cannot resume: {err}") from err
 
-    def _check_settings(self, manifest: dict, settings: dict) -> None:
+    def check_settings(self, manifest: dict, settings: dict, keys: Iterable[str] = SETTINGS_KEYS) -> None:
+        """Refuse to continue the run of ``manifest`` with other ``settings`` (one line per
+        difference)."""
         diffs = []
-        for key in SETTINGS_KEYS:
+        for key in keys:
             old, new = manifest.get(key), settings.get(key)
             if _normalise(old) != _normalise(new):
                 if key == "input_digest":
@@ -343,7 +365,7 @@ class GalleryStore:
                     diffs.append(f"{key}: recorded {_show(old)}, now {_show(new)}")
         if diffs:
             raise SettingsMismatchError(
-                f"cannot resume the run in {str(self.root)!r} with different settings:\n  "
+                f"cannot continue the run in {str(self.root)!r} with different settings:\n  "
                 + "\n  ".join(diffs)
                 + "\nrerun with the recorded settings, or write to a new output directory"
             )
@@ -351,7 +373,7 @@ class GalleryStore:
     def warn_run_changes(self, extra: dict) -> None:
         """Warn when ``extra`` holds other :data:`RUN_KEYS` values than the recorded run
         (call it on a resume that will make shards)."""
-        assert self.manifest is not None, "call prepare() or open() first"
+        assert self.manifest is not None, "call create() or open() first"
         changed = [f"{k} {_show(extra[k])} (recorded {_show(self.manifest.get(k))})" for k in RUN_KEYS
                    if k in extra and _normalise(extra[k]) != _normalise(self.manifest.get(k))]
         if changed:
@@ -363,24 +385,37 @@ class GalleryStore:
                 stacklevel=3,
             )
 
+    def remove_stale_temp_files(self, older_than_s: float) -> None:
+        """Delete leftovers of interrupted writes older than ``older_than_s`` (a live worker's
+        temporary file is young: it is never taken from under it)."""
+        now = time.time()
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                if _is_temp(name):
+                    p = Path(folder) / name
+                    try:
+                        if now - p.stat().st_mtime > older_than_s:
+                            p.unlink()
+                    except OSError:
+                        pass
+
     def open(self) -> dict:
-        """Read the manifest (after rank 0's :meth:`prepare`) and this rank's own entries."""
+        """Read the manifest."""
         manifest = read_manifest(self.manifest_path)
         self.manifest = manifest
-        own = _entries_from(self.rank_manifest_path(), manifest["run_id"])
-        self._own = {e["shard"]: e for e in own}
         return manifest
 
     # ---- finished shards ---------------------------------------------------------------
-    def finished(self) -> dict[int, dict]:
-        """Entries of every finished shard (all ranks): a recorded entry whose file exists
-        with the recorded size and sha256. A shard file without an entry is not finished;
-        a recorded shard whose file is missing or changed is not finished either (rank 0
-        warns once, naming it), so a resume redoes it."""
-        assert self.manifest is not None, "call prepare() or open() first"
-        good, bad = resolve_entries(self.root, self.manifest, verify=True, digest=self._digest)
+    def finished(self, *, verify: bool = True, report: bool = True) -> dict[int, dict]:
+        """Entries of every finished shard (all workers): a recorded entry whose files exist
+        with the recorded sizes (and sha256, when ``verify``; each file is hashed once per
+        process). Files without an entry are not finished; a recorded shard whose file is
+        missing or changed is not finished either (warned once, naming it, when ``report``),
+        so it is redone."""
+        assert self.manifest is not None, "call create() or open() first"
+        good, bad = resolve_entries(self.root, self.manifest, verify=verify, digest=self._digest)
         new = sorted(set(bad) - self._reported)
-        if new and self.rank == 0:
+        if new and report:
             shown = "; ".join(f"shard {i}: {bad[i]}" for i in new[:5]) + ("; ..." if len(new) > 5 else "")
             warnings.warn(
                 f"{len(new)} finished shard(s) in {str(self.root)!r} are missing or changed and "
@@ -388,8 +423,37 @@ class GalleryStore:
                 UserWarning,
                 stacklevel=2,
             )
-        self._reported.update(new)
+            self._reported.update(new)
         return good
+
+    def recorded(self) -> dict[int, float]:
+        """{shard: when its latest entry was written} of every shard some worker has recorded
+        so far, not verified: cheap enough to ask before
+        every claim (the worker logs are append-only; only what was added since the last call
+        is read)."""
+        assert self.manifest is not None, "call create() or open() first"
+        run_id = self.manifest["run_id"]
+        if not self._read_to:
+            self._note([e for e in self.manifest.get("shards", [])
+                        if isinstance(e, dict) and e.get("run_id") == run_id])
+        folder = self.root / WORKERS
+        for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+            start = self._read_to.get(path, 0)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    data = f.read()
+            except OSError:
+                continue
+            whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits
+            self._read_to[path] = start + len(whole)
+            self._note(_parse_log(whole, run_id))
+        return dict(self._recorded)
+
+    def _note(self, entries: list[dict]) -> None:
+        for e in entries:
+            shard, when = int(e["shard"]), float(e.get("finished") or 0.0)
+            self._recorded[shard] = max(when, self._recorded.get(shard, when))
 
     def _digest(self, path: Path, st: os.stat_result) -> str:
         key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
@@ -399,50 +463,57 @@ class GalleryStore:
 
     # ---- writing -----------------------------------------------------------------------
     def write_shard(self, index: int, payload: dict, entry: dict) -> dict:
-        """Write shard ``index`` atomically, then record its entry in this rank's manifest."""
-        assert self.manifest is not None, "call prepare() or open() first"
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        data = buf.getvalue()
-        name = SHARD_FILE.format(index=index)
-        sha = hashlib.sha256(data).hexdigest()
-        with self._writing(f"shard {index} ({name})", self._kept_hint()):
-            atomic_write_bytes(self.root / name, data)
-            st = (self.root / name).stat()
-            self._digests[(str(self.root / name), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)] = sha
+        """Write shard ``index``'s files atomically (the layout of
+        :mod:`~crossgap_fast.shard_format`), then record its entry in this worker's manifest."""
+        assert self.manifest is not None, "call create() or open() first"
+        m = self.manifest
+        out = m.get("output") or {}
+        files = fmt.encode_shard(index, payload, method=m["method"], kind=m["kind"],
+                                 store=out.get("store") or fmt.DEFAULT_STORE,
+                                 dtype=out.get("dtype") or fmt.DEFAULT_DTYPE,
+                                 normalize=bool(out.get("normalize")))
+        recorded: dict[str, dict] = {}
+        with self._writing(f"shard {index}", self._kept_hint()):
+            for rel, data in files.values():
+                path = self.root / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, data)
+                sha = hashlib.sha256(data).hexdigest()
+                st = path.stat()
+                self._digests[(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)] = sha
+                recorded[rel] = {"bytes": len(data), "sha256": sha}
             full = {
                 "shard": index,
-                "file": name,
+                "columns": {column: rel for column, (rel, _) in files.items()},
+                "files": recorded,
                 **entry,
-                "rank": self.rank,
-                "bytes": len(data),
-                "sha256": sha,
-                "run_id": self.manifest["run_id"],
+                "worker": self.worker,
+                "host": self.host,
+                "finished": time.time(),
+                "run_id": m["run_id"],
             }
             self._record(full)
         return full
 
     def _record(self, entry: dict) -> None:
-        """The completion marker: the shard is finished once this write lands."""
-        self._own[entry["shard"]] = entry
-        atomic_write_json(
-            self.rank_manifest_path(),
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "run_id": self.manifest["run_id"],
-                "rank": self.rank,
-                "shards": [self._own[k] for k in sorted(self._own)],
-            },
-        )
+        """The completion marker: the shard is finished once this line lands. The worker's
+        log is append-only (one JSON entry per line, fsync'ed), so recording costs the same at
+        the last shard as at the first; a line cut short by a crash is ignored by readers."""
+        path = self.worker_manifest_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as f:
+            f.write(error_line(entry).encode())
+            f.flush()
+            os.fsync(f.fileno())
 
     def finalize(self, extra: dict | None = None) -> dict:
-        """Merge every rank's verified entries into ``manifest.json`` (so it carries the
-        digest of each file as it is on disk) and rewrite ``errors.jsonl`` (the input
+        """Merge every worker's entries whose files have the recorded sizes into
+        ``manifest.json`` (with the digests taken as the files were written) and rewrite ``errors.jsonl`` (the input
         listing's problems first, then each item's record in input order); the status is
-        "complete" when every shard is finished. Rank 0, after a barrier."""
-        assert self.manifest is not None, "call prepare() or open() first"
-        finished = self.finished()
+        "complete" when every shard is finished. Workers finishing at once write the same
+        content, each atomically."""
+        assert self.manifest is not None, "call create() or open() first"
+        finished = self.finished(verify=False)  # sizes: the digests were taken as each file was written
         manifest = dict(self.manifest)
         manifest["shards"] = [finished[k] for k in sorted(finished)]
         complete = len(finished) == manifest["num_shards"]
@@ -468,8 +539,26 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _parse_log(data: bytes, run_id: str) -> list[dict]:
+    """The entries of a worker log's complete lines (damaged lines skipped)."""
+    out = []
+    for line in data.splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(e, dict) and e.get("run_id") == run_id and isinstance(e.get("shard"), int):
+            out.append(e)
+    return out
+
+
 def _entries_from(path: Path, run_id: str) -> list[dict]:
-    try:
+    if path.suffix == ".jsonl":
+        try:
+            return _parse_log(path.read_bytes(), run_id)
+        except OSError:
+            return []
+    try:  # version 1: one JSON document per rank
         data = read_json(path)
     except (OSError, ValueError):
         return []
@@ -479,18 +568,45 @@ def _entries_from(path: Path, run_id: str) -> list[dict]:
 
 
 def _candidates(root: Path, manifest: dict) -> dict[int, list[dict]]:
-    """Every recorded entry of each shard of the run: the rank files first (rewritten after
-    each shard, they hold the latest write), then ``manifest.json`` (the last merge)."""
+    """Every recorded entry of each shard of the run (worker files and ``manifest.json``), the
+    most recently written first."""
     run_id = manifest["run_id"]
+    sources = sorted((root / WORKERS).glob("*.jsonl")) if (root / WORKERS).is_dir() else []
+    sources += [p for p in sorted(root.iterdir()) if _RANK_RE.match(p.name)]  # version 1
     out: dict[int, list[dict]] = {}
-    for p in sorted(root.iterdir()):
-        if _RANK_RE.match(p.name):
-            for e in _entries_from(p, run_id):
-                out.setdefault(int(e["shard"]), []).append(e)
+    for p in sources:
+        for e in _entries_from(p, run_id):
+            out.setdefault(int(e["shard"]), []).append(e)
     for e in manifest.get("shards", []):
         if isinstance(e, dict) and e.get("run_id") == run_id:
             out.setdefault(int(e["shard"]), []).append(e)
+    for entries in out.values():  # the latest write first: a redone shard's entry wins
+        entries.sort(key=lambda e: -float(e.get("finished") or 0.0))
     return out
+
+
+def entry_files(entry: dict) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of a shard entry (either store version)."""
+    if "files" in entry:
+        return entry["files"]
+    return {entry["file"]: {"bytes": entry.get("bytes"), "sha256": entry.get("sha256")}}
+
+
+def _mismatch(root: Path, entry: dict, verify: bool, digest) -> str | None:
+    """Why ``entry``'s files do not match what is on disk (None when they do)."""
+    for rel, info in entry_files(entry).items():
+        path = root / rel
+        try:
+            st = path.stat()
+            if st.st_size != info.get("bytes"):
+                return f"{rel} does not match its manifest entry (size differs): it was changed after it was written"
+            if verify and digest(path, st) != info.get("sha256"):
+                return f"{rel} does not match its manifest entry (sha256 differs): it was changed after it was written"
+        except FileNotFoundError:
+            return f"{rel} is missing"
+        except OSError as err:
+            return f"{rel} is unreadable ({err.strerror or err})"
+    return None
 
 
 def resolve_entries(
@@ -500,41 +616,29 @@ def resolve_entries(
     verify: bool,
     digest: Callable[[Path, os.stat_result], str] | None = None,
 ) -> tuple[dict[int, dict], dict[int, str]]:
-    """(the entry that matches each recorded shard's file, keyed by shard; why the others do
-    not match). A shard can have several entries (a shard redone on resume, perhaps by
-    another rank): the one with the file's size (and sha256, when ``verify``) wins, so a
-    stale entry never shadows the file on disk."""
+    """(the entry that matches each recorded shard's files, keyed by shard; why the others do
+    not match). A shard can have several entries (redone on resume, perhaps by another
+    worker): the one whose files have the recorded sizes (and sha256, when ``verify``) wins,
+    so a stale entry never shadows the files on disk."""
     root = Path(root)
     digest = digest or (lambda path, st: file_sha256(path))
     good: dict[int, dict] = {}
     bad: dict[int, str] = {}
     for shard, entries in sorted(_candidates(root, manifest).items()):
-        path = root / entries[0]["file"]
-        try:
-            st = path.stat()
-        except OSError as err:
-            bad[shard] = f"{path.name} is missing" if isinstance(err, FileNotFoundError) else \
-                f"{path.name} is unreadable ({err.strerror or err})"
-            continue
-        sized = [e for e in entries if e.get("bytes") == st.st_size]
-        if sized and verify:
-            try:
-                sha = digest(path, st)
-            except OSError as err:
-                bad[shard] = f"{path.name} is unreadable ({err.strerror or err})"
-                continue
-            sized = [e for e in sized if e.get("sha256") == sha]
-        if sized:
-            good[shard] = sized[0]
-        else:
-            bad[shard] = (f"{path.name} does not match its manifest entry (size or sha256 differ): "
-                          "it was changed after it was written")
+        why = None
+        for e in entries:
+            why = _mismatch(root, e, verify, digest)
+            if why is None:
+                good[shard] = e
+                break
+        if shard not in good:
+            bad[shard] = why or "no entry"
     return good, bad
 
 
 def collect_entries(root: str | os.PathLike, manifest: dict) -> list[dict]:
-    """The entry of every recorded shard whose file has the recorded size, sorted by shard
-    (see :func:`resolve_entries`; no hashing)."""
+    """The entry of every recorded shard whose files have the recorded sizes, sorted by
+    shard (see :func:`resolve_entries`; no hashing)."""
     good, _ = resolve_entries(root, manifest, verify=False)
     return [good[k] for k in sorted(good)]
 
@@ -545,107 +649,6 @@ def _normalise(v: Any) -> Any:
 
 def _show(v: Any) -> str:
     return json.dumps(v) if not isinstance(v, str) else repr(v)
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Inversions:
-    """A gallery run loaded back, every row in input order (failed items left out).
-
-    ``names``: item names (image path relative to the input root / the list entry, text line
-    number or id, feature row index), ``indices``: (N,) the items' positions in the input,
-    ``features``: (N, D) the run's output (inverted features for ``invert``, CLIP features for
-    ``encode``), ``targets``: (N, D) the features that were inverted (None for ``encode``),
-    ``tokens``: (N, R, d) pseudo tokens / patches, ``losses``: (N,) final loss
-    ``1 - cos(features, targets)``, ``loss_curves``: (N, steps) when the run kept them,
-    ``errors``: the failed items and warnings (dicts: index, name, level, reason), after
-    the input listing's problems (index None: an unreadable sub-folder),
-    ``manifest``: the run's settings, ``complete``: whether every shard is finished.
-    ``calibration``: (N,) bool for a warm-started run (``--warm-start``): True for the items
-    inverted exactly (the calibration set), False for the warm-started ones; None otherwise.
-    """
-
-    names: list[str]
-    indices: Tensor
-    features: Tensor
-    targets: Tensor | None = None
-    tokens: Tensor | None = None
-    losses: Tensor | None = None
-    loss_curves: Tensor | None = None
-    errors: list[dict] = field(default_factory=list)
-    manifest: dict = field(default_factory=dict)
-    complete: bool = True
-    calibration: Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def load_inversions(out_dir: str | os.PathLike, *, allow_partial: bool = False, verify: bool = True) -> Inversions:
-    """Load the output of ``crossgap invert`` / ``crossgap encode`` (or of
-    :func:`crossgap_fast.invert_gallery`) from ``out_dir``; see :class:`Inversions`.
-
-    Shards finished by any rank are merged. An unfinished run raises unless
-    ``allow_partial`` (then only finished shards are returned, ``complete`` is False).
-    ``verify`` checks every shard file against the sha256 in its manifest entry.
-    """
-    root = Path(out_dir)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise GalleryError(f"{str(root)!r} has no {MANIFEST}: not a crossgap output directory")
-    manifest = read_manifest(path)
-    candidates = _candidates(root, manifest)
-    complete = len(candidates) == manifest["num_shards"]
-    if not complete and not allow_partial:
-        raise GalleryError(
-            f"the run in {str(root)!r} is unfinished: {len(candidates)} of {manifest['num_shards']} "
-            "shards done; resume it (--resume) or pass allow_partial=True"
-        )
-    parts, entries = [], []
-    for shard, options in sorted(candidates.items()):
-        p = root / options[0]["file"]
-        try:
-            data = p.read_bytes()
-        except OSError as err:
-            raise CorruptStoreError(f"shard {shard} ({str(p)!r}) is unreadable: {err}") from err
-        sha = hashlib.sha256(data).hexdigest() if verify else None
-        match = [e for e in options if e.get("bytes") == len(data) and (sha is None or e.get("sha256") == sha)]
-        if not match:
-            raise CorruptStoreError(
-                f"shard {shard} ({str(p)!r}) does not match its manifest entry (size or "
-                "sha256 differ): the file was changed after it was written; resume the run "
-                "(--resume) to redo it"
-            )
-        entries.append(match[0])
-        parts.append(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
-    errors = list(manifest.get("input_problems") or []) + [r for e in entries for r in e.get("errors", [])]
-    width = int(manifest.get("embed_dim") or 0)
-    inverted = manifest.get("method") != "encode"
-
-    def cat(key: str, empty_shape: tuple[int, ...]) -> Tensor | None:
-        if not parts:
-            return torch.empty(empty_shape)
-        got = [p.get(key) for p in parts]
-        return None if any(g is None for g in got) else torch.cat(got)
-
-    names = [n for p in parts for n in p["names"]]
-    return Inversions(
-        names=names,
-        indices=cat("indices", (0,)).long(),
-        features=cat("features", (0, width)),
-        targets=cat("targets", (0, width)) if inverted else None,
-        tokens=cat("tokens", (0, int(manifest.get("num_tokens") or 0), int(manifest.get("token_dim") or 0)))
-        if inverted else None,
-        losses=cat("losses", (0,)) if inverted else None,
-        loss_curves=cat("loss_curves", (0, int(manifest.get("steps") or 0)))
-        if inverted and manifest.get("keep_loss_curve") else None,
-        errors=errors,
-        manifest=manifest,
-        complete=complete,
-        calibration=cat("calibration", (0,)).bool() if manifest.get("warm_start") else None,
-    )
 
 
 def iter_error_records(path: str | os.PathLike) -> Iterable[dict]:

@@ -85,6 +85,12 @@ def kill_when_written(wrapper: str, args: list[str], path: Path, settle: float =
     return proc
 
 
+def recorded_shards(out: Path) -> list[int]:
+    """Every shard recorded by any worker of the run in ``out``, with repeats, sorted."""
+    return sorted(json.loads(line)["shard"] for w in (out / "workers").glob("*.jsonl")
+                  for line in w.read_text().splitlines())
+
+
 def make_images(root: Path, n: int = 22) -> tuple[list[str], str]:
     rng = np.random.default_rng(1)
     good = []
@@ -150,14 +156,14 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, images, tmp_pat
     root, good, bad = images
     out = tmp_path / "killed"
     args = ["invert", "images", "--input", str(root), "--out", str(out)] + COMMON
-    proc = kill_when_written(SLOW_WRAPPER, args, out / "shard-00001.pt")
+    proc = kill_when_written(SLOW_WRAPPER, args, out / "metadata" / "metadata_00001.parquet")
     assert proc.returncode == -signal.SIGKILL
-    # killed mid-run: shard 1's file exists but only shard 0 is recorded as finished
-    rank0 = json.loads((out / "manifest.rank0.json").read_text())
-    assert [s["shard"] for s in rank0["shards"]] == [0]
+    # killed mid-run: shard 1's files exist but only shard 0 is recorded as finished
+    (worker,) = (out / "workers").glob("*.jsonl")
+    assert [json.loads(line)["shard"] for line in worker.read_text().splitlines()] == [0]
     with pytest.raises(Exception, match="unfinished"):
         load_inversions(out)
-    shard0 = (out / "shard-00000.pt").stat().st_mtime_ns
+    shard0 = (out / "text_emb" / "text_emb_00000.npy").stat().st_mtime_ns
 
     refused = run(crossgap_cmd() + args)  # without --resume: refused, nothing touched
     assert refused.returncode == 2 and "not empty" in refused.stderr and "--resume" in refused.stderr
@@ -165,7 +171,7 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, images, tmp_pat
     resumed = run(crossgap_cmd() + args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert "skipped 1 finished shard" in resumed.stdout
-    assert (out / "shard-00000.pt").stat().st_mtime_ns == shard0
+    assert (out / "text_emb" / "text_emb_00000.npy").stat().st_mtime_ns == shard0
     full, again = load_inversions(uninterrupted[0]), load_inversions(out)
     assert again.names == full.names
     assert torch.equal(again.indices, full.indices)
@@ -185,10 +191,13 @@ def test_torchrun_two_ranks_equal_single_process(uninterrupted, images, tmp_path
            "--input", str(root), "--out", str(out)] + COMMON
     proc = run(cmd, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("crossgap: inverted") == 1  # rank 0 prints the summary
+    assert proc.stdout.count("crossgap: inverted") == 2  # each rank reports its own part
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [s["rank"] for s in manifest["shards"]] == [0, 1, 0, 1, 0, 1]
-    assert (out / "manifest.rank0.json").is_file() and (out / "manifest.rank1.json").is_file()
+    assert manifest["status"] == "complete" and [s["shard"] for s in manifest["shards"]] == list(range(6))
+    # shards are leased: each was made once, by whichever rank claimed it
+    assert recorded_shards(out) == list(range(6))
+    again = run(cmd, timeout=300)  # a new launch into the finished folder, without --resume: refused
+    assert again.returncode != 0 and again.stderr.count("is not empty") == 2  # each rank says so
     single, multi = load_inversions(uninterrupted[0]), load_inversions(out)
     assert multi.names == single.names
     torch.testing.assert_close(multi.features, single.features, atol=1e-6, rtol=0)
@@ -233,7 +242,7 @@ def test_refusals(tmp_path, capsys):
     out = tmp_path / "out"
     base = ["invert", "images", "--input", str(tmp_path / "f.npy"), "--out", str(out), "--steps", "2"] + TINY
     assert cli.main(base) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert cli.main(base) == 2
     assert "is not empty" in capsys.readouterr().err
@@ -243,7 +252,7 @@ def test_refusals(tmp_path, capsys):
     assert cli.main(["invert", "images", "--input", str(tmp_path / "f.npy"), "--out", str(out),
                      "--steps", "2", "--template", "a picture of {}", "--resume"] + TINY) == 2
     assert "template" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing lost
     assert cli.main(base + ["--resume"]) == 0  # same settings: nothing left to do
     assert "skipped 1 finished shard" in capsys.readouterr().out
     assert cli.main(["invert", "images", "--input", str(tmp_path / "missing"), "--out",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from crossgap_fast import baselines
+from crossgap_fast.store import GalleryError
 from crossgap_fast.evaluation import (
     evaluate_retrieval,
     evaluate_zeroshot,
@@ -99,7 +101,7 @@ def test_evaluate_retrieval_end_to_end_and_reuses_inversions(tiny, labelled_imag
     assert sorted(rep.curve) == [0, 2, 4]
     runs = sorted(p.name for p in (tmp_path / "cache").rglob("oti-*"))
     assert len(runs) == 1
-    shard = next((tmp_path / "cache").rglob("oti-*/shard-*.pt"))
+    shard = next((tmp_path / "cache").rglob("oti-*/metadata/metadata_*.parquet"))
     written = shard.stat().st_mtime_ns
     again = evaluate_retrieval("imagefolder", labelled_images, tiny, **kw)
     assert again.rows == rep.rows
@@ -169,3 +171,65 @@ def test_eval_retrieval_with_a_warm_start_row(tmp_path, capsys):
     assert data["rows"]["ovi warm (2 steps)"]["num_queries"] == 40
     rates = [k for k in data["facts"] if k.startswith("items/s")]
     assert len(rates) == 2 and any("warm32-k2" in k for k in rates)
+
+
+def _colour_set(root, per_class: int, seed: int):
+    """An imagefolder set of three colour classes, ``per_class`` images each."""
+    rng = np.random.default_rng(seed)
+    for label, rgb in enumerate([(220, 30, 30), (30, 200, 40), (40, 50, 210)]):
+        (root / f"class_{label}").mkdir(parents=True)
+        for i in range(per_class):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (24, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / f"class_{label}" / f"{i}.png")
+    return root
+
+
+def test_two_imagefolder_sets_share_a_cache_without_colliding(tiny, tmp_path):
+    """The cache is keyed by the dataroot: a second ``imagefolder`` set has its own results."""
+    first = _colour_set(tmp_path / "first", 3, seed=1)
+    second = _colour_set(tmp_path / "second", 2, seed=2)
+    kw = dict(steps=2, cache_dir=tmp_path / "cache", progress=False)
+    a = evaluate_retrieval("imagefolder", first, tiny, **kw)
+    b = evaluate_retrieval("imagefolder", second, tiny, **kw)
+    assert a.rows["intra"]["num_queries"] == 9 and b.rows["intra"]["num_queries"] == 6
+    alone = evaluate_retrieval("imagefolder", second, tiny, steps=2, cache_dir=tmp_path / "other", progress=False)
+    assert b.rows == alone.rows
+    assert len({p.parent for p in (tmp_path / "cache").rglob("gallery")}) == 2
+    again = evaluate_retrieval("imagefolder", first, tiny, **kw)
+    assert again.rows == a.rows
+
+
+def test_a_cache_of_a_changed_dataset_is_named_for_deletion(tiny, tmp_path):
+    root = _colour_set(tmp_path / "set", 2, seed=3)
+    kw = dict(steps=2, modes=("intra",), cache_dir=tmp_path / "cache", progress=False)
+    evaluate_retrieval("imagefolder", root, tiny, **kw)
+    Image.new("RGB", (24, 24), (9, 9, 9)).save(root / "class_0" / "extra.png")
+    with pytest.raises(GalleryError, match="cached results in .*gallery.* delete the folder") as info:
+        evaluate_retrieval("imagefolder", root, tiny, **kw)
+    assert "\n" not in str(info.value)
+    stale = next((tmp_path / "cache").rglob("gallery")).parent
+    assert f"delete the folder {str(stale)!r}" in str(info.value)
+    shutil.rmtree(stale)  # as the message says
+    assert evaluate_retrieval("imagefolder", root, tiny, **kw).rows["intra"]["num_queries"] == 7
+
+
+def test_cache_folder_follows_the_weights_and_the_dataroot_not_the_checkpoint_path(tiny, tmp_path):
+    import crossgap_fast as cg
+    from crossgap_fast.evaluation import dataset_cache_dir
+
+    def model(pretrained, name="crossgap-tiny"):
+        return cg.ClipModel(model=tiny.model, tokenizer=tiny.tokenizer, name=name, pretrained=pretrained)
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "ckpt.pt").write_bytes(b"weights")
+    shutil.copy(tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "moved.pt")
+    root = tmp_path / "cache"
+    here = dataset_cache_dir(root, model(str(tmp_path / "a" / "ckpt.pt")), "imagefolder", "test", tmp_path / "a")
+    moved = dataset_cache_dir(root, model(str(tmp_path / "b" / "moved.pt")), "imagefolder", "test", tmp_path / "a")
+    assert here == moved
+    assert dataset_cache_dir(root, model(None), "imagefolder", "test", tmp_path / "a").parent != here.parent
+    assert dataset_cache_dir(root, tiny, "imagefolder", "test", tmp_path / "b") != \
+        dataset_cache_dir(root, tiny, "imagefolder", "test", tmp_path / "a")
+    hub = dataset_cache_dir(root, model(None, "hf-hub:org/name"), "imagefolder", "test", tmp_path / "a")
+    assert len(hub.relative_to(root).parts) == 2

@@ -139,7 +139,8 @@ def test_interrupted_library_run_resumes_to_the_same_result(tiny, gallery, full_
                        keep_loss_curve=True)
     monkeypatch.setattr(store_mod.GalleryStore, "write_shard", real)
     assert load_inversions(out, allow_partial=True).complete is False
-    kept = {p: (out / p).stat().st_mtime_ns for p in ("shard-00000.pt", "shard-00001.pt")}
+    kept = {p: (out / p).stat().st_mtime_ns for p in ("text_emb/text_emb_00000.npy", "tokens/tokens_00001.npy",
+                                                       "metadata/metadata_00001.parquet")}
 
     summary = invert_gallery(root, out, tiny, steps=STEPS, shard_size=4, workers=0, progress=False,
                              keep_loss_curve=True, resume=True)
@@ -154,7 +155,7 @@ def test_interrupted_library_run_resumes_to_the_same_result(tiny, gallery, full_
 def test_refusals_keep_existing_results(tiny, gallery, full_run, tmp_path):
     root, _, _ = gallery
     out = full_run[0]
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(OutputExistsError, match="not empty"):
         invert_gallery(root, out, tiny, steps=STEPS, shard_size=4, progress=False)
     with pytest.raises(SettingsMismatchError, match="steps: recorded 3, now 4"):
@@ -167,7 +168,7 @@ def test_refusals_keep_existing_results(tiny, gallery, full_run, tmp_path):
     with pytest.raises(SettingsMismatchError, match="shard_size"):
         invert_gallery(root, out, tiny, steps=STEPS, shard_size=5, progress=False, resume=True,
                        keep_loss_curve=True)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_resume_refused_when_the_input_changed(tiny, tmp_path):

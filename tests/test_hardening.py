@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from crossgap_fast import cli, encode_gallery, invert_gallery, load_inversions, load_model
-from crossgap_fast import gallery as gallery_mod
+from crossgap_fast import encode as encode_mod
 from crossgap_fast import store as store_mod
 from crossgap_fast.data import load_gallery, load_image, read_texts, scan_images
 from crossgap_fast.store import CorruptStoreError, InputError, SettingsMismatchError
@@ -223,8 +223,8 @@ def test_too_little_shared_memory_decodes_in_main_process(tiny, tmp_path, monkey
         save_png(root / f"{i}.png", i)
     ref = encode_gallery(root, tmp_path / "ref", tiny, workers=0, progress=False)
     created = []
-    monkeypatch.setattr(gallery_mod, "shared_memory_free", lambda: 1 << 20)  # 1 MiB, like a tiny /dev/shm
-    monkeypatch.setattr(gallery_mod._DecodeThread, "__init__",
+    monkeypatch.setattr(encode_mod, "shared_memory_free", lambda: 1 << 20)  # 1 MiB, like a tiny /dev/shm
+    monkeypatch.setattr(encode_mod._DecodeThread, "__init__",
                         lambda self, *a: created.append(a) or pytest.fail("workers were started"))
     with pytest.warns(UserWarning, match=r"/dev/shm has 1 MiB free.*decoding in the main process"):
         got = encode_gallery(root, tmp_path / "out", tiny, workers=2, progress=False)
@@ -266,7 +266,8 @@ def _manifest_matches_disk(out: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     for e in manifest["shards"]:
-        assert e["sha256"] == _file_sha(out / e["file"]), e["file"]
+        for rel, info in e["files"].items():
+            assert info["sha256"] == _file_sha(out / rel), rel
 
 
 def test_deleted_shard_redone_under_other_thread_count_loads(tiny, tmp_path):
@@ -274,7 +275,7 @@ def test_deleted_shard_redone_under_other_thread_count_loads(tiny, tmp_path):
     out = tmp_path / "out"
     threads = torch.get_num_threads()
     invert_gallery(src, out, tiny, steps=2, shard_size=2, progress=False)
-    (out / "shard-00001.pt").unlink()
+    (out / "tokens" / "tokens_00001.npy").unlink()
     torch.set_num_threads(1 if threads > 1 else 2)
     try:
         with pytest.warns(UserWarning) as caught:
@@ -282,7 +283,7 @@ def test_deleted_shard_redone_under_other_thread_count_loads(tiny, tmp_path):
     finally:
         torch.set_num_threads(threads)
     text = " ".join(str(w.message) for w in caught)
-    assert "shard 1: shard-00001.pt is missing" in text and "threads" in text
+    assert "shard 1: tokens/tokens_00001.npy is missing" in text and "threads" in text
     assert summary.complete and summary.shards_done == 1 and summary.shards_skipped == 2
     _manifest_matches_disk(out)
     assert len(load_inversions(out)) == 6  # raised CorruptStoreError forever before
@@ -295,9 +296,9 @@ def test_flipped_byte_in_finished_shard_is_redone(tiny, tmp_path):
     out = tmp_path / "out"
     invert_gallery(src, out, tiny, steps=2, shard_size=4, progress=False)
     before = load_inversions(out)
-    path = out / "shard-00000.pt"
+    path = out / "text_emb" / "text_emb_00000.npy"
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
+    data[-3] ^= 0x01  # a feature value, not the header
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptStoreError, match="shard 0"):
         load_inversions(out)
@@ -508,7 +509,7 @@ def test_bad_device_and_output_location_one_line(tmp_path, capsys):
     blocker.write_text("not a folder")
     assert cli.main(base + ["--out", str(blocker / "sub")]) == 2
     line = one_line_error(capsys)
-    assert "cannot write manifest.json" in line and "a_file/sub" in line
+    assert "cannot write" in line and "a_file/sub" in line and "Not a directory" in line
 
 
 def test_full_disk_keeps_finished_shards(tiny, tmp_path, capsys, monkeypatch):
@@ -520,9 +521,9 @@ def test_full_disk_keeps_finished_shards(tiny, tmp_path, capsys, monkeypatch):
     landed = []
 
     def replace(a, b):  # the disk fills up after the first shard and its entry landed
-        if Path(b).name.startswith("shard-") and len(landed) == 1:
+        if Path(b).name.startswith("metadata_") and len(landed) == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        if Path(b).name.startswith("shard-"):
+        if Path(b).name.startswith("metadata_"):
             landed.append(b)
         return real(a, b)
 
@@ -530,8 +531,9 @@ def test_full_disk_keeps_finished_shards(tiny, tmp_path, capsys, monkeypatch):
     assert cli.main(args) == 2
     line = one_line_error(capsys)
     assert "No space left on device" in line and "finished shards are kept" in line and "--resume" in line
-    assert [s["shard"] for s in json.loads((out / "manifest.rank0.json").read_text())["shards"]] == [0]
-    assert not [p for p in os.listdir(out) if ".tmp-" in p]
+    (worker,) = (out / "workers").glob("*.jsonl")
+    assert [json.loads(line)["shard"] for line in worker.read_text().splitlines()] == [0]
+    assert not [p for _, _, files in os.walk(out) for p in files if ".tmp-" in p]
     monkeypatch.setattr(store_mod.os, "replace", real)
     assert cli.main(args + ["--resume"]) == 0
     assert "skipped 1 finished shard" in capsys.readouterr().out

@@ -22,7 +22,7 @@ from ..evaluation import image_retrieval_report, write_outputs, zeroshot_report
 from ..gallery import encode_gallery, invert_gallery
 from ..inverter import InversionResult
 from ..models import model_identity
-from ..store import load_inversions
+from ..reader import load_inversions
 from ..warm_start import fit_warm_start
 from . import DEMO_PROMPT, demo_classes, demo_gallery, load_demo_model
 
