@@ -474,7 +474,12 @@ class ImageDataset(Dataset):
         except (NotRegularFileError, ItemReadError) as err:
             return index, None, str(err)
         except Exception as err:  # PIL raises many types for corrupt files
-            return index, None, f"unreadable image ({type(err).__name__}: {err})"
+            return index, None, unreadable_image(err)
+
+
+def unreadable_image(err: Exception) -> str:
+    """The error record's reason for an image that could not be decoded."""
+    return f"unreadable image ({type(err).__name__}: {err})"
 
 
 def collate_images(batch: list[tuple[int, Tensor | None, str | None]]) -> dict:

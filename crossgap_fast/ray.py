@@ -48,7 +48,7 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess test
     ) from _err
 
 from .config import InversionConfig, check_int
-from .data import Gallery, ImageDataset, _features_gallery, to_rgb
+from .data import Gallery, ImageDataset, _features_gallery, to_rgb, unreadable_image
 from .encode import DEFAULT_ENCODE_BATCH, _encode_images, _encode_texts
 from .gallery import resolve_device
 from .inverter import Inverter, frozen
@@ -153,10 +153,6 @@ def _input_column(batch: dict[str, np.ndarray]) -> str:
     return given[0]
 
 
-def _unreadable(err: Exception) -> str:
-    return f"unreadable image ({type(err).__name__}: {err})"
-
-
 def _decode_image(value: Any, preprocess: Callable[[Any], Tensor]) -> Tensor:
     """Encoded bytes, or a decoded array as ``ray.data.read_images`` gives (HW or HWC)."""
     from PIL import Image
@@ -256,7 +252,7 @@ class _ModelBatches:
                 try:
                     decoded.append((i, _decode_image(value, preprocess)))
                 except Exception as err:  # PIL raises many types for corrupt data
-                    errors[i] = _unreadable(err)
+                    errors[i] = unreadable_image(err)
         step = self.encode_batch_size
         for s in range(0, len(decoded), step):
             part = decoded[s:s + step]
