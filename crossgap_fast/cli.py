@@ -6,10 +6,12 @@
     crossgap eval retrieval --dataset NAME --dataroot DIR --pretrained ... [--modes intra,oti,ovi]
     crossgap eval zeroshot  --dataset NAME --dataroot DIR --pretrained ...
     crossgap status OUTDIR [--json]   (progress of a run: shards, items/s, ETA, failures)
+    crossgap export OUTDIR --to DIR   (rewrite a run in the current store format)
 
 A thin layer over :func:`crossgap_fast.invert_gallery` / :func:`crossgap_fast.encode_gallery`;
-``python -m crossgap_fast`` is the same. Under ``torchrun --nproc-per-node K`` the gallery is
-split over the K ranks (see :mod:`crossgap_fast.gallery`).
+``python -m crossgap_fast`` is the same. Processes started with ``--worker`` (or the ranks of
+``torchrun --nproc-per-node K``) share one run's shards through leases (see
+:mod:`crossgap_fast.tasks`).
 
 ``--pretrained random`` builds a randomly initialised model under
 ``torch.manual_seed(RANDOM_MODEL_SEED)``, so that every process (a resumed run, each torchrun
@@ -86,7 +88,7 @@ def _common(p: argparse.ArgumentParser, kind: str) -> None:
         "tars, a .npy/.pt file of (N, D) text features, or a clip-retrieval folder (text_emb/*.npy)"
     )
     p.add_argument("--input", required=True, help=inp)
-    p.add_argument("--out", required=True, help="output directory (must be empty unless --resume)")
+    p.add_argument("--out", required=True, help="output directory (must be empty unless --resume or --worker)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"open_clip architecture (default {DEFAULT_MODEL})")
     p.add_argument(
         "--pretrained", default=DEFAULT_PRETRAINED,
@@ -196,7 +198,7 @@ def _export_parser(top) -> None:
     p.add_argument("outdir", help="the run's output directory (only read)")
     p.add_argument("--to", required=True, help="the new, empty output directory")
     p.add_argument("--store", default=None,
-                   help="what to keep, some of " + ",".join(fmt.STORE_COLUMNS) + " (default all)")
+                   help="what to keep, some of " + ",".join(fmt.STORE_COLUMNS) + " (default: what the run kept)")
     p.add_argument("--dtype", choices=fmt.DTYPES, default=None,
                    help="dtype of the stored features (default: the run's)")
     p.add_argument("--normalize", action="store_true", default=None,
