@@ -55,9 +55,10 @@ def export_store(source: str | os.PathLike, target: str | os.PathLike, *,
     extra = {k: v for k, v in manifest.items() if k not in _STATE_KEYS and k not in SETTINGS_KEYS}
     extra["exported_from"] = {"path": str(src_root), "run_id": manifest["run_id"],
                               "version": manifest.get("version")}
-    out.create(settings, extra)
+    existed = out.root.exists()
     bar = Progress(len(candidates), desc="export shards", enabled=progress)
     try:
+        out.create(settings, extra)
         for shard in sorted(candidates):
             entry = _pick_entry(src_root, shard, candidates[shard], verify=True)
             if manifest.get("version") == 1:
@@ -71,13 +72,28 @@ def export_store(source: str | os.PathLike, target: str | os.PathLike, *,
                                    "cannot export it")
             out.write_shard(shard, payload, {k: v for k, v in entry.items() if k not in _ENTRY_OWN})
             bar.update(1)
+        for name in (INPUT_INDEX, cal_mod.CALIBRATION_FILE, cal_mod.MAP_FILE):
+            if (src_root / name).is_file():
+                shutil.copyfile(src_root / name, out.root / name)
+        out.open()
+        return out.finalize()
+    except BaseException:
+        _discard(out.root, existed)  # a half export would block the rerun as "not empty"
+        raise
     finally:
         bar.close()
-    for name in (INPUT_INDEX, cal_mod.CALIBRATION_FILE, cal_mod.MAP_FILE):
-        if (src_root / name).is_file():
-            shutil.copyfile(src_root / name, out.root / name)
-    out.open()
-    return out.finalize()
+
+
+def _discard(root: Path, existed: bool) -> None:
+    """Remove what a failed export wrote into ``root`` (empty when it started)."""
+    if not existed:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for child in root.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _item_columns(root: Path, entry: dict) -> dict:

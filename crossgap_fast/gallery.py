@@ -55,6 +55,9 @@ ENGINES = ("local", "ray")
 DEFAULT_ENGINE = "local"
 #: Most Ray actors (one Inverter each) of ``engine="ray"``.
 DEFAULT_RAY_ACTORS = 1
+#: Items the Ray engine claims at a time: its leases and item rows stay bounded, and each
+#: window starts the actors once (a second or so, against minutes of work per window on a GPU).
+RAY_WINDOW_ITEMS = 1 << 20
 
 __all__ = ["invert_gallery", "encode_gallery", "GallerySummary", "Output", "default_workers",
            "DEFAULT_SHARD_SIZE", "DEFAULT_MAX_FAILED_FRACTION", "DEFAULT_ENCODE_BATCH"]
@@ -627,15 +630,13 @@ def _warn_listing(gallery: Gallery, store: GalleryStore, cm: ClipModel) -> None:
 
 def _run_on_ray(gallery: Gallery, cm: ClipModel, inverter: Inverter, store: GalleryStore, claims: ShardClaims,
                 pipe: _Pipeline, dev: torch.device, bar: Progress, run_values: dict) -> tuple[int, int]:
-    """The shards no other worker holds, through Ray Data (:func:`crossgap_fast.ray.run_ray`);
-    shards left over (their worker died meanwhile) then run here, like any worker's."""
+    """The shards no other worker holds, through Ray Data (:func:`crossgap_fast.ray.run_ray`),
+    claimed in windows of about :data:`RAY_WINDOW_ITEMS` items (so the driver holds and renews
+    a bounded number of leases and item rows); shards left over (their worker died meanwhile)
+    then run here, like any worker's."""
     from .ray import run_ray
-    from .tasks import shard_task
 
     ranges = claims.ranges
-    finished = claims.finished()
-    mine = [i for i in range(len(ranges)) if i not in finished and claims.leases.acquire(shard_task(i))]
-    claims.taken.update(mine)
     done = [0, 0]
     last = [time.perf_counter()]
 
@@ -653,11 +654,12 @@ def _run_on_ray(gallery: Gallery, cm: ClipModel, inverter: Inverter, store: Gall
         done[1] += 1
         bar.update(hi - lo)
 
-    run_ray(gallery, cm, inverter.config, kind=gallery.kind if gallery.kind != "features" else
-            ("images" if inverter.config.method == "oti" else "texts"),
-            shard_ranges=ranges, skip=set(range(len(ranges))) - set(mine), write_shard=write,
-            batch_size=inverter.config.batch_size or pipe.encode_batch_size, actors=pipe.ray_actors,
-            device=str(dev), encode_batch_size=pipe.encode_batch_size, keep_loss_curve=pipe.keep_loss_curve)
+    kind = gallery.kind if gallery.kind != "features" else ("images" if inverter.config.method == "oti" else "texts")
+    while window := claims.claim_window(RAY_WINDOW_ITEMS):
+        run_ray(gallery, cm, inverter.config, kind=kind, shard_ranges=ranges,
+                skip=set(range(len(ranges))) - set(window), write_shard=write,
+                batch_size=inverter.config.batch_size or pipe.encode_batch_size, actors=pipe.ray_actors,
+                device=str(dev), encode_batch_size=pipe.encode_batch_size, keep_loss_curve=pipe.keep_loss_curve)
     return done[0], done[1]
 
 

@@ -180,16 +180,35 @@ class ShardClaims:
             finished = self.finished()
             self._count_others(finished)
             for i in range(len(self.ranges)):
-                if i in finished or i in self.taken or not self.leases.acquire(shard_task(i)):
-                    continue
-                if i in self.finished():  # recorded by its worker just before we took it
-                    self.leases.release(shard_task(i))
-                    continue
-                self.taken.add(i)
-                yield i, range(*self.ranges[i])
-                break
+                if self._claim(i, finished):
+                    yield i, range(*self.ranges[i])
+                    break
             else:
                 return
+
+    def claim_window(self, max_items: int) -> list[int]:
+        """Free shards, claimed now, until they hold ``max_items`` items (at least one
+        shard when any is free): work for an engine that wants it in bulk."""
+        finished = self.finished()
+        self._count_others(finished)
+        window: list[int] = []
+        items = 0
+        for i in range(len(self.ranges)):
+            if items >= max_items:
+                break
+            if self._claim(i, finished):
+                window.append(i)
+                items += self.ranges[i][1] - self.ranges[i][0]
+        return window
+
+    def _claim(self, i: int, finished: set[int]) -> bool:
+        if i in finished or i in self.taken or not self.leases.acquire(shard_task(i)):
+            return False
+        if i in self.finished():  # recorded by its worker just before we took it
+            self.leases.release(shard_task(i))
+            return False
+        self.taken.add(i)
+        return True
 
     def holds(self, index: int) -> bool:
         """Whether this worker still holds shard ``index``'s lease (it loses it only when it

@@ -230,3 +230,25 @@ def test_export_refuses_columns_the_source_lacks_before_writing(tmp_path):
     assert not (tmp_path / "dst").exists() or list((tmp_path / "dst").iterdir()) == []
     with pytest.raises(OutputExistsError, match="same directory"):
         export_store(src, src, progress=False)
+
+
+def test_a_failed_export_leaves_no_half_target(tmp_path):
+    """A source shard found changed midway: the export fails naming it and removes what it
+    wrote, so the rerun (after the source is mended) is not refused as "not empty"."""
+    src = tmp_path / "src"
+    store = new_store(src, total=6, shard_size=2)
+    for i in range(3):
+        write(store, i)
+    store.finalize()
+    path = src / "text_emb" / "text_emb_00002.npy"
+    good = path.read_bytes()
+    path.write_bytes(good[:-4] + bytes(4))  # same size, other values: caught by the sha256
+    for target in (tmp_path / "new", tmp_path / "empty"):
+        if target.name == "empty":
+            target.mkdir()
+        with pytest.raises(CorruptStoreError, match="shard 2"):
+            export_store(src, target, progress=False)
+        assert not target.exists() or list(target.iterdir()) == []
+    path.write_bytes(good)
+    export_store(src, tmp_path / "new", progress=False)
+    assert load_inversions(tmp_path / "new").indices.tolist() == list(range(6))
