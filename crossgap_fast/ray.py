@@ -29,6 +29,7 @@ never imports it.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import re
 from typing import Any, Callable, Collection, Sequence, Union
@@ -549,6 +550,7 @@ def run_ray(
     if not ray.is_initialized():
         # a local instance, or the cluster RAY_ADDRESS names; Ray's INFO lines are not ours to print
         ray.init(logging_level="WARNING")
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset INFO lines
     gpu = _wants_gpu(device)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
     del rows
