@@ -355,3 +355,23 @@ def test_an_input_column_named_like_ours_is_renamed(tmp_path):
     (tmp_path / "m.parquet").write_bytes(data)
     table = pq.read_table(tmp_path / "m.parquet").to_pydict()
     assert table["index"] == [0, 1] and table["input_index"] == ["100", "101"] and table["caption"] == ["x", "y"]
+
+
+def test_embedding_reader_reads_a_run_unchanged(tiny, tmp_path):
+    """clip-retrieval's reader (what autofaiss reads with) on a run's text_emb/ + metadata/,
+    with a failed item leaving one shard short: the same rows, names and indices as ours."""
+    er = pytest.importorskip("embedding_reader")
+    import crossgap_fast as cg
+
+    x = np.random.default_rng(4).standard_normal((10, tiny.embed_dim)).astype(np.float32)
+    x[5] = np.nan  # an item error: shard 1 holds 3 rows
+    np.save(tmp_path / "f.npy", x)
+    cg.invert_gallery(str(tmp_path / "f.npy"), tmp_path / "out", tiny, steps=1, shard_size=4, progress=False)
+    inv = load_inversions(tmp_path / "out")
+    reader = er.EmbeddingReader(str(tmp_path / "out" / "text_emb"), file_format="parquet_npy",
+                                metadata_folder=str(tmp_path / "out" / "metadata"), meta_columns=["index", "name"])
+    assert (reader.count, reader.dimension) == (9, tiny.embed_dim)
+    parts = list(reader(batch_size=4, start=0, end=reader.count, show_progress=False))
+    assert np.array_equal(np.concatenate([e for e, _ in parts]), inv.features.numpy())
+    assert [i for _, m in parts for i in m["index"]] == inv.indices.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert [n for _, m in parts for n in m["name"]] == inv.names
