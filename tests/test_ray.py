@@ -414,3 +414,18 @@ def test_engine_ray_in_windows_of_shards(ray_local, tiny, tmp_path, monkeypatch)
     a, b = cg.load_inversions(tmp_path / "local"), cg.load_inversions(tmp_path / "ray")
     assert a.names == b.names
     _close(b.features, a.features, FEATURE_ATOL)
+
+
+def test_engine_ray_on_the_command_line(ray_local, tmp_path, capsys):
+    from crossgap_fast import cli
+
+    feats = np.random.default_rng(8).standard_normal((5, 32)).astype(np.float32)
+    np.save(tmp_path / "f.npy", feats)
+    args = ["invert", "images", "--input", str(tmp_path / "f.npy"), "--model", "crossgap-tiny", "--pretrained",
+            "random", "--steps", "2", "--shard-size", "2", "--no-progress", "--engine", "ray", "--ray-actors", "2"]
+    assert cli.main(args + ["--out", str(tmp_path / "out")]) == 0
+    assert "inverted (OTI) 5 images" in capsys.readouterr().out
+    inv = cg.load_inversions(tmp_path / "out")
+    assert inv.indices.tolist() == list(range(5)) and torch.equal(inv.targets, torch.from_numpy(feats))
+    assert cli.main(args + ["--out", str(tmp_path / "w"), "--warm-start", "40"]) == 2
+    assert "warm_start is not supported with engine='ray'" in capsys.readouterr().err
