@@ -96,6 +96,7 @@ class _Pipeline:
     column: str | None
     engine: str
     ray_actors: int
+    ray_device: str = "auto"  # what the Ray actors resolve (set by the run)
 
 
 def resolve_device(device: str | torch.device | None, place: Place, current: torch.device) -> torch.device:
@@ -406,7 +407,13 @@ def _run(inputs, out_dir, model, *, kind, method, config: InversionConfig | None
          pipe: _Pipeline, warm: tuple[int, int] | None) -> GallerySummary:
     cm = as_clip_model(model)
     place = place_from_env()
-    dev = resolve_device(device, place, cm.device)
+    if pipe.engine == "ray":
+        # the actors resolve ``device`` where they run (a driver without a GPU can drive GPU
+        # actors); the driver's model stays where it is: it is only pickled out to them
+        pipe.ray_device = "auto" if device is None else str(device)
+        dev = cm.device
+    else:
+        dev = resolve_device(device, place, cm.device)
     if cm.device != dev:
         cm.to(dev)
     with frozen(cm.model):
@@ -659,7 +666,8 @@ def _run_on_ray(gallery: Gallery, cm: ClipModel, inverter: Inverter, store: Gall
         run_ray(gallery, cm, inverter.config, kind=kind, shard_ranges=ranges,
                 skip=set(range(len(ranges))) - set(window), write_shard=write,
                 batch_size=inverter.config.batch_size or pipe.encode_batch_size, actors=pipe.ray_actors,
-                device=str(dev), encode_batch_size=pipe.encode_batch_size, keep_loss_curve=pipe.keep_loss_curve)
+                device=pipe.ray_device, encode_batch_size=pipe.encode_batch_size,
+                keep_loss_curve=pipe.keep_loss_curve)
     return done[0], done[1]
 
 

@@ -431,6 +431,9 @@ class _ShardBuffer:
         order = np.argsort(index, kind="stable")
         error = cols["error"][order] if parts else np.zeros(0, object)
         index = index[order]
+        if len(np.unique(index)) != len(index):  # a row came back twice: never write it as two items
+            raise RayRunError(f"the Ray run returned item {int(index[np.flatnonzero(np.diff(index) == 0)[0]])} "
+                              "twice; nothing of that shard was written")
         good = np.array([not e for e in error], dtype=bool)
         idx = index[good].tolist()
         payload: dict = {"indices": torch.tensor(idx, dtype=torch.long),

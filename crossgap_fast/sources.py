@@ -22,8 +22,10 @@ import os
 import re
 import stat
 import tarfile
+import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -39,6 +41,8 @@ URL_TIMEOUT_S = 30.0
 URL_MAX_BYTES = 64 << 20
 #: Memory budget of one chunk when a whole embedding folder is scanned (row checks).
 FEATURE_CHUNK_BYTES = 64 << 20
+#: Embedding files kept memory-mapped at once (each map holds a file descriptor).
+OPEN_MAPS = 64
 #: Columns looked for (case-insensitively, in this order) when no ``column`` is given.
 IMAGE_PATH_COLUMNS = ("image_path", "path", "filepath", "file")
 IMAGE_URL_COLUMNS = ("url",)
@@ -97,19 +101,37 @@ def read_item_bytes(item: TarMember | ImageUrl) -> bytes:
 
 
 def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
-    """GET ``url``; any failure (HTTP status, network, timeout, too large) raises ItemReadError."""
+    """GET ``url`` within ``timeout`` seconds in all (a server trickling bytes is cut off);
+    any failure (HTTP status, network, timeout, too large, a body shorter than its announced
+    length) raises ItemReadError."""
+    import http.client
+
+    deadline = time.monotonic() + timeout
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
-            data = resp.read(max_bytes + 1)
+            announced = resp.length
+            parts, size = [], 0
+            while size <= max_bytes:
+                if time.monotonic() > deadline:
+                    raise ItemReadError(f"download took longer than {timeout:g} s")
+                chunk = resp.read1(1 << 16)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
     except urllib.error.HTTPError as err:
         raise ItemReadError(f"download failed (HTTP {err.code} {err.reason})") from None
     except urllib.error.URLError as err:
         raise ItemReadError(f"download failed ({err.reason})") from None
-    except (OSError, ValueError) as err:  # timeouts, resets, malformed URLs
+    except (OSError, ValueError, http.client.HTTPException) as err:  # timeouts, resets, bad URLs or replies
+        if isinstance(err, ItemReadError):
+            raise
         raise ItemReadError(f"download failed ({type(err).__name__}: {err})") from None
-    if len(data) > max_bytes:
+    if size > max_bytes:
         raise ItemReadError(f"download larger than {max_bytes} bytes")
-    return data
+    if announced is not None and size < announced:
+        raise ItemReadError(f"download cut short ({size} of {announced} bytes)")
+    return b"".join(parts)
 
 
 def is_remote(text: str) -> bool:
@@ -220,14 +242,29 @@ def tar_samples(tars: Sequence[str], source: str) -> Iterator[TarSample]:
                          f"({shown}{more}); keys name the results, so they must be unique")
 
 
+def _check_tar_end(tf: tarfile.TarFile, tar: str, last: str | None) -> None:
+    """tarfile ends the listing quietly at a damaged header or where the file was cut short:
+    a whole tar ends with a zero block there, so anything else drops the samples after it."""
+    f = tf.fileobj
+    f.seek(tf.offset)
+    block = f.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        after = f", after member {last!r}" if last else ""
+        raise InputError(f"tar shard {tar!r} is damaged or cut short at byte {tf.offset}{after}: "
+                         "the samples after it cannot be listed")
+
+
 def _tar_samples(tar: str) -> Iterator[TarSample]:
     current: TarSample | None = None
     try:
         with tarfile.open(tar, "r:") as tf:
+            last = None
             while True:
                 info = tf.next()
                 if info is None:
+                    _check_tar_end(tf, tar, last)
                     break
+                last = info.name
                 tf.members = []  # headers already handled: keep memory flat on huge shards
                 if not info.isreg() or info.issparse() or _META_MEMBER_RE.match(info.name):
                     continue
@@ -355,7 +392,7 @@ class FeatureRows:
         self.dim = int(dim)
         self.name_column = name_column
         self._starts = np.cumsum([0] + [f.rows for f in self.files])
-        self._maps: list[np.ndarray] | None = None
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()  # the most recently used maps
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -374,22 +411,26 @@ class FeatureRows:
         return f"FeatureRows({self.root!r}, {len(self.files)} file(s), shape={self.shape})"
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": None}
+        return {**self.__dict__, "_maps": OrderedDict()}
 
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.files[i].name)
 
-    def _arrays(self) -> list[np.ndarray]:
-        if self._maps is None:
-            maps = []
-            for i, f in enumerate(self.files):
-                a = open_npy(self.path(i))
-                if a.shape != (f.rows, self.dim):
-                    raise InputError(f"feature file {self.path(i)!r} changed since it was listed: "
-                                     f"shape {a.shape}, listed as {(f.rows, self.dim)}")
-                maps.append(a)
-            self._maps = maps
-        return self._maps
+    def _array(self, i: int) -> np.ndarray:
+        """File ``i`` memory-mapped; at most :data:`OPEN_MAPS` stay open (each holds a file
+        descriptor: a folder of thousands of files must not exhaust them)."""
+        a = self._maps.get(i)
+        if a is None:
+            a = open_npy(self.path(i))
+            f = self.files[i]
+            if a.shape != (f.rows, self.dim):
+                raise InputError(f"feature file {self.path(i)!r} changed since it was listed: "
+                                 f"shape {a.shape}, listed as {(f.rows, self.dim)}")
+            self._maps[i] = a
+            while len(self._maps) > OPEN_MAPS:
+                self._maps.popitem(last=False)
+        self._maps.move_to_end(i)
+        return a
 
     def __getitem__(self, index: Any) -> Tensor:
         if isinstance(index, (int, np.integer)):
@@ -400,29 +441,31 @@ class FeatureRows:
                 return self._range(rows.start, rows.stop)
             idx = np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
         else:
-            idx = np.asarray(index.tolist() if isinstance(index, Tensor) else index, dtype=np.int64).reshape(-1)
+            raw = np.asarray(index.tolist() if isinstance(index, Tensor) else index)
+            if raw.dtype == bool:  # a mask would otherwise read rows 0 and 1 over and over
+                raise TypeError("FeatureRows takes row numbers or a slice, not a boolean mask "
+                                "(use np.flatnonzero(mask))")
+            idx = raw.astype(np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"row index out of range for {len(self)} rows")
         out = np.empty((idx.size, self.dim), dtype=np.float32)
         if idx.size:
-            arrays = self._arrays()
             which = np.searchsorted(self._starts, idx, side="right") - 1
             for f in np.unique(which):
                 sel = which == f
-                out[sel] = arrays[f][idx[sel] - self._starts[f]]
+                out[sel] = self._array(int(f))[idx[sel] - self._starts[f]]
         return torch.from_numpy(out)
 
     def _range(self, lo: int, hi: int) -> Tensor:
         """Rows ``lo:hi`` by plain slices of each file they span."""
         out = np.empty((max(hi - lo, 0), self.dim), dtype=np.float32)
         if hi > lo:
-            arrays = self._arrays()
             for f in range(int(np.searchsorted(self._starts, lo, side="right")) - 1, len(self.files)):
                 a, b = max(lo, self._starts[f]), min(hi, self._starts[f + 1])
                 if a >= hi:
                     break
                 if b > a:
-                    out[a - lo:b - lo] = arrays[f][a - self._starts[f]:b - self._starts[f]]
+                    out[a - lo:b - lo] = self._array(f)[a - self._starts[f]:b - self._starts[f]]
         return torch.from_numpy(out)
 
     def chunks(self, max_bytes: int | None = None) -> Iterator[tuple[int, Tensor]]:

@@ -103,7 +103,8 @@ def _open_manifest(root: Path) -> dict:
         manifest = read_manifest(path)
     except GalleryError as err:
         raise StatusError(f"{str(root)!r} is not a readable crossgap output directory: {err}") from err
-    bad = [k for k in ("total_items", "shard_size") if not isinstance(manifest.get(k), int)]
+    bad = [k for k in ("total_items", "shard_size") if not isinstance(manifest.get(k), int)
+           or isinstance(manifest.get(k), bool) or manifest[k] < (1 if k == "shard_size" else 0)]
     if bad:
         raise StatusError(f"{str(path)!r} is damaged: {', '.join(bad)} missing or of the wrong type")
     return manifest
@@ -205,5 +206,8 @@ def status_command(args: argparse.Namespace) -> int:
         status = read_status(args.out_dir, failures=args.failures)
     except OSError as err:
         raise StatusError(f"cannot read {args.out_dir!r}: {err.strerror or err}") from err
+    except (KeyError, TypeError, ValueError) as err:  # an entry or lease without what it must hold
+        raise StatusError(f"{args.out_dir!r} holds a damaged manifest or shard entry "
+                          f"({type(err).__name__}: {err})") from err
     print(json.dumps(status.to_json(), indent=2) if args.json else status.format())
     return 0

@@ -388,7 +388,7 @@ def test_feature_rows_are_lazy_float32_and_chunked(tmp_path, monkeypatch):
     gal = load_gallery(folder, "images")
     feats = gal.features
     assert isinstance(feats, FeatureRows) and feats.shape == (11, 5) and len(feats) == 11
-    assert all(isinstance(m, np.memmap) for m in feats._arrays())
+    assert all(isinstance(feats._array(i), np.memmap) for i in range(2))
     pick = [10, 0, 7, 6, 5]
     got = feats[pick]
     assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected[pick])
@@ -397,7 +397,7 @@ def test_feature_rows_are_lazy_float32_and_chunked(tmp_path, monkeypatch):
     assert gal.issues == {2: {"level": "error", "reason": "NaN or infinite values"},
                           9: {"level": "error", "reason": "all-zero feature (no direction to match)"}}
     clone = pickle.loads(pickle.dumps(feats))
-    assert clone._maps is None and np.array_equal(clone[pick].numpy(), expected[pick])
+    assert not clone._maps and np.array_equal(clone[pick].numpy(), expected[pick])
 
 
 def test_changed_npy_changes_digest(tmp_path):
@@ -479,3 +479,76 @@ def test_unreadable_index_is_an_input_error(tmp_path):
     write_parquet(tmp_path / "y.parquet", {"a": [1]})
     with pytest.raises(InputError, match="input index .* is unreadable"):
         read_index(tmp_path / "y.parquet")
+
+
+def test_a_damaged_or_cut_tar_is_refused_not_listed_short(tmp_path):
+    """tarfile stops quietly at a damaged header or at a cut between members; the listing
+    must say so instead of dropping the samples after it."""
+    full = tmp_path / "full.tar"
+    with tarfile.open(full, "w") as tf:
+        for i in range(5):
+            data = f"caption {i}".encode()
+            info = tarfile.TarInfo(f"{i:04d}.txt")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    assert len(load_gallery(str(full), "texts").names) == 5
+    raw = bytearray(full.read_bytes())
+    raw[3 * 1024 + 100:3 * 1024 + 108] = b"garbage!"  # the 4th member's header
+    (tmp_path / "bad.tar").write_bytes(bytes(raw))
+    (tmp_path / "cut.tar").write_bytes(full.read_bytes()[:3 * 1024])  # cut after the 3rd member
+    for name in ("bad.tar", "cut.tar"):
+        with pytest.raises(InputError, match=rf"{name}' is damaged or cut short at byte 3072, after member '0002.txt'"):
+            load_gallery(str(tmp_path / name), "texts")
+
+
+def test_a_trickling_or_cut_download_is_an_item_error(monkeypatch):
+    """The fetch timeout bounds the whole download (a server sending a byte at a time would
+    hold a decoding worker for hours), and a body shorter than announced is no image."""
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            if self.path == "/slow":
+                for _ in range(100):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            else:
+                self.wfile.write(b"x" * 8)
+                self.close_connection = True
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        start = time.monotonic()
+        with pytest.raises(sources.ItemReadError, match="took longer than 1 s"):
+            sources.fetch_url(base + "/slow", timeout=1.0)
+        assert time.monotonic() - start < 5
+        with pytest.raises(sources.ItemReadError, match=r"cut short \(8 of 100 bytes\)|IncompleteRead"):
+            sources.fetch_url(base + "/short", timeout=5.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_feature_rows_keep_few_files_open_and_refuse_masks(tmp_path, monkeypatch):
+    """A folder of more .npy files than may be open at once reads correctly (the maps are
+    recycled), and a boolean mask is refused rather than read as rows 0 and 1."""
+    rows = np.random.default_rng(2).standard_normal((40, 3)).astype(np.float32)
+    folder = tmp_path / "emb" / "img_emb"
+    folder.mkdir(parents=True)
+    for k in range(10):
+        np.save(folder / f"img_emb_{k:02d}.npy", rows[4 * k:4 * k + 4])
+    monkeypatch.setattr(sources, "OPEN_MAPS", 3)
+    feats = load_gallery(tmp_path / "emb", "images").features
+    assert np.array_equal(feats[list(range(39, -1, -1))].numpy(), rows[::-1])
+    assert np.array_equal(feats[0:40].numpy(), rows) and len(feats._maps) <= 3
+    with pytest.raises(TypeError, match="boolean mask"):
+        feats[np.arange(40) % 2 == 0]

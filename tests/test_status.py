@@ -115,3 +115,18 @@ def test_a_folder_that_is_no_run_exits_2_with_one_line(tmp_path, capsys, make, m
     assert err.startswith("crossgap: error: ") and message in err and err.count("\n") == 1
     with pytest.raises(StatusError):
         read_status(folder)
+
+
+def test_a_manifest_with_an_impossible_shard_size_is_one_line(tmp_path, capsys):
+    import json as _json
+
+    from crossgap_fast import cli
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(_json.dumps(
+        {"format": "crossgap-gallery", "version": 2, "run_id": "r", "num_shards": 1, "shards": [],
+         "total_items": 4, "shard_size": 0}))
+    assert cli.main(["status", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "shard_size" in err
