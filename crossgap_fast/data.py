@@ -558,7 +558,8 @@ def _parquet_gallery(path: Path, kind: str, column: str | None) -> Gallery:
     it, else the first of :data:`~crossgap_fast.sources.IMAGE_PATH_COLUMNS` +
     :data:`~crossgap_fast.sources.IMAGE_URL_COLUMNS` / :data:`~crossgap_fast.sources.CAPTION_COLUMNS`.
     Names: the ``id`` / ``key`` / ``name`` column (unique; a null is named by its 1-based
-    row), else the path or URL as written (images) or the 1-based row (texts)."""
+    row), else the path or URL as written when they are unique (images), else the 1-based
+    row."""
     found = sources.parquet_columns(path)
     if column is not None:
         col = sources.require_column(path, found, column)
@@ -585,6 +586,8 @@ def _parquet_gallery(path: Path, kind: str, column: str | None) -> Gallery:
         _check_unique_ids(path, names, what="parquet input")
     elif kind == "images":
         names = [v if v else str(row) for row, v in enumerate(values, start=1)]
+        if len(set(names)) < len(names):  # a path or URL listed twice (LAION repeats URLs):
+            names = [str(row) for row in range(1, len(values) + 1)]  # rows name the results
     else:
         names = [str(row) for row in range(1, len(values) + 1)]
     if kind == "texts":

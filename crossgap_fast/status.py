@@ -130,15 +130,19 @@ def _live(lease: dict | None, now: float) -> bool:
 
 
 def _rate(entries: list[dict]) -> float | None:
-    """Items per second of the finished shards, over the span from the first one's start to
-    the last one's end (several workers at once count together)."""
-    timed = [e for e in entries if isinstance(e.get("seconds"), (int, float))
-             and isinstance(e.get("finished"), (int, float))]
+    """Items per second of the finished shards, over the time some worker was busy with one
+    (the union of the shards' intervals: several workers at once count together, and the
+    pause between a run and its resume a day later does not count)."""
+    timed = sorted((e["finished"] - e["seconds"], e["finished"], e["stop"] - e["start"]) for e in entries
+                   if isinstance(e.get("seconds"), (int, float)) and isinstance(e.get("finished"), (int, float)))
     if not timed:
         return None
-    span = max(e["finished"] for e in timed) - min(e["finished"] - e["seconds"] for e in timed)
-    items = sum(e["stop"] - e["start"] for e in timed)
-    return items / span if span > 0 else None
+    busy, end = 0.0, float("-inf")
+    for lo, hi, _ in timed:
+        busy += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    items = sum(n for _, _, n in timed)
+    return items / busy if busy > 0 else None
 
 
 def _failures(entries: list[dict], limit: int) -> list[dict]:

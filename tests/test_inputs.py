@@ -552,3 +552,14 @@ def test_feature_rows_keep_few_files_open_and_refuse_masks(tmp_path, monkeypatch
     assert np.array_equal(feats[0:40].numpy(), rows) and len(feats._maps) <= 3
     with pytest.raises(TypeError, match="boolean mask"):
         feats[np.arange(40) % 2 == 0]
+
+
+def test_parquet_paths_listed_twice_are_named_by_row(tmp_path):
+    """Without an id column, image names are the paths as written, unless a path repeats
+    (LAION repeats URLs): then every item is named by its row, so names stay unique."""
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    pq.write_table(pa.table({"image_path": ["a.png", "a.png", "b.png"]}), tmp_path / "dup.parquet")
+    pq.write_table(pa.table({"image_path": ["a.png", "b.png"]}), tmp_path / "uniq.parquet")
+    assert load_gallery(str(tmp_path / "dup.parquet"), "images").names == ["1", "2", "3"]
+    assert load_gallery(str(tmp_path / "uniq.parquet"), "images").names == ["a.png", "b.png"]

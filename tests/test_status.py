@@ -130,3 +130,17 @@ def test_a_manifest_with_an_impossible_shard_size_is_one_line(tmp_path, capsys):
     assert cli.main(["status", str(out)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "shard_size" in err
+
+
+def test_the_rate_counts_busy_time_only():
+    """Two shards of 100 items, 10 s each, a day apart (a run and its resume), and two at
+    once on two workers: the pause does not count, overlapping work counts once."""
+    from crossgap_fast.status import _rate
+
+    day = 86400.0
+    apart = [{"start": 0, "stop": 100, "seconds": 10.0, "finished": 10.0},
+             {"start": 100, "stop": 200, "seconds": 10.0, "finished": day + 10.0}]
+    assert _rate(apart) == pytest.approx(200 / 20)
+    together = [{"start": 0, "stop": 100, "seconds": 10.0, "finished": 10.0},
+                {"start": 100, "stop": 200, "seconds": 10.0, "finished": 12.0}]
+    assert _rate(together) == pytest.approx(200 / 12)
