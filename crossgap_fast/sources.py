@@ -554,17 +554,14 @@ def _metadata_names(root: Path, files: list[FeatureFile], column: str | None) ->
         candidates = [c for c in (pick_column(found, (n,)) for n in NAME_COLUMNS) if c is not None]
     if not candidates:
         return None, [str(i) for i in range(total)]
-    values: dict[str, list] = {c: [] for c in candidates}
-    for meta in metas:
-        cols = parquet_columns(meta)
-        missing = [c for c in candidates if c not in cols]
-        if missing:
-            raise InputError(f"metadata {str(meta)!r} lacks column(s) {missing} that "
-                             f"{metas[0].name} has; columns found: {', '.join(cols)}")
-        for c, v in read_parquet_columns(meta, candidates).items():
-            values[c] += v
-    for c in candidates:
-        names = values[c]
+    for c in candidates:  # one column at a time: only the names kept are ever all in memory
+        names: list = []
+        for meta in metas:
+            cols = parquet_columns(meta)
+            if c not in cols:
+                raise InputError(f"metadata {str(meta)!r} lacks column {c!r} that {metas[0].name} has; "
+                                 f"columns found: {', '.join(cols)}")
+            names += read_parquet_columns(meta, [c])[c]
         nulls = sum(v is None for v in names)
         unique = len(set(names)) == len(names)
         if not nulls and unique:
