@@ -88,16 +88,35 @@ def read_item_bytes(item: TarMember | ImageUrl) -> bytes:
     """The bytes of a tar member (seek + read) or of a URL (one GET, ``URL_TIMEOUT_S``)."""
     if isinstance(item, ImageUrl):
         return fetch_url(item.url)
-    with open(item.tar, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise ItemReadError(f"tar {item.tar!r} is no longer a regular file")
-        f.seek(item.offset)
-        data = f.read(item.size)
+    data = os.pread(_tar_fd(item.tar), item.size, item.offset)
     if len(data) != item.size:
         raise ItemReadError(f"tar member cut short ({len(data)} of {item.size} bytes; "
                             "the tar changed since it was listed)")
     return data
+
+
+_OPEN_TARS: OrderedDict[tuple[int, str], int] = OrderedDict()  # (process, tar) -> descriptor
+#: Tar shards a process keeps open for reading members (millions of images, a few opens).
+OPEN_TARS = 16
+
+
+def _tar_fd(tar: str) -> int:
+    """An open descriptor of ``tar`` (read with ``os.pread``, which leaves no shared offset),
+    kept per process: decoding workers forked from another process open their own."""
+    key = (os.getpid(), tar)
+    fd = _OPEN_TARS.get(key)
+    if fd is None:
+        fd = os.open(tar, os.O_RDONLY)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ItemReadError(f"tar {tar!r} is no longer a regular file")
+        _OPEN_TARS[key] = fd
+        while len(_OPEN_TARS) > OPEN_TARS:
+            (pid, _), old = _OPEN_TARS.popitem(last=False)
+            if pid == os.getpid():
+                os.close(old)
+    _OPEN_TARS.move_to_end(key)
+    return fd
 
 
 def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
