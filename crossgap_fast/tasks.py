@@ -84,7 +84,7 @@ def open_run(store: GalleryStore, leases: Leases, *, joining: bool | Callable[[d
         listing = store.listing()
         stray = [n for n in listing if n not in _SETUP_FILES]
         if stray:
-            if not callable(joining) and not joining:
+            if not (joining({}) if callable(joining) else joining):  # a plain run: not empty
                 _refuse_existing(store, listing)
             raise OutputExistsError(
                 f"cannot continue a run in {str(store.root)!r}: it is not empty but has no manifest.json, "
