@@ -19,6 +19,7 @@ rank uses ``cuda:LOCAL_RANK``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -538,8 +539,15 @@ def _work(place: Place, inputs, store: GalleryStore, leases: Leases, cm: ClipMod
             last = time.perf_counter()
             timer.optimise_s += last - run0  # decoding, encoding and optimising, in the actors
         while True:
-            for index, idx, feats, load_errors in group_features(gallery, claims.claim_now(), cm, dev,
-                                                                 pipe.workers, pipe.encode_batch_size, timer,
+            passing = claims.claim_now()
+            first = next(passing, None)
+            if first is None:  # nothing free now: no decoders are started for an empty pass
+                if claims.all_finished():
+                    break
+                time.sleep(POLL_SECONDS)  # the shards left are leased by live workers: wait for them
+                continue
+            for index, idx, feats, load_errors in group_features(gallery, itertools.chain([first], passing), cm,
+                                                                 dev, pipe.workers, pipe.encode_batch_size, timer,
                                                                  look_ahead=pipe.shard_size):
                 lo, hi = ranges[index]
                 t0 = time.perf_counter()
@@ -558,9 +566,6 @@ def _work(place: Place, inputs, store: GalleryStore, leases: Leases, cm: ClipMod
                 done_shards += 1
                 # The engine advanced the bar by the items it optimised, step by step.
                 bar.update(hi - lo - (len(idx) if method != "encode" else 0))
-            if claims.all_finished():
-                break
-            time.sleep(POLL_SECONDS)  # the shards left are leased by live workers: wait for them
     finally:
         bar.close()
     seconds = time.perf_counter() - run0
