@@ -25,8 +25,10 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import stat
 from collections import Counter
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -454,12 +456,34 @@ def to_rgb(im: Any) -> Any:
     return grey.convert("RGB")
 
 
+class PackedItems(SequenceABC):
+    """Items (paths, tar members, URLs) packed into one bytes buffer with an offset array.
+
+    DataLoader worker processes read a list of millions of Python strings by touching each
+    one's reference count, which copies the list into every worker page by page
+    ("copy-on-read"); a buffer and an array of offsets are read without that."""
+
+    def __init__(self, items: Sequence[Any]):
+        self._text = all(isinstance(i, str) for i in items)
+        parts = [i.encode("utf-8", "surrogatepass") for i in items] if self._text else \
+            [pickle.dumps(i, protocol=pickle.HIGHEST_PROTOCOL) for i in items]
+        self._offsets = np.cumsum([0] + [len(p) for p in parts], dtype=np.int64)
+        self._blob = b"".join(parts)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
+        raw = self._blob[self._offsets[index]:self._offsets[index + 1]]
+        return raw.decode("utf-8", "surrogatepass") if self._text else pickle.loads(raw)
+
+
 class ImageDataset(Dataset):
     """Decodes and preprocesses images in DataLoader workers; a failure comes back as an
     error string instead of raising, so one bad file never stops the run."""
 
     def __init__(self, paths: Sequence[str | TarMember | ImageUrl], preprocess: Callable[[Any], Tensor]):
-        self.paths = list(paths)
+        self.paths = PackedItems(paths)
         self.preprocess = preprocess
 
     def __len__(self) -> int:

@@ -563,3 +563,18 @@ def test_parquet_paths_listed_twice_are_named_by_row(tmp_path):
     pq.write_table(pa.table({"image_path": ["a.png", "b.png"]}), tmp_path / "uniq.parquet")
     assert load_gallery(str(tmp_path / "dup.parquet"), "images").names == ["1", "2", "3"]
     assert load_gallery(str(tmp_path / "uniq.parquet"), "images").names == ["a.png", "b.png"]
+
+
+def test_packed_items_give_back_every_kind_of_item():
+    """The image dataset packs its items (no per-item Python objects for worker processes to
+    copy): paths with names that are not UTF-8, tar members and URLs come back equal."""
+    from crossgap_fast.data import ImageDataset, PackedItems
+    from crossgap_fast.sources import ImageUrl, TarMember
+
+    paths = ["a/b.png", os.fsdecode(b"caf\xe9.png"), "\u00e9t\u00e9/\U0001f600.jpg", ""]
+    mixed = paths[:2] + [TarMember("/d/s-000.tar", 1536, 812, "k1.jpg"), ImageUrl("http://h/x.png")]
+    for items in (paths, mixed):
+        packed = PackedItems(items)
+        assert len(packed) == len(items) and [packed[i] for i in range(len(items))] == items
+    restored = pickle.loads(pickle.dumps(ImageDataset(mixed, preprocess=None)))
+    assert [restored.paths[i] for i in range(4)] == mixed and len(restored) == 4
