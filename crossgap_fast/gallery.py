@@ -380,9 +380,20 @@ def encode_gallery(
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-def _engine_record(config: InversionConfig, device: torch.device) -> dict:
+def _numbers_device(pipe: _Pipeline, dev: torch.device) -> str:
+    """The device type the inversions run on: the Ray actors' when they do the work ("ray:auto"
+    when only the actors can tell: precision "auto" is then recorded as asked)."""
+    if pipe.engine != "ray":
+        return dev.type
+    kind = pipe.ray_device.split(":")[0]
+    return kind if kind in ("cpu", "cuda") else f"ray:{pipe.ray_device}"
+
+
+def _engine_record(config: InversionConfig, device: str) -> dict:
     """The optimiser settings a resume must match (the manifest's "engine" entry)."""
-    r = config.result_settings(device.type)
+    r = config.result_settings(device)
+    if device.startswith("ray:"):  # resolved by each actor on its own device
+        r["precision"] = config.precision
     return {k: r[k] for k in ("lr", "weight_decay", "betas", "eps", "loss_batch", "backend", "precision")}
 
 
@@ -435,7 +446,7 @@ def _settings(kind, method, cm: ClipModel, config, pipe: _Pipeline, dev, warm, g
         "kind": kind, "method": method, "model": model_name_id(cm), "pretrained": pretrained_id(cm),
         "steps": config and config.steps, "template": config and config.template,
         "seed": config and config.seed, "num_tokens": config and config.num_tokens,
-        "shard_size": pipe.shard_size, "engine": config and _engine_record(config, dev),
+        "shard_size": pipe.shard_size, "engine": config and _engine_record(config, _numbers_device(pipe, dev)),
         "keep_loss_curve": pipe.keep_loss_curve,
         "warm_start": warm and {"items": warm[0], "calibration_steps": warm[1]},
         "output": pipe.output.record(), "input": source,

@@ -393,6 +393,8 @@ def test_engine_ray_store_equals_the_local_engine(ray_local, tiny, tmp_path):
     _close(b.features, a.features, FEATURE_ATOL)
     _close(b.tokens, a.tokens, TOKEN_ATOL)
     assert recorded_shards(tmp_path / "ray") == [0, 1, 2]
+    # the actors resolve precision "auto" on their own device: recorded as asked, not as the driver's
+    assert a.manifest["engine"]["precision"] == "fp32" and b.manifest["engine"]["precision"] == "auto"
     with pytest.raises(ValueError, match="warm_start is not supported"):
         cg.invert_gallery(str(tmp_path / "f.npy"), tmp_path / "x", tiny, engine="ray", warm_start=40, **kw)
 
