@@ -185,6 +185,12 @@ class Leases:
         self._start()
         return True
 
+    def owns(self, task: str) -> bool:
+        """Whether the lease file of ``task`` names this owner now (it does not after this
+        worker stalled past its expiry and another took the task over)."""
+        lease = read_lease(lease_path(self.folder, task))
+        return lease is not None and lease.get("owner") == self.owner
+
     def holder(self, task: str) -> dict | None:
         """The live lease on ``task`` (anyone's), or None."""
         lease = read_lease(lease_path(self.folder, task))

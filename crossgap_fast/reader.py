@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from . import shard_format as fmt
-from .store import (MANIFEST, CorruptStoreError, GalleryError, _candidates, entry_files, file_sha256,
-                    read_manifest)
+from .store import MANIFEST, CorruptStoreError, GalleryError, _candidates, entry_mismatch, read_manifest
 
 #: Array columns :func:`iter_inversions` can stream.
 ARRAY_COLUMNS = ("features", "targets", "tokens", "loss_curves")
@@ -78,22 +77,10 @@ def _pick_entry(root: Path, shard: int, options: list[dict], verify: bool) -> di
     """The entry whose files are on disk as recorded; CorruptStoreError naming the file."""
     why = ""
     for e in options:
-        for rel, info in entry_files(e).items():
-            p = root / rel
-            try:
-                size = p.stat().st_size
-                if size != info.get("bytes") or (verify and file_sha256(p) != info.get("sha256")):
-                    why = f"{str(p)!r} does not match its manifest entry (size or sha256 differ)"
-                    break
-            except OSError as err:
-                why = f"{str(p)!r} is unreadable: {err.strerror or err}"
-                break
-        else:
+        why = entry_mismatch(root, e, verify)
+        if why is None:
             return e
-    raise CorruptStoreError(
-        f"shard {shard}: {why}: the file was changed after it was written; resume the run "
-        "(--resume) to redo it"
-    )
+    raise CorruptStoreError(f"shard {shard}: {why} (in {str(root)!r}); resume the run (--resume) to redo it")
 
 
 def load_inversions(out_dir: str | os.PathLike, *, allow_partial: bool = False, verify: bool = True) -> Inversions:

@@ -592,8 +592,10 @@ def entry_files(entry: dict) -> dict[str, dict]:
     return {entry["file"]: {"bytes": entry.get("bytes"), "sha256": entry.get("sha256")}}
 
 
-def _mismatch(root: Path, entry: dict, verify: bool, digest) -> str | None:
-    """Why ``entry``'s files do not match what is on disk (None when they do)."""
+def entry_mismatch(root: Path, entry: dict, verify: bool, digest=None) -> str | None:
+    """Why ``entry``'s files do not match what is on disk (None when they do); ``digest(path,
+    stat)`` gives a file's sha256 (default: hash it)."""
+    digest = digest or (lambda path, st: file_sha256(path))
     for rel, info in entry_files(entry).items():
         path = root / rel
         try:
@@ -621,13 +623,12 @@ def resolve_entries(
     worker): the one whose files have the recorded sizes (and sha256, when ``verify``) wins,
     so a stale entry never shadows the files on disk."""
     root = Path(root)
-    digest = digest or (lambda path, st: file_sha256(path))
     good: dict[int, dict] = {}
     bad: dict[int, str] = {}
     for shard, entries in sorted(_candidates(root, manifest).items()):
         why = None
         for e in entries:
-            why = _mismatch(root, e, verify, digest)
+            why = entry_mismatch(root, e, verify, digest)
             if why is None:
                 good[shard] = e
                 break

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from .leases import Leases, lease_path, read_lease
+from .leases import Leases
 from .store import GalleryStore, OutputExistsError, WORKERS, INPUT_INDEX, shard_ranges
 
 #: Seconds between looks at the directory while waiting for other workers.
@@ -213,8 +213,7 @@ class ShardClaims:
     def holds(self, index: int) -> bool:
         """Whether this worker still holds shard ``index``'s lease (it loses it only when it
         stalled past the lease time and another worker took the shard over)."""
-        lease = read_lease(lease_path(self.leases.folder, shard_task(index)))
-        return lease is not None and lease.get("owner") == self.leases.owner
+        return self.leases.owns(shard_task(index))
 
     def _count_others(self, finished: set[int]) -> None:
         new = [i for i in finished if i not in self._counted and i not in self.taken]
