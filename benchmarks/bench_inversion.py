@@ -23,9 +23,9 @@ import pytest
 import torch
 
 import crossgap_fast as cg
-from crossgap_fast import towers
+from crossgap_fast.towers import blocks as towers
 from crossgap_fast.models import as_clip_model, check_text_tower, check_vision_tower, text_tower
-from crossgap_fast.towers import make_template
+from crossgap_fast.towers.blocks import make_template
 
 CUDA = torch.cuda.is_available()
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from crossgap_fast.retrieval import retrieval_metrics_from_features
+from crossgap_fast.eval.metrics import retrieval_metrics_from_features
 
 FULL = (2000, 20000, 512)
 SMOKE = (100, 1000, 64)

@@ -28,9 +28,9 @@ import pytest
 import torch
 
 from crossgap_fast import iter_inversions, load_inversions
-from crossgap_fast.leases import Leases
-from crossgap_fast.store import WORKERS, GalleryStore, error_line
-from crossgap_fast.tasks import ShardClaims, shard_task
+from crossgap_fast.pipeline.leases import Leases
+from crossgap_fast.pipeline.store.folder import WORKERS, GalleryStore, error_line
+from crossgap_fast.pipeline.tasks import ShardClaims, shard_task
 
 DIM, TOKENS = 512, 1
 # full / smoke sizes

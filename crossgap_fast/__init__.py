@@ -1,6 +1,6 @@
 """crossgap-fast: fast batched modality inversion (OTI / OVI) for open_clip CLIP models."""
 
-from .api import (
+from crossgap_fast.api import (
     InversionResult,
     encode_images,
     encode_texts,
@@ -12,13 +12,13 @@ from .api import (
     ovi,
     ovi_features,
 )
-from .config import InversionConfig
-from .inverter import FastPathError, Inverter
-from .models import ClipModel, UnsupportedModelError, load_model
-from .evaluation import evaluate_retrieval, evaluate_zeroshot
-from .gallery import encode_gallery, invert_gallery
-from .reader import Inversions, iter_inversions, load_inversions
-from .warm_start import WarmStart, fit_warm_start, load_warm_start
+from crossgap_fast.inversion.config import InversionConfig
+from crossgap_fast.inversion.inverter import FastPathError, Inverter
+from crossgap_fast.models import ClipModel, UnsupportedModelError, load_model
+from crossgap_fast.eval.harness import evaluate_retrieval, evaluate_zeroshot
+from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
+from crossgap_fast.pipeline.store.reader import Inversions, iter_inversions, load_inversions
+from crossgap_fast.inversion.warm_start import WarmStart, fit_warm_start, load_warm_start
 
 __version__ = "0.1.0"
 

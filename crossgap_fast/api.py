@@ -1,6 +1,6 @@
 """The public inversion API: ``oti``, ``ovi`` and their helpers.
 
-``oti`` / ``ovi`` are one-shot calls: each builds an :class:`~crossgap_fast.inverter.Inverter`
+``oti`` / ``ovi`` are one-shot calls: each builds an :class:`~crossgap_fast.inversion.inverter.Inverter`
 from its arguments and runs it once. To invert many batches with one model and one setting,
 build the Inverter once and call ``inverter.run`` for each batch.
 """
@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import DEFAULT_LOSS_BATCH, DEFAULT_LR, DEFAULT_NUM_TOKENS, DEFAULT_TEMPLATE, DEFAULT_WEIGHT_DECAY
-from .config import InversionConfig
-from .data import to_rgb
-from .inverter import InversionResult, Inverter, frozen, initial_tokens  # noqa: F401 (re-exported)
-from .models import ClipModel, as_clip_model, check_text_tower, check_vision_tower
-from .progress import Progress
-from .towers import make_template, text_forward, text_too_long, vision_forward
+from crossgap_fast.inversion.config import DEFAULT_LOSS_BATCH, DEFAULT_LR, DEFAULT_NUM_TOKENS, DEFAULT_TEMPLATE, DEFAULT_WEIGHT_DECAY
+from crossgap_fast.inversion.config import InversionConfig
+from crossgap_fast.pipeline.inputs.listing import to_rgb
+from crossgap_fast.inversion.inverter import InversionResult, Inverter, frozen, initial_tokens  # noqa: F401 (re-exported)
+from crossgap_fast.models import ClipModel, as_clip_model, check_text_tower, check_vision_tower
+from crossgap_fast.progress import Progress
+from crossgap_fast.towers.blocks import make_template, text_forward, text_too_long, vision_forward
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def oti(
     ``result.snapshots`` (0 = the start), so a metric-versus-steps curve costs one run.
     Fast-backend knobs: ``precision`` ("auto": bf16 autocast on CUDA, fp32 on CPU),
     ``compile`` and ``cuda_graph`` (default: on CUDA only), ``use_kernels`` (Triton ops).
-    Settings are those of :class:`~crossgap_fast.config.InversionConfig`.
+    Settings are those of :class:`~crossgap_fast.inversion.config.InversionConfig`.
     """
     cfg = InversionConfig(
         method="oti", steps=steps, lr=lr, weight_decay=weight_decay, num_tokens=num_tokens,

@@ -304,7 +304,7 @@ def load_model(
     """
     register_model_configs()
     if name == DEMO_MODEL and (pretrained is None or str(pretrained) == "demo"):
-        from .demo import demo_checkpoint_path
+        from crossgap_fast.demo import demo_checkpoint_path
 
         pretrained = demo_checkpoint_path()
     if name.startswith((HF_HUB, LOCAL_DIR)):

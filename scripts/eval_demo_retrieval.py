@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import crossgap_fast as cg  # noqa: E402
 from crossgap_fast.demo import ASSETS_DIR, DEMO_MODEL, demo_checkpoint_path, demo_gallery  # noqa: E402
-from crossgap_fast.retrieval import retrieval_metrics_from_features  # noqa: E402
+from crossgap_fast.eval.metrics import retrieval_metrics_from_features  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -41,11 +41,11 @@ sys.path.insert(0, str(REPO))
 
 import crossgap_fast as cg  # noqa: E402
 from crossgap_fast.demo import demo_classes, demo_gallery, load_demo_model  # noqa: E402
-from crossgap_fast.evaluation import image_retrieval_report  # noqa: E402
-from crossgap_fast.towers import text_too_long  # noqa: E402
-from crossgap_fast import warm_start  # noqa: E402
-from crossgap_fast.config import DEFAULT_WARM_STEPS as WARM_STEPS  # noqa: E402
-from crossgap_fast.warm_start import DEFAULT_RIDGE, WarmStart, fit_warm_start  # noqa: E402
+from crossgap_fast.eval.harness import image_retrieval_report  # noqa: E402
+from crossgap_fast.towers.blocks import text_too_long  # noqa: E402
+from crossgap_fast.inversion import warm_start  # noqa: E402
+from crossgap_fast.inversion.config import DEFAULT_WARM_STEPS as WARM_STEPS  # noqa: E402
+from crossgap_fast.inversion.warm_start import DEFAULT_RIDGE, WarmStart, fit_warm_start  # noqa: E402
 
 TEMPLATE = "a photo of {}"  # oti's default, as `crossgap demo` runs it
 OTI_STEPS, OTI_WARM = 150, (0, 5, 10, 15, 25)

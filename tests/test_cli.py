@@ -33,7 +33,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # manifest entry lands, so that the SIGKILL reliably hits mid-run at the worst moment.
 SLOW_WRAPPER = """
 import sys, time
-from crossgap_fast import store
+from crossgap_fast.pipeline.store import folder as store
 real = store.GalleryStore._record
 def held(self, entry):
     if entry["shard"] >= 1:

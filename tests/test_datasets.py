@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossgap_fast.datasets import (
+from crossgap_fast.eval.datasets import (
     ImageRetrievalSet,
     TextRetrievalSet,
     list_datasets,
     load_image_dataset,
     load_text_dataset,
 )
-from crossgap_fast.datasets.coop import COOP_DATASETS
+from crossgap_fast.eval.datasets.coop import COOP_DATASETS
 
 IMAGE_NAMES = {
     "cub", "sop", "cars", "pets", "flowers", "dtd", "eurosat", "aircraft", "food101",

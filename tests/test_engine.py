@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crossgap_fast import engine
+from crossgap_fast.inversion import engine
 from crossgap_fast.kernels import adamw_step
 
 
@@ -61,8 +61,8 @@ def test_memory_estimate_bounds_what_autograd_keeps(vitb32, template, shared, mo
     """The per-sample estimate covers the saved activations, including the per-sample copies of
     the shared prefix's keys/values when the attention concatenates them (with a 60-word
     template those copies alone exceed the estimate that left them out)."""
-    from crossgap_fast import towers
-    from crossgap_fast.inverter import Inverter
+    from crossgap_fast.towers import blocks as towers
+    from crossgap_fast.inversion.inverter import Inverter
 
     monkeypatch.setattr(towers, "SHARED_PREFIX_ATTENTION", shared)
     inv = Inverter(vitb32, method="oti", template=template)

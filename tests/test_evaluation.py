@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from crossgap_fast import baselines
-from crossgap_fast.store import GalleryError
-from crossgap_fast.evaluation import (
+from crossgap_fast.eval import baselines
+from crossgap_fast.pipeline.store.folder import GalleryError
+from crossgap_fast.eval.harness import (
     evaluate_retrieval,
     evaluate_zeroshot,
     image_retrieval_report,
@@ -215,7 +215,7 @@ def test_a_cache_of_a_changed_dataset_is_named_for_deletion(tiny, tmp_path):
 
 def test_cache_folder_follows_the_weights_and_the_dataroot_not_the_checkpoint_path(tiny, tmp_path):
     import crossgap_fast as cg
-    from crossgap_fast.evaluation import dataset_cache_dir
+    from crossgap_fast.eval.harness import dataset_cache_dir
 
     def model(pretrained, name="crossgap-tiny"):
         return cg.ClipModel(model=tiny.model, tokenizer=tiny.tokenizer, name=name, pretrained=pretrained)

@@ -25,7 +25,7 @@ from crossgap_fast import (
     oti,
     ovi,
 )
-from crossgap_fast.store import InputError, OutputExistsError, SettingsMismatchError
+from crossgap_fast.pipeline.store.folder import InputError, OutputExistsError, SettingsMismatchError
 
 STEPS = 3
 ATOL = 1e-5  # the gallery encodes / optimises in other batches than the one-call reference
@@ -120,7 +120,7 @@ def test_workers_and_batching_do_not_change_results(tiny, gallery, full_run, tmp
 
 
 def test_interrupted_library_run_resumes_to_the_same_result(tiny, gallery, full_run, tmp_path, monkeypatch):
-    from crossgap_fast import store as store_mod
+    from crossgap_fast.pipeline.store import folder as store_mod
 
     root, _, _ = gallery
     out = tmp_path / "out"

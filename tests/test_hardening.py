@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 
 from crossgap_fast import cli, encode_gallery, invert_gallery, load_inversions, load_model
-from crossgap_fast import encode as encode_mod
-from crossgap_fast import store as store_mod
-from crossgap_fast.data import load_gallery, load_image, read_texts, scan_images
-from crossgap_fast.store import CorruptStoreError, InputError, SettingsMismatchError
+from crossgap_fast.pipeline import encode as encode_mod
+from crossgap_fast.pipeline.store import folder as store_mod
+from crossgap_fast.pipeline.inputs.listing import load_gallery, load_image, read_texts, scan_images
+from crossgap_fast.pipeline.store.folder import CorruptStoreError, InputError, SettingsMismatchError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TINY = ["--model", "crossgap-tiny", "--pretrained", "random", "--no-progress"]
@@ -179,7 +179,7 @@ def test_unreadable_sub_folder_is_recorded(tiny, tmp_path, monkeypatch):
 KILL_WORKER = """
 import os, signal, sys
 import torch.utils.data
-from crossgap_fast import data
+from crossgap_fast.pipeline.inputs import listing as data
 real = data.load_image
 def load_image(path, preprocess):
     if path.endswith("POISON.png") and torch.utils.data.get_worker_info() is not None:

@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 
 from crossgap_fast import invert_gallery, load_inversions
-from crossgap_fast import sources
-from crossgap_fast.data import load_gallery, load_image, read_index, write_index
-from crossgap_fast.sources import FeatureRows, ImageUrl, TarMember
-from crossgap_fast.store import InputError
+from crossgap_fast.pipeline.inputs import sources
+from crossgap_fast.pipeline.inputs.listing import load_gallery, load_image, read_index, write_index
+from crossgap_fast.pipeline.inputs.sources import FeatureRows, ImageUrl, TarMember
+from crossgap_fast.pipeline.store.folder import InputError
 
 N_IMAGES = 7
 CAPTIONS = ["a red square", "two dogs on a beach", "", "a small house", "the night sky",
@@ -568,8 +568,8 @@ def test_parquet_paths_listed_twice_are_named_by_row(tmp_path):
 def test_packed_items_give_back_every_kind_of_item():
     """The image dataset packs its items (no per-item Python objects for worker processes to
     copy): paths with names that are not UTF-8, tar members and URLs come back equal."""
-    from crossgap_fast.data import ImageDataset, PackedItems
-    from crossgap_fast.sources import ImageUrl, TarMember
+    from crossgap_fast.pipeline.inputs.listing import ImageDataset, PackedItems
+    from crossgap_fast.pipeline.inputs.sources import ImageUrl, TarMember
 
     paths = ["a/b.png", os.fsdecode(b"caf\xe9.png"), "\u00e9t\u00e9/\U0001f600.jpg", ""]
     mixed = paths[:2] + [TarMember("/d/s-000.tar", 1536, 812, "k1.jpg"), ImageUrl("http://h/x.png")]

@@ -9,7 +9,7 @@ from PIL import Image
 
 import crossgap_fast as cg
 from crossgap_fast.progress import Progress
-from crossgap_fast.towers import full_text_forward, full_vision_forward, make_template
+from crossgap_fast.towers.blocks import full_text_forward, full_vision_forward, make_template
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import crossgap_fast as cg
-from crossgap_fast import engine, inverter as inverter_mod
-from crossgap_fast.config import ConfigError, InversionConfig
-from crossgap_fast.inverter import FastPathError, Inverter
+from crossgap_fast.inversion import engine
+from crossgap_fast.inversion import inverter as inverter_mod
+from crossgap_fast.inversion.config import ConfigError, InversionConfig
+from crossgap_fast.inversion.inverter import FastPathError, Inverter
 from crossgap_fast.kernels import adamw as adamw_mod, cosine as cosine_mod, pseudo_tokens as tokens_mod
 
 
@@ -277,7 +278,7 @@ def test_bad_selfcheck_mode(tiny, monkeypatch):
 
 # ---------------------------------------------------------------- the pipeline holds one Inverter
 def test_gallery_builds_adapter_and_stepper_once_per_run(tiny, tmp_path, monkeypatch):
-    from crossgap_fast import towers
+    from crossgap_fast.towers import blocks as towers
 
     counts = {"adapter": 0, "stepper": 0}
     for cls, key in ((towers.PrefixCachedText, "adapter"), (engine.Stepper, "stepper")):

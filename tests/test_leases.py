@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from crossgap_fast import leases as leases_mod
-from crossgap_fast.leases import Leases, is_live, lease_path, read_lease
+from crossgap_fast.pipeline import leases as leases_mod
+from crossgap_fast.pipeline.leases import Leases, is_live, lease_path, read_lease
 
 
 def _no_renewal(leases: Leases) -> Leases:

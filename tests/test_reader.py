@@ -19,7 +19,7 @@ import torch
 from test_store import D, R, T, entry, features_of, new_store, payload, settings, write
 
 from crossgap_fast import iter_inversions, load_inversions
-from crossgap_fast.store import GalleryError, GalleryStore, shard_ranges
+from crossgap_fast.pipeline.store.folder import GalleryError, GalleryStore, shard_ranges
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -345,7 +345,7 @@ def test_iter_inversions_memory_stays_bounded(tmp_path):
 def test_an_input_column_named_like_ours_is_renamed(tmp_path):
     """An item column called "index" (an embedding folder's own numbering) must not shadow
     the store's index: it is kept as "input_index"."""
-    from crossgap_fast.shard_format import encode_shard
+    from crossgap_fast.pipeline.store.schema import encode_shard
 
     files = encode_shard(0, {"indices": np.array([0, 1]), "names": ["a", "b"],
                              "features": np.ones((2, 3), np.float32),

@@ -1,4 +1,4 @@
-"""Tests for crossgap_fast.retrieval.
+"""Tests for crossgap_fast.eval.metrics.
 
 Expected values come either from hand calculations (worked out in comments) or
 from independent reference computations in this file (sklearn's
@@ -15,7 +15,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from crossgap_fast.retrieval import (
+from crossgap_fast.eval.metrics import (
     average_precision,
     retrieval_metrics,
     retrieval_metrics_from_features,

@@ -13,7 +13,7 @@ import torch
 
 from crossgap_fast import cli
 from crossgap_fast.kernels import adamw as adamw_mod, cosine as cosine_mod, pseudo_tokens as tokens_mod
-from crossgap_fast.selfcheck import default_stages, parse_stages
+from crossgap_fast.inversion.selfcheck import default_stages, parse_stages
 
 
 def test_selfcheck_on_cpu_writes_parity_and_throughput(tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 
 import crossgap_fast as cg
 from crossgap_fast import cli
-from crossgap_fast.status import StatusError, read_status
+from crossgap_fast.pipeline.status import StatusError, read_status
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_a_manifest_with_an_impossible_shard_size_is_one_line(tmp_path, capsys):
 def test_the_rate_counts_busy_time_only():
     """Two shards of 100 items, 10 s each, a day apart (a run and its resume), and two at
     once on two workers: the pause does not count, overlapping work counts once."""
-    from crossgap_fast.status import _rate
+    from crossgap_fast.pipeline.status import _rate
 
     day = 86400.0
     apart = [{"start": 0, "stop": 100, "seconds": 10.0, "finished": 10.0},

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from crossgap_fast import load_inversions
-from crossgap_fast.store import (
+from crossgap_fast.pipeline.store.folder import (
     MANIFEST,
     CorruptStoreError,
     GalleryError,

@@ -9,7 +9,7 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
 import crossgap_fast as cg
 from crossgap_fast.models import check_text_tower, check_vision_tower, text_tower
-from crossgap_fast.towers import (
+from crossgap_fast.towers.blocks import (
     FullSequenceText,
     PrefixCachedText,
     PseudoPatchVision,
@@ -381,7 +381,7 @@ def test_shared_prefix_path_without_a_prefix(tiny):
 
 
 def test_default_text_path_attends_without_sdpa_and_module_default_selects_concat(tiny, monkeypatch):
-    from crossgap_fast import towers
+    from crossgap_fast.towers import blocks as towers
 
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -400,7 +400,7 @@ def test_default_text_path_attends_without_sdpa_and_module_default_selects_conca
 
 
 def test_block_forward_refuses_a_mask_or_inner_rows_with_the_shared_prefix(tiny):
-    from crossgap_fast.towers import block_forward
+    from crossgap_fast.towers.blocks import block_forward
 
     block = tiny.model.transformer.resblocks[0]
     kv = (torch.zeros(4, 3, 8), torch.zeros(4, 3, 8))

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import crossgap_fast as cg
-from crossgap_fast import calibration as cal_mod
-from crossgap_fast.store import SettingsMismatchError
-from crossgap_fast.warm_start import load_warm_start
+from crossgap_fast.pipeline import calibration as cal_mod
+from crossgap_fast.pipeline.store.folder import SettingsMismatchError
+from crossgap_fast.inversion.warm_start import load_warm_start
 from test_cli import SLOW_WRAPPER, kill_when_written, recorded_shards
 
 N_ITEMS, N_CAL, WARM, EXACT = 90, 40, 4, 30
@@ -111,7 +111,7 @@ def test_calibration_choice_is_a_function_of_seed_and_index():
 
 def test_interrupted_calibration_and_warm_phase_resume_to_the_same_result(tiny, feats_file, warm_run,
                                                                           tmp_path, monkeypatch):
-    from crossgap_fast import store as store_mod
+    from crossgap_fast.pipeline.store import folder as store_mod
 
     src = feats_file[0]
     # killed after the calibration file, before the map: the calibration is redone
@@ -173,7 +173,7 @@ def test_bad_warm_start_settings(tiny, feats_file, tmp_path):
 # ---------------------------------------------------------------- the command line, SIGKILL
 HOLD_CALIBRATION = """
 import sys, time
-from crossgap_fast import calibration
+from crossgap_fast.pipeline import calibration
 real = calibration.fit_warm_start
 def held(*a, **k):
     time.sleep(120)

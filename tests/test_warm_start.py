@@ -1,4 +1,4 @@
-"""Warm-started inversion: fitting, prediction, storage and refusals (crossgap_fast.warm_start)."""
+"""Warm-started inversion: fitting, prediction, storage and refusals (crossgap_fast.inversion.warm_start)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 
 import crossgap_fast as cg
 from crossgap_fast import demo
-from crossgap_fast.warm_start import MIN_FIT_ITEMS, model_identity
+from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS, model_identity
 
 TEMPLATE = "a photo of {}"
 SYNTHETIC_MODEL = {"name": "synthetic", "fingerprint": "0"}

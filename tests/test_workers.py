@@ -28,7 +28,7 @@ BASE = ["--model", "crossgap-tiny", "--pretrained", "random", "--steps", "20", "
 HOLDING_WORKER = """
 import os, sys, time
 from pathlib import Path
-from crossgap_fast import store
+from crossgap_fast.pipeline.store import folder as store
 real = store.GalleryStore._record
 def held(self, entry):
     Path(os.environ["HOLD_MARKER"]).write_text(str(entry["shard"]))
@@ -171,7 +171,7 @@ def test_a_failure_while_claiming_a_shard_is_raised(tiny, tmp_path, monkeypatch)
     import errno
 
     from crossgap_fast import invert_gallery
-    from crossgap_fast.leases import Leases
+    from crossgap_fast.pipeline.leases import Leases
     from test_gallery import make_gallery
 
     root = tmp_path / "g"

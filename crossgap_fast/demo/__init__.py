@@ -116,6 +116,6 @@ def demo_train_log() -> dict:
 
 def load_demo_model(device: str = "cpu", variant: str | None = None):
     """``crossgap_fast.load_model("crossgap-demo")`` with the shipped weights."""
-    from ..models import load_model
+    from crossgap_fast.models import load_model
 
     return load_model(DEMO_MODEL, pretrained=str(demo_checkpoint_path(variant)), device=device)

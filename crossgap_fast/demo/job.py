@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from ..api import encode_texts, oti
-from ..config import DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS
-from ..evaluation import image_retrieval_report, write_outputs, zeroshot_report
-from ..gallery import encode_gallery, invert_gallery
-from ..inverter import InversionResult
-from ..models import model_identity
-from ..reader import load_inversions
-from ..warm_start import fit_warm_start
-from . import DEMO_PROMPT, demo_classes, demo_gallery, load_demo_model
+from crossgap_fast.api import encode_texts, oti
+from crossgap_fast.inversion.config import DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS
+from crossgap_fast.eval.harness import image_retrieval_report, write_outputs, zeroshot_report
+from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
+from crossgap_fast.inversion.inverter import InversionResult
+from crossgap_fast.models import model_identity
+from crossgap_fast.pipeline.store.reader import load_inversions
+from crossgap_fast.inversion.warm_start import fit_warm_start
+from crossgap_fast.demo import DEMO_PROMPT, demo_classes, demo_gallery, load_demo_model
 
 CURVE_STEPS = (0, 10, 25, 50, 100, 150)
 

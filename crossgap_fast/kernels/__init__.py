@@ -13,17 +13,17 @@ Functional entry points (each takes ``use_triton: bool | None = None``; see
 Importing this package never initialises CUDA and works without Triton installed.
 """
 
-from .adamw import adamw_step, adamw_step_torch, adamw_step_triton
-from .cosine import COSINE_EPS, cosine_loss, cosine_loss_torch, cosine_loss_triton
-from .dispatch import HAS_TRITON, get_use_triton, set_use_triton, should_use_triton, triton_available
-from .pseudo_patches import (
+from crossgap_fast.kernels.adamw import adamw_step, adamw_step_torch, adamw_step_triton
+from crossgap_fast.kernels.cosine import COSINE_EPS, cosine_loss, cosine_loss_torch, cosine_loss_triton
+from crossgap_fast.kernels.dispatch import HAS_TRITON, get_use_triton, set_use_triton, should_use_triton, triton_available
+from crossgap_fast.kernels.pseudo_patches import (
     expand_pseudo_patches,
     expand_pseudo_patches_torch,
     expand_pseudo_patches_triton,
     patch_source_index,
 )
-from .prefix_attention import prefix_attention, prefix_attention_torch, prefix_attention_triton
-from .pseudo_tokens import insert_pseudo_tokens, insert_pseudo_tokens_torch, insert_pseudo_tokens_triton
+from crossgap_fast.kernels.prefix_attention import prefix_attention, prefix_attention_torch, prefix_attention_triton
+from crossgap_fast.kernels.pseudo_tokens import insert_pseudo_tokens, insert_pseudo_tokens_torch, insert_pseudo_tokens_triton
 
 __all__ = [
     "HAS_TRITON",

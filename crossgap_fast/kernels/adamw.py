@@ -35,8 +35,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import dispatch
-from .dispatch import HAS_TRITON_OP, launcher, should_use_triton
+from crossgap_fast.kernels import dispatch
+from crossgap_fast.kernels.dispatch import HAS_TRITON_OP, launcher, should_use_triton
 
 __all__ = ["adamw_step", "adamw_step_torch", "adamw_step_triton"]
 

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
-from .dispatch import HAS_TRITON_OP, launcher, next_pow2, should_use_triton
+from crossgap_fast.kernels import dispatch
+from crossgap_fast.kernels.dispatch import HAS_TRITON_OP, launcher, next_pow2, should_use_triton
 
 __all__ = ["cosine_loss", "cosine_loss_torch", "cosine_loss_triton", "COSINE_EPS"]
 

@@ -41,8 +41,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch
-from .dispatch import HAS_TRITON_OP, launcher, next_pow2, should_use_triton
+from crossgap_fast.kernels import dispatch
+from crossgap_fast.kernels.dispatch import HAS_TRITON_OP, launcher, next_pow2, should_use_triton
 
 __all__ = ["prefix_attention", "prefix_attention_torch", "prefix_attention_triton"]
 

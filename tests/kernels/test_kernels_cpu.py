@@ -522,7 +522,7 @@ def test_engine_loss_traces_fullgraph_with_triton_ops(stub_triton_driver, name, 
     ops, on a model moved to 'meta': one graph forward and backward, with the kernels the
     issue asks for in it. On a GPU, torch.compile sees the same graph."""
     import crossgap_fast as cg
-    from crossgap_fast.towers import PseudoPatchVision, make_template, text_forward
+    from crossgap_fast.towers.blocks import PseudoPatchVision, make_template, text_forward
     from torch._dynamo.backends.common import aot_autograd
     from functorch.compile import make_boxed_func
 

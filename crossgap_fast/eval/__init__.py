@@ -1,0 +1,1 @@
+"""Retrieval evaluation: metrics, baselines, the benchmark harness and the dataset loaders."""

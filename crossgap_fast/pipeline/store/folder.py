@@ -1,0 +1,660 @@
+"""Crash-safe, sharded output store for gallery inversions and encodings.
+
+Layout of an output directory (``OUTDIR``), readable without this package (see
+:mod:`crossgap_fast.pipeline.store.schema` for the shard files)::
+
+    manifest.json           run settings, written first (status "running"); rewritten when the
+                            last shard is finished, with every shard's entry merged in
+                            (status "complete")
+    input.parquet           the input's item list, made once per run by the worker that set the
+                            run up; the other workers read it instead of listing the input
+    text_emb/ img_emb/ tokens/ loss_curves/ metadata/
+                            the shards' files: shard i holds the items
+                            [i * shard_size, (i + 1) * shard_size) of the input, minus failures
+    workers/{id}.jsonl      the finished shards of one worker, one entry per line, appended
+    leases/                 which worker is computing which shard (:mod:`crossgap_fast.pipeline.leases`)
+    errors.jsonl            one JSON object per failed item (level "error") or warning
+                            (level "warning"), in input order: index, name, level, reason
+
+Crash safety:
+
+* every file is written to a temporary file in the same directory (``.NAME.tmp-*``), flushed,
+  fsync'ed and moved into place with :func:`os.replace` (then the directory is fsync'ed), so a
+  reader sees either the old or the new complete file, never half of one;
+* a shard counts as finished only once its entry (with every file's size and sha256) is in a
+  manifest, and the entry is written after the files. Files without an entry (a crash between
+  the writes) or with other contents are ignored and the shard is redone;
+* shard ``i`` always covers the same input items (fixed by the shard size and the item order),
+  so a resumed run skips finished shards exactly.
+
+Every manifest and entry carries the ``run_id`` of the run that created the directory; files
+from another run are ignored. Stores of version 1 (``shard-*.pt`` files written with
+``torch.save``) are still read by :func:`crossgap_fast.load_inversions` and converted by
+``crossgap export``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+import uuid
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from crossgap_fast.pipeline.store import schema as fmt
+
+FORMAT = "crossgap-gallery"
+VERSION = 2
+#: Stores this crossgap reads (version 1: torch shards, read-only).
+READABLE_VERSIONS = (1, 2)
+MANIFEST = "manifest.json"
+ERRORS = "errors.jsonl"
+INPUT_INDEX = "input.parquet"
+WORKERS = "workers"
+LEASES = "leases"
+#: Version 1: per-rank manifests (read for their entries).
+_RANK_RE = re.compile(r"^manifest\.rank(\d+)\.json$")
+
+#: Manifest keys that must match for ``resume`` to continue a run.
+SETTINGS_KEYS = (
+    "kind",
+    "method",
+    "model",
+    "pretrained",
+    "steps",
+    "template",
+    "seed",
+    "num_tokens",
+    "shard_size",
+    "total_items",
+    "input_digest",
+    "engine",
+    "keep_loss_curve",
+    "warm_start",
+    "output",
+)
+#: Settings a worker joining a running run must match (it reads the input from the run's
+#: index instead of listing it, so the input is matched by its name).
+JOIN_KEYS = tuple(k for k in SETTINGS_KEYS if k not in ("total_items", "input_digest")) + ("input",)
+
+#: Settings that may change on ``resume`` but move results at float-rounding level (the
+#: batch the engine optimises samples in, the encoder's batch, the CPU thread count): a
+#: resume with other values warns, and every shard entry records the values it was made with.
+RUN_KEYS = ("batch_size", "encode_batch_size", "threads")
+
+
+class GalleryError(Exception):
+    """A gallery run cannot go on: a bad input, a refused output directory, ...
+
+    The message says which input or directory and what is wrong."""
+
+
+class InputError(GalleryError, ValueError):
+    """The input (a directory, list, text or feature file) cannot be used."""
+
+
+class OutputExistsError(GalleryError):
+    """The output directory is not empty and ``resume`` was not asked for."""
+
+
+class SettingsMismatchError(GalleryError):
+    """``resume`` with settings other than those the output directory records."""
+
+
+class CorruptStoreError(GalleryError):
+    """A finished shard is missing or does not match its manifest entry, or a manifest is
+    unreadable."""
+
+
+class OutputWriteError(GalleryError, OSError):
+    """Writing to the output directory failed (read-only, full disk, a path under a file);
+    what was already finished is kept."""
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write ``path`` by calling ``write(f)`` on a temporary file in the same directory, then
+    fsync and :func:`os.replace` it into place; on any error the temporary file is removed and
+    ``path`` is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and ".tmp-" in name
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, "rb") as f:
+        return json.loads(f.read().decode())
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """``manifest.json`` of an output directory; :class:`CorruptStoreError` (naming the file)
+    when it is unreadable, truncated or not a crossgap manifest."""
+    try:
+        manifest = read_json(path)
+    except (OSError, ValueError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+        raise CorruptStoreError(f"{str(path)!r} is unreadable ({why})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptStoreError(f"{str(path)!r} is not a crossgap manifest")
+    bad = [k for k, t in (("run_id", str), ("num_shards", int), ("shards", list))
+           if not isinstance(manifest.get(k), t)]
+    if bad:
+        raise CorruptStoreError(f"{str(path)!r} is damaged: {', '.join(bad)} missing or of the wrong type")
+    return manifest
+
+
+def error_line(record: dict) -> str:
+    """One ``errors.jsonl`` line: readable UTF-8, or ``\\u`` escapes for a record that holds
+    text no UTF-8 can carry (a file name that is not UTF-8 comes back from the file system as
+    lone surrogates; the escapes bring exactly that name back when the line is read)."""
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record, ensure_ascii=True)
+    return line + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Shard plan
+# --------------------------------------------------------------------------------------------
+def shard_ranges(total: int, shard_size: int) -> list[tuple[int, int]]:
+    """The item range ``[start, stop)`` of every shard: fixed by ``total`` and ``shard_size``."""
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
+    return [(lo, min(lo + shard_size, total)) for lo in range(0, total, shard_size)]
+
+
+def new_worker_id() -> str:
+    """A worker's name: host, process and a random part (unique across hosts and restarts)."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+# --------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------
+class GalleryStore:
+    """One output directory, as seen by one worker: the worker that sets a run up calls
+    :meth:`create`; every worker calls :meth:`open`, :meth:`finished` and
+    :meth:`write_shard`, and whoever finds the run complete calls :meth:`finalize`."""
+
+    def __init__(self, root: str | os.PathLike, worker: str | None = None):
+        self.root = Path(root)
+        self.worker = worker or new_worker_id()
+        self.host = socket.gethostname()
+        self.manifest: dict | None = None
+        self._digests: dict[tuple, str] = {}  # file identity -> sha256, so each file is hashed once
+        self._reported: set[int] = set()  # shards already reported as failing verification
+        self._read_to: dict[Path, int] = {}  # worker log -> bytes of it already read
+        self._recorded: dict[int, float] = {}
+
+    # ---- paths -------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def errors_path(self) -> Path:
+        return self.root / ERRORS
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / INPUT_INDEX
+
+    @property
+    def leases_dir(self) -> Path:
+        return self.root / LEASES
+
+    def worker_manifest_path(self, worker: str | None = None) -> Path:
+        return self.root / WORKERS / f"{worker or self.worker}.jsonl"
+
+    @contextmanager
+    def _writing(self, what: str, hint: str):
+        """Turn an OS error while writing ``what`` into one :class:`OutputWriteError` line."""
+        try:
+            yield
+        except OutputWriteError:
+            raise
+        except OSError as err:
+            raise OutputWriteError(
+                f"cannot write {what} in output directory {str(self.root)!r}: "
+                f"{err.strerror or err}{f' ({err.filename!r})' if err.filename else ''}; {hint}"
+            ) from err
+
+    def _kept_hint(self) -> str:
+        return ("finished shards are kept: fix the output location (space, permissions) and "
+                "rerun with --resume (resume=True)")
+
+    # ---- start / join ------------------------------------------------------------------
+    def listing(self) -> list[str]:
+        """The directory's entries, without temporary files and the lease folder (which
+        workers create before any manifest exists)."""
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise OutputExistsError(f"output {str(root)!r} exists and is not a directory")
+        try:
+            names = sorted(p.name for p in root.iterdir()) if root.exists() else []
+        except OSError as err:
+            raise OutputWriteError(f"cannot read output directory {str(root)!r}: {err.strerror or err}") from err
+        return [n for n in names if not _is_temp(n) and n != LEASES]
+
+    def make_root(self) -> None:
+        with self._writing("the lease folder", "choose a writable output directory"):
+            self.leases_dir.mkdir(parents=True, exist_ok=True)
+
+    def create(self, settings: dict, extra: dict | None = None) -> dict:
+        """Write the manifest of a new run (the caller holds the setup lease and found no
+        manifest)."""
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "run_id": uuid.uuid4().hex,
+            "status": "running",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **{k: settings.get(k) for k in SETTINGS_KEYS},
+            **{k: v for k, v in settings.items() if k not in SETTINGS_KEYS},
+            **(extra or {}),
+        }
+        total, size = int(settings["total_items"]), int(settings["shard_size"])
+        manifest["num_shards"] = len(shard_ranges(total, size))
+        manifest["shards"] = []
+        with self._writing(MANIFEST, "choose a writable output directory"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.manifest_path, manifest)
+        self.manifest = manifest
+        return manifest
+
+    def read_for_join(self) -> dict:
+        """The manifest of the run recorded here, for a worker that continues it (a resume or
+        a cooperating worker); refuses a directory that is no crossgap output and stores
+        written by another version."""
+        path = self.manifest_path
+        if not path.is_file():
+            raise OutputExistsError(
+                f"cannot continue a run in {str(self.root)!r}: it is not empty but has no "
+                f"{MANIFEST}, so it is not a crossgap output directory; choose a new output directory"
+            )
+        try:
+            raw = read_json(path)
+        except (OSError, ValueError) as err:
+            raise CorruptStoreError(f"cannot resume: {str(path)!r} is unreadable ({err})") from err
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise OutputExistsError(f"cannot resume: {str(path)!r} is not a crossgap manifest")
+        if raw.get("version") != VERSION:
+            hint = (": load it with load_inversions, or convert it with `crossgap export`"
+                    if raw.get("version") in READABLE_VERSIONS else "")
+            raise SettingsMismatchError(
+                f"cannot resume: {str(path)!r} has store version {raw.get('version')}, "
+                f"this crossgap writes version {VERSION}{hint}"
+            )
+        try:
+            return read_manifest(path)
+        except CorruptStoreError as err:
+            raise CorruptStoreError(f"cannot resume: {err}") from err
+
+    def check_settings(self, manifest: dict, settings: dict, keys: Iterable[str] = SETTINGS_KEYS) -> None:
+        """Refuse to continue the run of ``manifest`` with other ``settings`` (one line per
+        difference)."""
+        diffs = []
+        for key in keys:
+            old, new = manifest.get(key), settings.get(key)
+            if _normalise(old) != _normalise(new):
+                if key == "input_digest":
+                    diffs.append("input: the items (names, image sizes or modification times, texts "
+                                 f"or feature values) differ from the recorded run's input {manifest.get('input')!r}")
+                else:
+                    diffs.append(f"{key}: recorded {_show(old)}, now {_show(new)}")
+        if diffs:
+            raise SettingsMismatchError(
+                f"cannot continue the run in {str(self.root)!r} with different settings:\n  "
+                + "\n  ".join(diffs)
+                + "\nrerun with the recorded settings, or write to a new output directory"
+            )
+
+    def warn_run_changes(self, extra: dict) -> None:
+        """Warn when ``extra`` holds other :data:`RUN_KEYS` values than the recorded run
+        (call it on a resume that will make shards)."""
+        assert self.manifest is not None, "call create() or open() first"
+        changed = [f"{k} {_show(extra[k])} (recorded {_show(self.manifest.get(k))})" for k in RUN_KEYS
+                   if k in extra and _normalise(extra[k]) != _normalise(self.manifest.get(k))]
+        if changed:
+            warnings.warn(
+                f"resuming the run in {str(self.root)!r} with {', '.join(changed)}: shards made "
+                "now can differ from the earlier ones at float-rounding level; each shard's "
+                "manifest entry records the values it was made with",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def remove_stale_temp_files(self, older_than_s: float) -> None:
+        """Delete leftovers of interrupted writes older than ``older_than_s`` (a live worker's
+        temporary file is young: it is never taken from under it)."""
+        now = time.time()
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                if _is_temp(name):
+                    p = Path(folder) / name
+                    try:
+                        if now - p.stat().st_mtime > older_than_s:
+                            p.unlink()
+                    except OSError:
+                        pass
+
+    def open(self) -> dict:
+        """Read the manifest."""
+        manifest = read_manifest(self.manifest_path)
+        self.manifest = manifest
+        return manifest
+
+    # ---- finished shards ---------------------------------------------------------------
+    def finished(self, *, verify: bool = True, report: bool = True) -> dict[int, dict]:
+        """Entries of every finished shard (all workers): a recorded entry whose files exist
+        with the recorded sizes (and sha256, when ``verify``; each file is hashed once per
+        process). Files without an entry are not finished; a recorded shard whose file is
+        missing or changed is not finished either (warned once, naming it, when ``report``),
+        so it is redone."""
+        assert self.manifest is not None, "call create() or open() first"
+        good, bad = resolve_entries(self.root, self.manifest, verify=verify, digest=self._digest)
+        new = sorted(set(bad) - self._reported)
+        if new and report:
+            shown = "; ".join(f"shard {i}: {bad[i]}" for i in new[:5]) + ("; ..." if len(new) > 5 else "")
+            warnings.warn(
+                f"{len(new)} finished shard(s) in {str(self.root)!r} are missing or changed and "
+                f"will be redone ({shown})",
+                UserWarning,
+                stacklevel=2,
+            )
+            self._reported.update(new)
+        return good
+
+    def recorded(self) -> dict[int, float]:
+        """{shard: when its latest entry was written} of every shard some worker has recorded
+        so far, not verified: cheap enough to ask before
+        every claim (the worker logs are append-only; only what was added since the last call
+        is read)."""
+        assert self.manifest is not None, "call create() or open() first"
+        run_id = self.manifest["run_id"]
+        if not self._read_to:
+            self._note([e for e in self.manifest.get("shards", [])
+                        if isinstance(e, dict) and e.get("run_id") == run_id])
+        folder = self.root / WORKERS
+        for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+            start = self._read_to.get(path, 0)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    data = f.read()
+            except OSError:
+                continue
+            whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits
+            self._read_to[path] = start + len(whole)
+            self._note(_parse_log(whole, run_id))
+        return dict(self._recorded)
+
+    def _note(self, entries: list[dict]) -> None:
+        for e in entries:
+            shard, when = int(e["shard"]), float(e.get("finished") or 0.0)
+            self._recorded[shard] = max(when, self._recorded.get(shard, when))
+
+    def _digest(self, path: Path, st: os.stat_result) -> str:
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        if key not in self._digests:
+            self._digests[key] = file_sha256(path)
+        return self._digests[key]
+
+    # ---- writing -----------------------------------------------------------------------
+    def write_shard(self, index: int, payload: dict, entry: dict) -> dict:
+        """Write shard ``index``'s files atomically (the layout of
+        :mod:`~crossgap_fast.pipeline.store.schema`), then record its entry in this worker's manifest."""
+        assert self.manifest is not None, "call create() or open() first"
+        m = self.manifest
+        out = m.get("output") or {}
+        files = fmt.encode_shard(index, payload, method=m["method"], kind=m["kind"],
+                                 store=out.get("store") or fmt.DEFAULT_STORE,
+                                 dtype=out.get("dtype") or fmt.DEFAULT_DTYPE,
+                                 normalize=bool(out.get("normalize")))
+        recorded: dict[str, dict] = {}
+        with self._writing(f"shard {index}", self._kept_hint()):
+            for rel, data in files.values():
+                path = self.root / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, data)
+                sha = hashlib.sha256(data).hexdigest()
+                st = path.stat()
+                self._digests[(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)] = sha
+                recorded[rel] = {"bytes": len(data), "sha256": sha}
+            full = {
+                "shard": index,
+                "columns": {column: rel for column, (rel, _) in files.items()},
+                "files": recorded,
+                **entry,
+                "worker": self.worker,
+                "host": self.host,
+                "finished": time.time(),
+                "run_id": m["run_id"],
+            }
+            self._record(full)
+        return full
+
+    def _record(self, entry: dict) -> None:
+        """The completion marker: the shard is finished once this line lands. The worker's
+        log is append-only (one JSON entry per line, fsync'ed), so recording costs the same at
+        the last shard as at the first; a line cut short by a crash is ignored by readers."""
+        path = self.worker_manifest_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as f:
+            f.write(error_line(entry).encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finalize(self, extra: dict | None = None) -> dict:
+        """Merge every worker's entries whose files have the recorded sizes into
+        ``manifest.json`` (with the digests taken as the files were written) and rewrite ``errors.jsonl`` (the input
+        listing's problems first, then each item's record in input order); the status is
+        "complete" when every shard is finished. Workers finishing at once write the same
+        content, each atomically."""
+        assert self.manifest is not None, "call create() or open() first"
+        finished = self.finished(verify=False)  # sizes: the digests were taken as each file was written
+        manifest = dict(self.manifest)
+        manifest["shards"] = [finished[k] for k in sorted(finished)]
+        complete = len(finished) == manifest["num_shards"]
+        manifest["status"] = "complete" if complete else "running"
+        records = [r for k in sorted(finished) for r in finished[k].get("errors", [])]
+        manifest["items_ok"] = sum(e["count"] for e in finished.values())
+        manifest["items_failed"] = sum(r["level"] == "error" for r in records)
+        manifest["items_warned"] = sum(r["level"] == "warning" for r in records)
+        manifest.update(extra or {})
+        lines = "".join(error_line(r) for r in list(manifest.get("input_problems") or []) + records)
+        with self._writing(f"{ERRORS} and {MANIFEST}", self._kept_hint()):
+            atomic_write_bytes(self.errors_path, lines.encode())
+            atomic_write_json(self.manifest_path, manifest)
+        self.manifest = manifest
+        return manifest
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _parse_log(data: bytes, run_id: str) -> list[dict]:
+    """The entries of a worker log's complete lines (damaged lines skipped)."""
+    out = []
+    for line in data.splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(e, dict) and e.get("run_id") == run_id and isinstance(e.get("shard"), int):
+            out.append(e)
+    return out
+
+
+def _entries_from(path: Path, run_id: str) -> list[dict]:
+    if path.suffix == ".jsonl":
+        try:
+            return _parse_log(path.read_bytes(), run_id)
+        except OSError:
+            return []
+    try:  # version 1: one JSON document per rank
+        data = read_json(path)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, dict) or data.get("run_id") != run_id:
+        return []
+    return [e for e in data.get("shards", []) if isinstance(e, dict) and e.get("run_id") == run_id]
+
+
+def _candidates(root: Path, manifest: dict) -> dict[int, list[dict]]:
+    """Every recorded entry of each shard of the run (worker files and ``manifest.json``), the
+    most recently written first."""
+    run_id = manifest["run_id"]
+    sources = sorted((root / WORKERS).glob("*.jsonl")) if (root / WORKERS).is_dir() else []
+    sources += [p for p in sorted(root.iterdir()) if _RANK_RE.match(p.name)]  # version 1
+    out: dict[int, list[dict]] = {}
+    for p in sources:
+        for e in _entries_from(p, run_id):
+            out.setdefault(int(e["shard"]), []).append(e)
+    for e in manifest.get("shards", []):
+        if isinstance(e, dict) and e.get("run_id") == run_id:
+            out.setdefault(int(e["shard"]), []).append(e)
+    for entries in out.values():  # the latest write first: a redone shard's entry wins
+        entries.sort(key=lambda e: -float(e.get("finished") or 0.0))
+    return out
+
+
+def entry_files(entry: dict) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of a shard entry (either store version)."""
+    if "files" in entry:
+        return entry["files"]
+    return {entry["file"]: {"bytes": entry.get("bytes"), "sha256": entry.get("sha256")}}
+
+
+def entry_mismatch(root: Path, entry: dict, verify: bool, digest=None) -> str | None:
+    """Why ``entry``'s files do not match what is on disk (None when they do); ``digest(path,
+    stat)`` gives a file's sha256 (default: hash it)."""
+    digest = digest or (lambda path, st: file_sha256(path))
+    for rel, info in entry_files(entry).items():
+        path = root / rel
+        try:
+            st = path.stat()
+            if st.st_size != info.get("bytes"):
+                return f"{rel} does not match its manifest entry (size differs): it was changed after it was written"
+            if verify and digest(path, st) != info.get("sha256"):
+                return f"{rel} does not match its manifest entry (sha256 differs): it was changed after it was written"
+        except FileNotFoundError:
+            return f"{rel} is missing"
+        except OSError as err:
+            return f"{rel} is unreadable ({err.strerror or err})"
+    return None
+
+
+def resolve_entries(
+    root: str | os.PathLike,
+    manifest: dict,
+    *,
+    verify: bool,
+    digest: Callable[[Path, os.stat_result], str] | None = None,
+) -> tuple[dict[int, dict], dict[int, str]]:
+    """(the entry that matches each recorded shard's files, keyed by shard; why the others do
+    not match). A shard can have several entries (redone on resume, perhaps by another
+    worker): the one whose files have the recorded sizes (and sha256, when ``verify``) wins,
+    so a stale entry never shadows the files on disk."""
+    root = Path(root)
+    good: dict[int, dict] = {}
+    bad: dict[int, str] = {}
+    for shard, entries in sorted(_candidates(root, manifest).items()):
+        why = None
+        for e in entries:
+            why = entry_mismatch(root, e, verify, digest)
+            if why is None:
+                good[shard] = e
+                break
+        if shard not in good:
+            bad[shard] = why or "no entry"
+    return good, bad
+
+
+def collect_entries(root: str | os.PathLike, manifest: dict) -> list[dict]:
+    """The entry of every recorded shard whose files have the recorded sizes, sorted by
+    shard (see :func:`resolve_entries`; no hashing)."""
+    good, _ = resolve_entries(root, manifest, verify=False)
+    return [good[k] for k in sorted(good)]
+
+
+def _normalise(v: Any) -> Any:
+    return json.loads(json.dumps(v))  # tuples -> lists, as they come back from JSON
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, str) else repr(v)
+
+
+def iter_error_records(path: str | os.PathLike) -> Iterable[dict]:
+    """The records of an ``errors.jsonl`` file."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
