@@ -20,7 +20,7 @@ from PIL import Image
 
 import crossgap_fast as cg
 from crossgap_fast.demo import DEMO_PROMPT, demo_gallery, load_demo_model
-from crossgap_fast.inversion.config import DEFAULT_WARM_STEPS as WARM_STEPS
+from crossgap_fast.defaults import DEFAULT_WARM_STEPS as WARM_STEPS
 
 # method -> (fit items, fit steps, eval items, exact steps, warm steps), full / smoke
 SIZES = {

@@ -12,24 +12,44 @@ from crossgap_fast.api import (
     ovi,
     ovi_features,
 )
-from crossgap_fast.inversion.config import InversionConfig
-from crossgap_fast.inversion.inverter import FastPathError, Inverter
-from crossgap_fast.models import ClipModel, UnsupportedModelError, load_model
+from crossgap_fast.errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptStoreError,
+    FastPathError,
+    GalleryError,
+    InputError,
+    OutputExistsError,
+    OutputWriteError,
+    SettingsMismatchError,
+    UnsupportedModelError,
+)
 from crossgap_fast.eval.harness import evaluate_retrieval, evaluate_zeroshot
+from crossgap_fast.inversion.config import InversionConfig
+from crossgap_fast.inversion.inverter import Inverter
+from crossgap_fast.inversion.warm_start import WarmStart, fit_warm_start, load_warm_start
+from crossgap_fast.models import ClipModel, load_model
 from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
 from crossgap_fast.pipeline.store.reader import Inversions, iter_inversions, load_inversions
-from crossgap_fast.inversion.warm_start import WarmStart, fit_warm_start, load_warm_start
-
-__version__ = "0.1.0"
+from crossgap_fast.version import __version__
 
 __all__ = [
+    "CheckpointError",
     "ClipModel",
+    "ConfigError",
+    "CorruptStoreError",
     "FastPathError",
+    "GalleryError",
+    "InputError",
+    "OutputExistsError",
+    "OutputWriteError",
+    "SettingsMismatchError",
     "InversionConfig",
     "InversionResult",
     "Inversions",
     "Inverter",
     "UnsupportedModelError",
+    "__version__",
     "WarmStart",
     "encode_gallery",
     "encode_images",

@@ -15,9 +15,11 @@ import open_clip
 from open_clip.model import CLIP, convert_to_custom_text_state_dict
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
+from crossgap_fast.demo.assets import DEMO_MODEL, demo_checkpoint_path
+from crossgap_fast.errors import CheckpointError, UnsupportedModelError
+from crossgap_fast.files import file_sha256 as sha256_of_file
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
-DEMO_MODEL = "crossgap-demo"  # the built-in default, trained here (crossgap_fast/demo)
 #: Model-name prefixes with which open_clip takes the config and weights from the Hugging Face
 #: hub or a local folder (it ignores ``pretrained`` then).
 HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"
@@ -30,14 +32,6 @@ def register_model_configs() -> None:
     if not _registered:
         open_clip.add_model_config(_CONFIG_DIR)
         _registered = True
-
-
-class UnsupportedModelError(ValueError):
-    """The model's architecture cannot be inverted by this library."""
-
-
-class CheckpointError(ValueError):
-    """A local checkpoint file cannot be loaded into the asked-for architecture."""
 
 
 def unreadable_file_reason(path: str | os.PathLike, err: BaseException, expected: str) -> str:
@@ -304,8 +298,6 @@ def load_model(
     """
     register_model_configs()
     if name == DEMO_MODEL and (pretrained is None or str(pretrained) == "demo"):
-        from crossgap_fast.demo import demo_checkpoint_path
-
         pretrained = demo_checkpoint_path()
     if name.startswith((HF_HUB, LOCAL_DIR)):
         if pretrained is not None:  # open_clip would ignore it and load the model's own weights
@@ -460,8 +452,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     st = os.stat(real)
     key = (real, st.st_size, st.st_mtime_ns)
     if key not in _file_digests:
-        with open(real, "rb") as f:
-            _file_digests[key] = hashlib.file_digest(f, "sha256").hexdigest()
+        _file_digests[key] = sha256_of_file(real)
     return _file_digests[key]
 
 

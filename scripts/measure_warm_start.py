@@ -44,8 +44,9 @@ from crossgap_fast.demo import demo_classes, demo_gallery, load_demo_model  # no
 from crossgap_fast.eval.harness import image_retrieval_report  # noqa: E402
 from crossgap_fast.towers.blocks import text_too_long  # noqa: E402
 from crossgap_fast.inversion import warm_start  # noqa: E402
-from crossgap_fast.inversion.config import DEFAULT_WARM_STEPS as WARM_STEPS  # noqa: E402
-from crossgap_fast.inversion.warm_start import DEFAULT_RIDGE, WarmStart, fit_warm_start  # noqa: E402
+from crossgap_fast.defaults import DEFAULT_WARM_STEPS as WARM_STEPS
+from crossgap_fast.inversion.warm_start import WarmStart, fit_warm_start
+from crossgap_fast.defaults import DEFAULT_RIDGE
 
 TEMPLATE = "a photo of {}"  # oti's default, as `crossgap demo` runs it
 OTI_STEPS, OTI_WARM = 150, (0, 5, 10, 15, 25)

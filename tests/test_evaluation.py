@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from crossgap_fast.eval import baselines
-from crossgap_fast.pipeline.store.folder import GalleryError
+from crossgap_fast.errors import GalleryError
 from crossgap_fast.eval.harness import (
     evaluate_retrieval,
     evaluate_zeroshot,

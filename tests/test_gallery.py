@@ -25,7 +25,7 @@ from crossgap_fast import (
     oti,
     ovi,
 )
-from crossgap_fast.pipeline.store.folder import InputError, OutputExistsError, SettingsMismatchError
+from crossgap_fast.errors import InputError, OutputExistsError, SettingsMismatchError
 
 STEPS = 3
 ATOL = 1e-5  # the gallery encodes / optimises in other batches than the one-call reference

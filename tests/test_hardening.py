@@ -27,7 +27,7 @@ from crossgap_fast import cli, encode_gallery, invert_gallery, load_inversions, 
 from crossgap_fast.pipeline import encode as encode_mod
 from crossgap_fast.pipeline.store import folder as store_mod
 from crossgap_fast.pipeline.inputs.listing import load_gallery, load_image, read_texts, scan_images
-from crossgap_fast.pipeline.store.folder import CorruptStoreError, InputError, SettingsMismatchError
+from crossgap_fast.errors import CorruptStoreError, InputError, SettingsMismatchError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TINY = ["--model", "crossgap-tiny", "--pretrained", "random", "--no-progress"]

@@ -30,7 +30,7 @@ from crossgap_fast import invert_gallery, load_inversions
 from crossgap_fast.pipeline.inputs import sources
 from crossgap_fast.pipeline.inputs.listing import load_gallery, load_image, read_index, write_index
 from crossgap_fast.pipeline.inputs.sources import FeatureRows, ImageUrl, TarMember
-from crossgap_fast.pipeline.store.folder import InputError
+from crossgap_fast.errors import InputError
 
 N_IMAGES = 7
 CAPTIONS = ["a red square", "two dogs on a beach", "", "a small house", "the night sky",

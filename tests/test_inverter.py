@@ -13,8 +13,10 @@ import torch
 import crossgap_fast as cg
 from crossgap_fast.inversion import engine
 from crossgap_fast.inversion import inverter as inverter_mod
-from crossgap_fast.inversion.config import ConfigError, InversionConfig
-from crossgap_fast.inversion.inverter import FastPathError, Inverter
+from crossgap_fast.inversion.config import InversionConfig
+from crossgap_fast.errors import ConfigError
+from crossgap_fast.inversion.inverter import Inverter
+from crossgap_fast.errors import FastPathError
 from crossgap_fast.kernels import adamw as adamw_mod, cosine as cosine_mod, pseudo_tokens as tokens_mod
 
 

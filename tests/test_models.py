@@ -15,7 +15,8 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
 import crossgap_fast as cg
 from crossgap_fast import models
-from crossgap_fast.models import UnsupportedModelError, check_text_tower, check_vision_tower, pretrained_id
+from crossgap_fast.models import check_text_tower, check_vision_tower, pretrained_id
+from crossgap_fast.errors import UnsupportedModelError
 
 
 def _state(model: cg.ClipModel) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ from PIL import Image
 
 import crossgap_fast as cg
 from crossgap_fast import cli
-from crossgap_fast.pipeline.status import StatusError, read_status
+from crossgap_fast.pipeline.status import read_status
+from crossgap_fast.errors import StatusError
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,12 @@ import torch
 from crossgap_fast import load_inversions
 from crossgap_fast.pipeline.store.folder import (
     MANIFEST,
-    CorruptStoreError,
-    GalleryError,
     GalleryStore,
-    OutputExistsError,
-    OutputWriteError,
-    SettingsMismatchError,
-    atomic_write,
-    atomic_write_bytes,
-    atomic_write_json,
     iter_error_records,
     shard_ranges,
 )
+from crossgap_fast.files import atomic_write, atomic_write_bytes, atomic_write_json
+from crossgap_fast.errors import CorruptStoreError, GalleryError, OutputExistsError, OutputWriteError, SettingsMismatchError
 
 D, R, T = 4, 2, 3  # feature width, tokens per item, token width
 

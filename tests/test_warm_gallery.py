@@ -15,7 +15,7 @@ import torch
 
 import crossgap_fast as cg
 from crossgap_fast.pipeline import calibration as cal_mod
-from crossgap_fast.pipeline.store.folder import SettingsMismatchError
+from crossgap_fast.errors import SettingsMismatchError
 from crossgap_fast.inversion.warm_start import load_warm_start
 from test_cli import SLOW_WRAPPER, kill_when_written, recorded_shards
 

@@ -30,28 +30,18 @@ from typing import Sequence
 import torch
 
 from crossgap_fast.pipeline.store import schema as fmt
-from crossgap_fast.pipeline.run import (
-    ENGINES,
-    DEFAULT_ENCODE_BATCH,
-    DEFAULT_ENGINE,
-    DEFAULT_RAY_ACTORS,
-    DEFAULT_MAX_FAILED_FRACTION,
-    DEFAULT_SHARD_SIZE,
-    default_workers,
-    encode_gallery,
-    invert_gallery,
-)
-from crossgap_fast.inversion.config import DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS, DEFAULT_WEIGHT_DECAY
+from crossgap_fast.pipeline.run import ENGINES, default_workers, encode_gallery, invert_gallery
+from crossgap_fast.defaults import DEFAULT_ENCODE_BATCH, DEFAULT_ENGINE, DEFAULT_RAY_ACTORS, DEFAULT_MAX_FAILED_FRACTION, DEFAULT_SHARD_SIZE
+from crossgap_fast.defaults import DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS, DEFAULT_WEIGHT_DECAY
 from crossgap_fast.inversion.config import InversionConfig
-from crossgap_fast.models import DEMO_MODEL, HF_HUB, LOCAL_DIR, UnsupportedModelError, load_model
-from crossgap_fast.pipeline.status import StatusError, add_status_parser, status_command
-from crossgap_fast.pipeline.leases import DEFAULT_LEASE_SECONDS
-from crossgap_fast.pipeline.store.folder import GalleryError
+from crossgap_fast.models import DEMO_MODEL, HF_HUB, LOCAL_DIR, load_model
+from crossgap_fast.errors import UnsupportedModelError
+from crossgap_fast.pipeline.status import add_status_parser, status_command
+from crossgap_fast.errors import StatusError
+from crossgap_fast.defaults import DEFAULT_LEASE_SECONDS
+from crossgap_fast.errors import GalleryError
+from crossgap_fast.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
-#: The built-in default: the shipped demo model. ``--pretrained`` may be left out for it (its
-#: trained weights ship with the package); any other ``--model`` needs ``--pretrained``.
-DEFAULT_MODEL = DEMO_MODEL
-DEFAULT_PRETRAINED: str | None = None
 #: Seed of the random weights of ``--pretrained random`` (same model in every process).
 RANDOM_MODEL_SEED = 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from crossgap_fast.api import encode_texts, oti
-from crossgap_fast.inversion.config import DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS
+from crossgap_fast.defaults import DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS
 from crossgap_fast.eval.harness import image_retrieval_report, write_outputs, zeroshot_report
 from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
 from crossgap_fast.inversion.inverter import InversionResult

@@ -29,18 +29,18 @@ from torch import Tensor
 
 from crossgap_fast.eval import baselines
 from crossgap_fast.api import encode_texts
-from crossgap_fast.inversion.config import DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS, InversionConfig
+from crossgap_fast.inversion.config import InversionConfig
+from crossgap_fast.defaults import DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS
 from crossgap_fast.inversion.inverter import Inverter
 from crossgap_fast.eval.datasets import ImageRetrievalSet, load_image_dataset, load_text_dataset
 from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
 from crossgap_fast.models import ClipModel, model_name_id, pretrained_id
 from crossgap_fast.eval.metrics import retrieval_metrics_from_features, revisited_map
 from crossgap_fast.pipeline.store.reader import load_inversions
-from crossgap_fast.pipeline.store.folder import CorruptStoreError, GalleryError, OutputExistsError, SettingsMismatchError
+from crossgap_fast.errors import CorruptStoreError, GalleryError, OutputExistsError, SettingsMismatchError
+from crossgap_fast.defaults import DEFAULT_CACHE_DIR
 
 CLASS_PROMPT = "a photo of a {}."
-#: Where encoded features and inversions are kept when no ``cache_dir`` is given.
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "crossgap"
 
 #: Query/gallery splits the paper's evaluation used (per its authors' code), by dataset.
 PAPER_SPLITS = {

@@ -2,9 +2,8 @@
 
 :class:`InversionConfig` is what ``oti`` / ``ovi`` build from their arguments, what an
 :class:`~crossgap_fast.inversion.inverter.Inverter` runs, and what the gallery pipeline, the evaluation
-harness, the command line and the output manifest record. The paper's defaults (OTI 150 steps,
-OVI 1000 steps, AdamW lr 2e-2, weight decay 0.01, "a photo of {}", R = P = 1) live here and
-nowhere else.
+harness, the command line and the output manifest record. Its defaults (the paper's) come
+from :mod:`crossgap_fast.defaults`.
 """
 
 from __future__ import annotations
@@ -15,28 +14,23 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable
 
+from crossgap_fast.defaults import (
+    DEFAULT_BETAS,
+    DEFAULT_EPS,
+    DEFAULT_LOSS_BATCH,
+    DEFAULT_LR,
+    DEFAULT_NUM_TOKENS,
+    DEFAULT_STEPS,
+    DEFAULT_TEMPLATE,
+    DEFAULT_WEIGHT_DECAY,
+)
+from crossgap_fast.errors import ConfigError
+
 METHODS = ("oti", "ovi")
 BACKENDS = ("fast", "reference")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SELFCHECK_MODES = ("off", "warn", "strict")
 
-DEFAULT_STEPS = {"oti": 150, "ovi": 1000}
-#: Steps of a warm-started inversion (from a start predicted by a fitted map). Measured on the
-#: demo model: OTI reaches the exact 150-step loss by 10 steps and is below it at 15; OVI at 150
-#: steps is within 0.001 of the exact 1000-step loss (scripts/measure_warm_start.py).
-DEFAULT_WARM_STEPS = {"oti": 15, "ovi": 150}
-DEFAULT_TEMPLATE = "a photo of {}"
-DEFAULT_LR = 2e-2
-DEFAULT_WEIGHT_DECAY = 0.01
-DEFAULT_BETAS = (0.9, 0.999)
-DEFAULT_EPS = 1e-8
-DEFAULT_NUM_TOKENS = 1
-#: Each sample's loss is divided by this (the paper's batch mean over 64 images).
-DEFAULT_LOSS_BATCH = 64
-#: Samples the reference backend optimises together (the paper's batch).
-REFERENCE_BATCH = 64
-#: Standard deviation of the Normal(0, std) random start.
-INIT_STD = 0.02
 #: Environment variable that sets the self-check mode when the config leaves it unset.
 SELFCHECK_ENV = "CROSSGAP_SELFCHECK"
 
@@ -45,10 +39,6 @@ SELFCHECK_ENV = "CROSSGAP_SELFCHECK"
 #: only move results at float-rounding level.
 RESULT_FIELDS = ("method", "steps", "lr", "weight_decay", "betas", "eps", "num_tokens", "template",
                  "loss_batch", "seed", "backend", "precision")
-
-
-class ConfigError(ValueError):
-    """An inversion setting has a wrong type or value."""
 
 
 # --------------------------------------------------------------------------------------------

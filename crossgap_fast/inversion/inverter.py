@@ -38,12 +38,15 @@ from torch import Tensor, nn
 
 from crossgap_fast.inversion import engine
 from crossgap_fast.inversion import reference
-from crossgap_fast.inversion.config import INIT_STD, REFERENCE_BATCH, ConfigError, InversionConfig
+from crossgap_fast.inversion.config import InversionConfig
+from crossgap_fast.defaults import INIT_STD, REFERENCE_BATCH
+from crossgap_fast.errors import ConfigError
 from crossgap_fast.inversion.engine import FastPath, StageFailure, Stepper
 from crossgap_fast.kernels import cosine_loss, triton_available
 from crossgap_fast.models import ClipModel, as_clip_model, check_text_tower, check_vision_tower, model_identity
 from crossgap_fast.progress import Progress, as_progress
 from crossgap_fast.towers.blocks import PrefixCachedText, TextTemplate, make_template, text_forward, vision_forward
+from crossgap_fast.errors import FastPathError
 
 #: Samples and steps the self-check compares.
 SELFCHECK_SAMPLES = 4
@@ -63,10 +66,6 @@ SELFCHECK_TOLERANCES = {
 MAX_STEPPERS = 2
 #: Dynamo compiles one entry per chunk shape; a few shapes per Inverter, with headroom.
 RECOMPILE_LIMIT = 64
-
-
-class FastPathError(RuntimeError):
-    """A fast stage failed and ``selfcheck="strict"`` forbids falling back."""
 
 
 @dataclass

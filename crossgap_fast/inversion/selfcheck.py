@@ -25,7 +25,7 @@ from crossgap_fast.inversion.engine import FastPath
 from crossgap_fast.inversion.inverter import Inverter, initial_tokens
 from crossgap_fast.kernels import triton_available
 from crossgap_fast.models import ClipModel, check_text_tower, check_vision_tower
-from crossgap_fast.pipeline.store.folder import atomic_write_json
+from crossgap_fast.files import atomic_write_json
 
 #: Per precision: smallest mean and minimum cosine of the final features to the fp32
 #: reference, and the largest loss difference along the curve (the CPU tier's parity rule for
@@ -102,7 +102,7 @@ def environment(device: torch.device) -> dict:
     """Versions and the device, as a report's header."""
     import open_clip
 
-    from crossgap_fast import __version__
+    from crossgap_fast.version import __version__
 
     env: dict[str, Any] = {
         "crossgap_fast": __version__, "python": platform.python_version(), "torch": torch.__version__,

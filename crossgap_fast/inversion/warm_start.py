@@ -31,10 +31,9 @@ from torch import Tensor, nn
 
 from crossgap_fast.inversion.inverter import InversionResult, as_targets
 from crossgap_fast.models import ClipModel, as_clip_model, check_text_tower, check_vision_tower, model_identity, pretrained_label
-from crossgap_fast.pipeline.store.folder import atomic_write
+from crossgap_fast.files import atomic_write
+from crossgap_fast.defaults import DEFAULT_RIDGE
 
-#: Ridge penalty on the weights (not the bias), in units of the normalised features' Gram matrix.
-DEFAULT_RIDGE = 1e-2
 #: Fewest inversions a map may be fitted on. On the demo model (128-d features) 32 is the
 #: smallest fit that brings the warm run within 0.001 of the exact loss (OTI, 15 steps: 0.1279
 #: vs 0.1272; OVI, 150 steps: 0.1505 vs 0.1502); 8 items give 0.1399 and 0.1527, and the full

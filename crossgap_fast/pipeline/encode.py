@@ -25,7 +25,6 @@ from torch import Tensor
 from crossgap_fast.pipeline.inputs.listing import Gallery, ImageDataset, collate_images
 from crossgap_fast.models import ClipModel
 
-DEFAULT_ENCODE_BATCH = 128
 #: Decoded images kept in flight ahead of the model (bytes of preprocessed tensors): the
 #: DataLoader workers keep decoding this far ahead while a shard is being optimised.
 PREFETCH_BYTES = 1 << 30

@@ -27,9 +27,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from crossgap_fast.defaults import DEFAULT_LEASE_SECONDS
 
-#: Seconds a lease lives without renewal; a dead worker's task waits this long at most.
-DEFAULT_LEASE_SECONDS = 120.0
 #: Renewals per lease time (a live worker renews well before expiry).
 RENEWALS = 4
 SUFFIX = ".lease"

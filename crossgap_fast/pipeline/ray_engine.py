@@ -50,13 +50,14 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess test
 
 from crossgap_fast.inversion.config import InversionConfig, check_int
 from crossgap_fast.pipeline.inputs.listing import Gallery, ImageDataset, _features_gallery, to_rgb, unreadable_image
-from crossgap_fast.pipeline.encode import DEFAULT_ENCODE_BATCH, _encode_images, _encode_texts
+from crossgap_fast.pipeline.encode import _encode_images, _encode_texts
+from crossgap_fast.defaults import DEFAULT_ENCODE_BATCH
 from crossgap_fast.pipeline.run import resolve_device
 from crossgap_fast.inversion.inverter import Inverter, frozen
 from crossgap_fast.models import ClipModel, as_clip_model, check_text_tower, check_vision_tower
 from crossgap_fast.progress import Progress
-from crossgap_fast.pipeline.store.folder import GalleryError
 from crossgap_fast.pipeline.tasks import Place
+from crossgap_fast.errors import RayRunError
 
 __all__ = ["EncodeBatches", "InvertBatches", "ModelSpec", "RayRunError", "build_model", "run_ray"]
 
@@ -76,11 +77,6 @@ KIND_COLUMNS = {"images": ("features", "image", "item"), "texts": ("features", "
 #: How long :func:`run_ray` waits for its first actor (model loaded) before giving up: a pool
 #: the cluster has no room for would otherwise wait forever.
 ACTOR_START_TIMEOUT_S = 600
-
-
-class RayRunError(GalleryError):
-    """A Ray actor or task failed (or no actor could start); the message names the first
-    error in one line, the Ray exception is chained."""
 
 
 # --------------------------------------------------------------------------------------------

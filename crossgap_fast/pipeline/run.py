@@ -36,26 +36,24 @@ from torch import Tensor, nn
 from crossgap_fast.pipeline import calibration as cal_mod
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.pipeline.store import folder as store_mod
-from crossgap_fast.inversion.config import DEFAULT_STEPS, DEFAULT_WARM_STEPS, InversionConfig, check_int
+from crossgap_fast.inversion.config import InversionConfig, check_int
+from crossgap_fast.defaults import DEFAULT_STEPS, DEFAULT_WARM_STEPS
 from crossgap_fast.pipeline.inputs.listing import Gallery, load_gallery, read_index, write_index
-from crossgap_fast.pipeline.encode import DEFAULT_ENCODE_BATCH, Timer, default_workers, group_features
+from crossgap_fast.pipeline.encode import Timer, default_workers, group_features
+from crossgap_fast.defaults import DEFAULT_ENCODE_BATCH
 from crossgap_fast.inversion.inverter import Inverter, frozen
-from crossgap_fast.pipeline.leases import DEFAULT_LEASE_SECONDS, Leases
+from crossgap_fast.pipeline.leases import Leases
+from crossgap_fast.defaults import DEFAULT_LEASE_SECONDS
 from crossgap_fast.models import ClipModel, as_clip_model, model_name_id, pretrained_id
 from crossgap_fast.progress import Progress
-from crossgap_fast.pipeline.store.folder import JOIN_KEYS, GalleryError, GalleryStore, InputError, shard_ranges
+from crossgap_fast.pipeline.store.folder import JOIN_KEYS, GalleryStore, shard_ranges
+from crossgap_fast.errors import GalleryError, InputError
 from crossgap_fast.pipeline.tasks import POLL_SECONDS, Place, ShardClaims, open_run, place_from_env, wait_for
+from crossgap_fast.defaults import DEFAULT_ENGINE, DEFAULT_MAX_FAILED_FRACTION, DEFAULT_RAY_ACTORS, DEFAULT_SHARD_SIZE
 
-DEFAULT_SHARD_SIZE = 4096
-#: A run in which more than this fraction of the items failed ends with an error (exit code 2
-#: on the command line, ``--max-failed-fraction``); finished shards are kept.
-DEFAULT_MAX_FAILED_FRACTION = 0.5
 #: InversionConfig fields the gallery sets itself or cannot store (snapshots are not kept).
 _GALLERY_OWNED = {"method", "snapshot_steps"}
 ENGINES = ("local", "ray")
-DEFAULT_ENGINE = "local"
-#: Most Ray actors (one Inverter each) of ``engine="ray"``.
-DEFAULT_RAY_ACTORS = 1
 #: Items the Ray engine claims at a time: its leases and item rows stay bounded, and each
 #: window starts the actors once (a second or so, against minutes of work per window on a GPU).
 RAY_WINDOW_ITEMS = 1 << 20

@@ -21,15 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from crossgap_fast.pipeline.leases import SUFFIX, is_live, read_lease
-from crossgap_fast.pipeline.store.folder import LEASES, MANIFEST, GalleryError, collect_entries, read_manifest, shard_ranges
+from crossgap_fast.pipeline.store.folder import LEASES, MANIFEST, collect_entries, read_manifest, shard_ranges
+from crossgap_fast.errors import GalleryError
+from crossgap_fast.errors import StatusError
+from crossgap_fast.defaults import DEFAULT_FAILURES_SHOWN
 
-#: Failures listed by ``crossgap status`` (the most recent ones).
-DEFAULT_FAILURES_SHOWN = 5
 _SHARD_LEASE_RE = re.compile(r"^shard-(\d+)" + re.escape(SUFFIX) + "$")
-
-
-class StatusError(ValueError):
-    """The folder is missing or is not a crossgap output directory."""
 
 
 @dataclass

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from crossgap_fast.pipeline.leases import Leases
-from crossgap_fast.pipeline.store.folder import GalleryStore, OutputExistsError, WORKERS, INPUT_INDEX, shard_ranges
+from crossgap_fast.pipeline.store.folder import GalleryStore, WORKERS, INPUT_INDEX, shard_ranges
+from crossgap_fast.errors import OutputExistsError
 
 #: Seconds between looks at the directory while waiting for other workers.
 POLL_SECONDS = 0.5

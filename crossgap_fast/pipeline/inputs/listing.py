@@ -41,10 +41,13 @@ from torch.utils.data import Dataset
 
 from crossgap_fast.pipeline.inputs import sources
 from crossgap_fast.models import unreadable_file_reason
-from crossgap_fast.pipeline.inputs.sources import FeatureRows, ImageUrl, ItemReadError, TarMember
+from crossgap_fast.pipeline.inputs.sources import FeatureRows, ImageUrl, TarMember
+from crossgap_fast.errors import ItemReadError
 from crossgap_fast.pipeline.store.schema import utf8_safe
-from crossgap_fast.pipeline.store.folder import InputError, atomic_write
+from crossgap_fast.files import atomic_write
+from crossgap_fast.errors import InputError
 from crossgap_fast.towers.blocks import text_too_long
+from crossgap_fast.errors import NotRegularFileError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
@@ -394,10 +397,6 @@ def read_image_list(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     if not names:
         raise InputError(f"image list {str(path)!r} has no entries")
     return names, paths
-
-
-class NotRegularFileError(OSError):
-    """An image path that is a FIFO, device or folder: opening it could block forever."""
 
 
 def load_image(path: str | TarMember | ImageUrl, preprocess: Callable[[Any], Tensor]) -> Tensor:

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crossgap_fast.pipeline.store.folder import InputError
+from crossgap_fast.errors import InputError
+from crossgap_fast.errors import ItemReadError
 
 #: How long an image download may take (seconds), and how large it may be.
 URL_TIMEOUT_S = 30.0
@@ -59,11 +60,6 @@ URL_SCHEMES = ("http://", "https://")
 _REMOTE_RE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.\-]*://|pipe:)")
 _META_MEMBER_RE = re.compile(r"__[^/]*__($|/)")
 _COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
-
-
-class ItemReadError(OSError):
-    """An item could not be fetched (a download failed, a tar member is cut short); the
-    message says why and becomes the item's error reason."""
 
 
 # --------------------------------------------------------------------------------------------

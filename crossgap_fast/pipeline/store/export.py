@@ -16,7 +16,8 @@ from crossgap_fast.pipeline import calibration as cal_mod
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.progress import Progress
 from crossgap_fast.pipeline.store.reader import _open, _pick_entry, _shard_tensors
-from crossgap_fast.pipeline.store.folder import INPUT_INDEX, SETTINGS_KEYS, GalleryError, GalleryStore, OutputExistsError
+from crossgap_fast.pipeline.store.folder import INPUT_INDEX, SETTINGS_KEYS, GalleryStore
+from crossgap_fast.errors import GalleryError, OutputExistsError
 
 #: Manifest keys that describe a run's state, not its settings (made anew by the export).
 _STATE_KEYS = {"format", "version", "run_id", "status", "created", "shards", "num_shards",

@@ -36,12 +36,10 @@ from another run are ignored. Stores of version 1 (``shard-*.pt`` files written 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 import socket
-import tempfile
 import time
 import uuid
 import warnings
@@ -49,7 +47,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from crossgap_fast.files import atomic_write_bytes, atomic_write_json, file_sha256, is_temp_file, read_json
 from crossgap_fast.pipeline.store import schema as fmt
+from crossgap_fast.errors import CorruptStoreError, OutputExistsError, OutputWriteError, SettingsMismatchError
 
 FORMAT = "crossgap-gallery"
 VERSION = 2
@@ -89,99 +89,6 @@ JOIN_KEYS = tuple(k for k in SETTINGS_KEYS if k not in ("total_items", "input_di
 #: batch the engine optimises samples in, the encoder's batch, the CPU thread count): a
 #: resume with other values warns, and every shard entry records the values it was made with.
 RUN_KEYS = ("batch_size", "encode_batch_size", "threads")
-
-
-class GalleryError(Exception):
-    """A gallery run cannot go on: a bad input, a refused output directory, ...
-
-    The message says which input or directory and what is wrong."""
-
-
-class InputError(GalleryError, ValueError):
-    """The input (a directory, list, text or feature file) cannot be used."""
-
-
-class OutputExistsError(GalleryError):
-    """The output directory is not empty and ``resume`` was not asked for."""
-
-
-class SettingsMismatchError(GalleryError):
-    """``resume`` with settings other than those the output directory records."""
-
-
-class CorruptStoreError(GalleryError):
-    """A finished shard is missing or does not match its manifest entry, or a manifest is
-    unreadable."""
-
-
-class OutputWriteError(GalleryError, OSError):
-    """Writing to the output directory failed (read-only, full disk, a path under a file);
-    what was already finished is kept."""
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------------
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``path`` by calling ``write(f)`` on a temporary file in the same directory, then
-    fsync and :func:`os.replace` it into place; on any error the temporary file is removed and
-    ``path`` is untouched."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
-
-
-def _is_temp(name: str) -> bool:
-    return name.startswith(".") and ".tmp-" in name
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path, "rb") as f:
-        return json.loads(f.read().decode())
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -295,7 +202,7 @@ class GalleryStore:
             names = sorted(p.name for p in root.iterdir()) if root.exists() else []
         except OSError as err:
             raise OutputWriteError(f"cannot read output directory {str(root)!r}: {err.strerror or err}") from err
-        return [n for n in names if not _is_temp(n) and n != LEASES]
+        return [n for n in names if not is_temp_file(n) and n != LEASES]
 
     def make_root(self) -> None:
         with self._writing("the lease folder", "choose a writable output directory"):
@@ -391,7 +298,7 @@ class GalleryStore:
         now = time.time()
         for folder, _, files in os.walk(self.root):
             for name in files:
-                if _is_temp(name):
+                if is_temp_file(name):
                     p = Path(folder) / name
                     try:
                         if now - p.stat().st_mtime > older_than_s:
@@ -529,14 +436,6 @@ class GalleryStore:
             atomic_write_json(self.manifest_path, manifest)
         self.manifest = manifest
         return manifest
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _parse_log(data: bytes, run_id: str) -> list[dict]:

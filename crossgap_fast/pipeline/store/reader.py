@@ -16,11 +16,12 @@ import torch
 from torch import Tensor
 
 from crossgap_fast.pipeline.store import schema as fmt
-from crossgap_fast.pipeline.store.folder import MANIFEST, CorruptStoreError, GalleryError, _candidates, entry_mismatch, read_manifest
+from crossgap_fast.pipeline.store.folder import MANIFEST, _candidates, entry_mismatch, read_manifest
+from crossgap_fast.errors import CorruptStoreError, GalleryError
+from crossgap_fast.defaults import DEFAULT_READ_BATCH as DEFAULT_BATCH
 
 #: Array columns :func:`iter_inversions` can stream.
 ARRAY_COLUMNS = ("features", "targets", "tokens", "loss_curves")
-DEFAULT_BATCH = 65536
 
 
 @dataclass

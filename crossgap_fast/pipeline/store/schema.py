@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from crossgap_fast.defaults import DEFAULT_DTYPE, DEFAULT_STORE
 
 #: What ``--store`` can keep (losses are the metadata's ``loss`` column).
 STORE_COLUMNS = ("features", "tokens", "targets", "losses")
-DEFAULT_STORE = STORE_COLUMNS
 #: Feature dtypes ``--dtype`` accepts.
 DTYPES = ("float32", "float16")
-DEFAULT_DTYPE = "float32"
 METADATA = "metadata"
 #: Metadata column, only where a name holds a lone surrogate that is no escaped file-name byte
 #: (a JSON id): its ``name_bytes`` are surrogatepass-encoded UTF-8.

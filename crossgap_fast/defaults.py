@@ -1,0 +1,67 @@
+"""Every default a user can change, in one place.
+
+The library's signatures, :class:`~crossgap_fast.InversionConfig`, the command line's options and
+the output manifest all read their defaults from here. The paper's settings: OTI 150 steps, OVI
+1000 steps, AdamW with lr 2e-2 and weight decay 0.01, the template "a photo of {}", one pseudo
+token (R) or patch (P).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from crossgap_fast.demo.assets import DEMO_MODEL
+
+# ------------------------------------------------------------------------------ the inversion
+DEFAULT_STEPS = {"oti": 150, "ovi": 1000}
+#: Steps of a warm-started inversion (from a start predicted by a fitted map). Measured on the
+#: demo model: OTI reaches the exact 150-step loss by 10 steps and is below it at 15; OVI at 150
+#: steps is within 0.001 of the exact 1000-step loss (scripts/measure_warm_start.py).
+DEFAULT_WARM_STEPS = {"oti": 15, "ovi": 150}
+DEFAULT_TEMPLATE = "a photo of {}"
+DEFAULT_LR = 2e-2
+DEFAULT_WEIGHT_DECAY = 0.01
+DEFAULT_BETAS = (0.9, 0.999)
+DEFAULT_EPS = 1e-8
+DEFAULT_NUM_TOKENS = 1
+#: Each sample's loss is divided by this (the paper's batch mean over 64 images).
+DEFAULT_LOSS_BATCH = 64
+#: Samples the reference backend optimises together (the paper's batch).
+REFERENCE_BATCH = 64
+#: Standard deviation of the Normal(0, std) random start.
+INIT_STD = 0.02
+#: Ridge penalty of a warm-start map on the weights (not the bias), in units of the normalised
+#: features' Gram matrix.
+DEFAULT_RIDGE = 1e-2
+
+# ---------------------------------------------------------------------------------- the model
+#: The built-in default model: the demo CLIP trained here, whose weights ship with the package
+#: (``--pretrained`` may be left out for it; any other ``--model`` needs ``--pretrained``).
+DEFAULT_MODEL = DEMO_MODEL
+DEFAULT_PRETRAINED: str | None = None
+
+# ------------------------------------------------------------------------------- the pipeline
+#: Items per shard of the output store (a shard is the unit of work, resume and leasing).
+DEFAULT_SHARD_SIZE = 4096
+#: Images or texts encoded per batch before inverting.
+DEFAULT_ENCODE_BATCH = 128
+#: A run in which more than this fraction of the items failed ends with an error (exit code 2
+#: on the command line); finished shards are kept.
+DEFAULT_MAX_FAILED_FRACTION = 0.5
+#: Seconds a shard lease lives without renewal; a dead worker's shard waits this long at most.
+DEFAULT_LEASE_SECONDS = 120.0
+#: "local" (this process and its decoders) or "ray" (Ray Data actors).
+DEFAULT_ENGINE = "local"
+#: Ray actors (one Inverter each) of the Ray engine.
+DEFAULT_RAY_ACTORS = 1
+#: What the store keeps of each item, and in which float dtype.
+DEFAULT_STORE = ("features", "tokens", "targets", "losses")
+DEFAULT_DTYPE = "float32"
+#: Rows per batch of :func:`crossgap_fast.iter_inversions`.
+DEFAULT_READ_BATCH = 65536
+#: Failures listed by ``crossgap status`` (the most recent ones).
+DEFAULT_FAILURES_SHOWN = 5
+
+# ----------------------------------------------------------------------------- the evaluation
+#: Where encoded features and inversions of benchmark datasets are kept when no cache is given.
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "crossgap"
