@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from crossgap_fast.defaults import DEFAULT_LOSS_BATCH, DEFAULT_LR, DEFAULT_NUM_TOKENS, DEFAULT_TEMPLATE, DEFAULT_WEIGHT_DECAY
 from crossgap_fast.inversion.config import InversionConfig
-from crossgap_fast.pipeline.inputs.listing import to_rgb
+from crossgap_fast.images import to_rgb
 from crossgap_fast.inversion.inverter import InversionResult, Inverter, frozen, initial_tokens  # noqa: F401 (re-exported)
 from crossgap_fast.models import ClipModel, as_clip_model, check_text_tower, check_vision_tower
 from crossgap_fast.progress import Progress

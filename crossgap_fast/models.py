@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,6 +352,24 @@ def load_model(
         name=name,
         pretrained=tag,
     )
+
+#: Seed of the random weights of ``pretrained="random"`` in :func:`load_named_model`.
+RANDOM_MODEL_SEED = 0
+
+
+def load_named_model(name: str, pretrained: str, device: str = "cpu") -> ClipModel:
+    """The model as the command line and Ray actors name it. Random weights
+    (``pretrained="random"``) are made under ``torch.manual_seed(RANDOM_MODEL_SEED)``, so every
+    process (a resumed run, each worker) builds the same ones."""
+    torch.manual_seed(RANDOM_MODEL_SEED)
+    root = logging.getLogger()
+    level = root.level
+    if pretrained == "random":  # open_clip warns that no weights were loaded: that is the point
+        root.setLevel(logging.ERROR)
+    try:
+        return load_model(name, pretrained, device=device)
+    finally:
+        root.setLevel(level)
 
 
 def _checkpoint_problem(name: str, path: str, err: Exception) -> str:

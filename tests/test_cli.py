@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from crossgap_fast import cli, encode_images, load_inversions, load_model, oti
+from crossgap_fast.models import RANDOM_MODEL_SEED
 
 STEPS = "3"
 SHARD = "4"
@@ -142,7 +143,7 @@ def test_matches_in_process_reference(uninterrupted, images):
     """The CLI's --pretrained random model is the one built under torch.manual_seed(0)."""
     out, _ = uninterrupted
     root, good, bad = images
-    torch.manual_seed(cli.RANDOM_MODEL_SEED)
+    torch.manual_seed(RANDOM_MODEL_SEED)
     model = load_model("crossgap-tiny", "random")
     everything = sorted(good + [bad])
     ids = [everything.index(g) for g in good]
@@ -267,7 +268,7 @@ def test_precomputed_pt_features_and_encode(tmp_path, capsys):
                      str(tmp_path / "o"), "--steps", "2", "--shard-size", "2"] + TINY) == 0
     inv = load_inversions(tmp_path / "o")
     assert inv.names == ["0", "1", "2", "3", "4"] and torch.equal(inv.targets, feats)
-    torch.manual_seed(cli.RANDOM_MODEL_SEED)
+    torch.manual_seed(RANDOM_MODEL_SEED)
     model = load_model("crossgap-tiny", "random")
     ref = oti(feats, model, steps=2, sample_ids=list(range(5)))
     torch.testing.assert_close(inv.features, ref.features, atol=1e-5, rtol=1e-4)

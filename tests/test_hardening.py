@@ -3,7 +3,7 @@
 Anything that used to hang runs under a deadline (``deadline`` for in-process calls, a
 subprocess timeout for the command line), so a regression fails instead of blocking CI.
 Models: the session's random ``tiny`` (conftest) in-process; ``--pretrained random`` on the
-command line (the same weights, built under ``cli.RANDOM_MODEL_SEED``).
+command line (the same weights, built under ``RANDOM_MODEL_SEED``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from crossgap_fast import cli, encode_gallery, invert_gallery, load_inversions, load_model
+from crossgap_fast.models import RANDOM_MODEL_SEED
 from crossgap_fast.pipeline import encode as encode_mod
 from crossgap_fast.pipeline.store import folder as store_mod
 from crossgap_fast.pipeline.inputs.listing import load_gallery, load_image, read_texts, scan_images
@@ -213,7 +214,7 @@ def test_killed_decoding_worker_falls_back_to_main_process(tiny, tmp_path):
 
 
 def _cli_model():
-    torch.manual_seed(cli.RANDOM_MODEL_SEED)
+    torch.manual_seed(RANDOM_MODEL_SEED)
     return load_model("crossgap-tiny", "random")
 
 

@@ -21,7 +21,6 @@ rank) builds the same weights.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
@@ -34,7 +33,7 @@ from crossgap_fast.pipeline.run import ENGINES, default_workers, encode_gallery,
 from crossgap_fast.defaults import DEFAULT_ENCODE_BATCH, DEFAULT_ENGINE, DEFAULT_RAY_ACTORS, DEFAULT_MAX_FAILED_FRACTION, DEFAULT_SHARD_SIZE
 from crossgap_fast.defaults import DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS, DEFAULT_WEIGHT_DECAY
 from crossgap_fast.inversion.config import InversionConfig
-from crossgap_fast.models import DEMO_MODEL, HF_HUB, LOCAL_DIR, load_model
+from crossgap_fast.models import DEMO_MODEL, HF_HUB, LOCAL_DIR, RANDOM_MODEL_SEED, load_named_model
 from crossgap_fast.errors import UnsupportedModelError
 from crossgap_fast.pipeline.status import add_status_parser, status_command
 from crossgap_fast.errors import StatusError
@@ -43,7 +42,6 @@ from crossgap_fast.errors import GalleryError
 from crossgap_fast.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 #: Seed of the random weights of ``--pretrained random`` (same model in every process).
-RANDOM_MODEL_SEED = 0
 
 
 def _positive(text: str) -> int:
@@ -251,7 +249,7 @@ def _run_selfcheck(args: argparse.Namespace) -> int:
     pretrained = args.pretrained or ("demo" if args.model == DEMO_MODEL else "random")
     try:
         stages = parse_stages(args.stages, device) if args.stages else None
-        model = _load(args.model, pretrained).to(device)
+        model = load_named_model(args.model, pretrained).to(device)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
         return _fail(str(err))
     report = run_selfcheck(model, stages=stages, json_path=args.json, throughput=not args.no_throughput)
@@ -388,22 +386,9 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"{filename}:{lineno}: {category.__name__}: {message}\n"
 
 
-def _load(name: str, pretrained: str):
-    """The model; random weights are made under a fixed seed (same weights in every process)."""
-    torch.manual_seed(RANDOM_MODEL_SEED)
-    root = logging.getLogger()
-    level = root.level
-    if pretrained == "random":  # open_clip warns that no weights were loaded: that is the point
-        root.setLevel(logging.ERROR)
-    try:
-        return load_model(name, pretrained, device="cpu")
-    finally:
-        root.setLevel(level)
-
-
 def _main(args: argparse.Namespace) -> int:
     try:
-        model = _load(args.model, args.pretrained)
+        model = load_named_model(args.model, args.pretrained)
     except (ValueError, RuntimeError, ImportError) as err:
         return _fail(f"cannot load model {args.model!r} with --pretrained {args.pretrained!r}: {err}")
     except OSError as err:

@@ -49,12 +49,18 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess test
     ) from _err
 
 from crossgap_fast.inversion.config import InversionConfig, check_int
-from crossgap_fast.pipeline.inputs.listing import Gallery, ImageDataset, _features_gallery, to_rgb, unreadable_image
+from crossgap_fast.pipeline.inputs.listing import (
+    Gallery,
+    ImageDataset,
+    _features_gallery,
+    unreadable_image,
+)
+from crossgap_fast.images import to_rgb
 from crossgap_fast.pipeline.encode import _encode_images, _encode_texts
 from crossgap_fast.defaults import DEFAULT_ENCODE_BATCH
 from crossgap_fast.pipeline.run import resolve_device
 from crossgap_fast.inversion.inverter import Inverter, frozen
-from crossgap_fast.models import ClipModel, as_clip_model, check_text_tower, check_vision_tower
+from crossgap_fast.models import ClipModel, as_clip_model, check_text_tower, check_vision_tower, load_named_model
 from crossgap_fast.progress import Progress
 from crossgap_fast.pipeline.tasks import Place
 from crossgap_fast.errors import RayRunError
@@ -107,9 +113,7 @@ def build_model(model: ModelSpec) -> ClipModel:
     if isinstance(model, (tuple, list)):
         if len(model) != 2:
             raise ValueError(f"a model given as a sequence must be (name, pretrained), got {model!r}")
-        from crossgap_fast.cli import _load  # the command line's loader: random weights under its fixed seed
-
-        return _load(str(model[0]), model[1])
+        return load_named_model(str(model[0]), model[1])
     if callable(model):
         return as_clip_model(model())
     raise TypeError(
