@@ -23,9 +23,12 @@ import pytest
 import torch
 
 import crossgap_fast as cg
-from crossgap_fast.towers import blocks as towers
-from crossgap_fast.models import as_clip_model, check_text_tower, check_vision_tower, text_tower
-from crossgap_fast.towers.blocks import make_template
+from crossgap_fast.models import as_clip_model
+from crossgap_fast.towers import text as text_mod
+from crossgap_fast.towers.blocks import block_matmuls
+from crossgap_fast.towers.template import make_template
+from crossgap_fast.towers.text import check_text_tower, text_tower
+from crossgap_fast.towers.vision import check_vision_tower
 
 CUDA = torch.cuda.is_available()
 
@@ -55,7 +58,7 @@ class Tower:
 
 def _tower(blocks, embed: int) -> Tower:
     b = blocks[0]
-    per_block = sum(t.numel() for t in towers.block_matmuls(b) if t is not None)
+    per_block = sum(t.numel() for t in block_matmuls(b) if t is not None)
     width = b.attn.in_proj_weight.shape[1]
     return Tower(len(blocks), width, b.mlp.c_fc.weight.shape[0], embed, len(blocks) * per_block + width * embed)
 
@@ -178,8 +181,8 @@ def _problem(model: cg.ClipModel, n: int, method: str):
 
 
 def _use_provider_path(monkeypatch, provider: str) -> None:
-    """``*-concat`` providers build their text forwards with the previous attention."""
-    monkeypatch.setattr(towers, "SHARED_PREFIX_ATTENTION", not provider.endswith("-concat"))
+    """``*-concat`` providers build their text forwards with the concatenating attention."""
+    monkeypatch.setattr(text_mod, "SHARED_PREFIX_ATTENTION", not provider.endswith("-concat"))
 
 
 CPU_CASES = [
@@ -216,7 +219,7 @@ def test_cpu_inversion(request, monkeypatch, measure, method, n, steps, provider
 @pytest.mark.parametrize("method,steps", [("oti", 20), ("ovi", 10)])
 def test_gpu_inversion(monkeypatch, measure, gpu_model, method, steps, n, provider):
     if provider.endswith("-concat") and method != "oti":
-        pytest.skip("the concatenating attention is OTI's previous text path")
+        pytest.skip("the concatenating attention is a text-tower path (OTI only)")
     if provider == "reference" and n > 64:
         steps = 2  # the reference at 4096 samples is slow; the rate is per sample-step
     feats, init = _problem(gpu_model, n, method)

@@ -2,7 +2,7 @@
 
 Providers per op:
 
-* ``torch``   - the plain-torch math (the library's fallback implementation), eager;
+* ``torch``   - the plain-torch math (the library's torch reference), eager;
 * ``compile`` - ``torch.compile(fullgraph=True)`` of the same torch math (CUDA only);
 * ``triton``  - the Triton kernels (CUDA only).
 
@@ -15,39 +15,26 @@ CPU so that ``pytest benchmarks/bench_kernels.py --benchmark-disable`` runs in s
 
 Shared-prefix attention (ViT-B-32's text blocks: H=8, hd=64, prefix P=4 of "a photo of {}",
 2 own rows, or 1 query row in the last block) has its own providers: ``sdpa-cat`` (the previous
-path: a per-sample copy of the prefix keys/values, then SDPA), ``torch`` (the fallback),
+path: a per-sample copy of the prefix keys/values, then SDPA), ``torch`` (the reference),
 ``compile`` and ``triton`` (CUDA). Its records also hold the FLOPs per call and TFLOP/s.
 
 Run: ``pytest benchmarks/bench_kernels.py`` (add ``--benchmark-disable`` for a smoke run).
+``kernel_refs`` is ``tests/kernels/kernel_refs.py``, on pytest's ``pythonpath``.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+from crossgap_fast.kernels import dispatch
+from crossgap_fast.kernels.adamw import adamw_step_torch, adamw_step_triton
+from crossgap_fast.kernels.attention import prefix_attention_torch, prefix_attention_triton
+from crossgap_fast.kernels.cosine import cosine_loss_torch, cosine_loss_triton
+from crossgap_fast.kernels.pseudo_patches import expand_pseudo_patches_torch, expand_pseudo_patches_triton
+from crossgap_fast.kernels.pseudo_tokens import insert_pseudo_tokens_torch, insert_pseudo_tokens_triton
 
-from crossgap_fast.kernels import dispatch  # noqa: E402
-from crossgap_fast.kernels.adamw import adamw_step_torch, adamw_step_triton  # noqa: E402
-from crossgap_fast.kernels.cosine import cosine_loss_torch, cosine_loss_triton  # noqa: E402
-from crossgap_fast.kernels.prefix_attention import (  # noqa: E402
-    prefix_attention_torch,
-    prefix_attention_triton,
-)
-from crossgap_fast.kernels.pseudo_patches import (  # noqa: E402
-    expand_pseudo_patches_torch,
-    expand_pseudo_patches_triton,
-)
-from crossgap_fast.kernels.pseudo_tokens import (  # noqa: E402
-    insert_pseudo_tokens_torch,
-    insert_pseudo_tokens_triton,
-)
+from kernel_refs import sdpa_over_concat
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -178,12 +165,11 @@ def test_bench_cosine_loss(benchmark, provider, dtype):
     B, E = _big(4096, 64), 512
     pred = torch.randn(B, E, device=DEV, dtype=dtype, requires_grad=True)
     target = torch.randn(B, E, device=DEV, dtype=dtype)
-    hist = torch.zeros(B, 8, device=DEV)
     gl = torch.ones(B, device=DEV)
     f = _pick(provider, cosine_loss_torch, cosine_loss_triton)
 
     def fwd_bwd():
-        loss = f(pred, target, hist[:, 3])
+        loss = f(pred, target)
         return torch.autograd.grad(loss, pred, gl)[0]
 
     es = torch.finfo(dtype).bits // 8
@@ -225,17 +211,6 @@ def test_bench_adamw_step(benchmark, provider):
 
 
 # ------------------------------------------------------------------ OTI: shared-prefix attention
-def _sdpa_over_concat(q, k, v, prefix_k, prefix_v):
-    """The previous path: each sample's own copy of the prefix, then SDPA with the causal mask."""
-    b, _, sq, _ = q.shape
-    sk, p = k.shape[2], prefix_k.shape[1]
-    mask = torch.ones(sq, p + sk, dtype=torch.bool, device=q.device)
-    mask[:, p:] = torch.ones(sk, sk, dtype=torch.bool, device=q.device).tril()[sk - sq:]
-    keys = torch.cat([prefix_k.expand(b, -1, -1, -1), k], dim=2)
-    values = torch.cat([prefix_v.expand(b, -1, -1, -1), v], dim=2)
-    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-
-
 def _bench_prefix_attention(benchmark, provider, dtype, B, Sq):
     H, Sk, P, hd = 8, 2, 4, 64
     # q, k, v as the text block makes them: head-split views of one (B, S, 3D) projection
@@ -246,7 +221,7 @@ def _bench_prefix_attention(benchmark, provider, dtype, B, Sq):
     prefix_v = torch.randn(H, P, hd, device=DEV, dtype=dtype)
     gout = torch.randn(B, H, Sq, hd, device=DEV, dtype=dtype)
     if provider == "sdpa-cat":
-        f = _sdpa_over_concat
+        f = sdpa_over_concat  # the previous path: a per-sample copy of the prefix, then SDPA
     else:
         f = _pick(provider, prefix_attention_torch, prefix_attention_triton)
 

@@ -29,7 +29,8 @@ import torch
 
 from crossgap_fast import iter_inversions, load_inversions
 from crossgap_fast.pipeline.leases import Leases
-from crossgap_fast.pipeline.store.folder import WORKERS, GalleryStore, error_line
+from crossgap_fast.pipeline.store.folder import GalleryStore
+from crossgap_fast.pipeline.store.manifest import WORKERS, error_line
 from crossgap_fast.pipeline.tasks import ShardClaims, shard_task
 
 DIM, TOKENS = 512, 1

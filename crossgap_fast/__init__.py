@@ -4,7 +4,6 @@ from crossgap_fast.api import (
     InversionResult,
     encode_images,
     encode_texts,
-    initial_tokens,
     invert_images,
     invert_texts,
     oti,
@@ -26,6 +25,7 @@ from crossgap_fast.errors import (
 )
 from crossgap_fast.eval.harness import evaluate_retrieval, evaluate_zeroshot
 from crossgap_fast.inversion.config import InversionConfig
+from crossgap_fast.inversion.inputs import initial_tokens
 from crossgap_fast.inversion.inverter import Inverter
 from crossgap_fast.inversion.warm_start import WarmStart, fit_warm_start, load_warm_start
 from crossgap_fast.models import ClipModel, load_model

@@ -13,13 +13,24 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from crossgap_fast.defaults import DEFAULT_LOSS_BATCH, DEFAULT_LR, DEFAULT_NUM_TOKENS, DEFAULT_TEMPLATE, DEFAULT_WEIGHT_DECAY
-from crossgap_fast.inversion.config import InversionConfig
+from crossgap_fast.defaults import (
+    DEFAULT_IMAGE_BATCH,
+    DEFAULT_LOSS_BATCH,
+    DEFAULT_LR,
+    DEFAULT_NUM_TOKENS,
+    DEFAULT_SEED,
+    DEFAULT_TEMPLATE,
+    DEFAULT_TEXT_BATCH,
+    DEFAULT_WEIGHT_DECAY,
+)
 from crossgap_fast.images import to_rgb
-from crossgap_fast.inversion.inverter import InversionResult, Inverter, frozen, initial_tokens  # noqa: F401 (re-exported)
-from crossgap_fast.models import ClipModel, as_clip_model, check_text_tower, check_vision_tower
+from crossgap_fast.inversion.config import InversionConfig
+from crossgap_fast.inversion.inverter import InversionResult, Inverter
+from crossgap_fast.models import ClipModel, as_clip_model, frozen
 from crossgap_fast.progress import Progress
-from crossgap_fast.towers.blocks import make_template, text_forward, text_too_long, vision_forward
+from crossgap_fast.towers.template import make_template, text_too_long
+from crossgap_fast.towers.text import check_text_tower, text_forward
+from crossgap_fast.towers.vision import check_vision_tower, vision_forward
 
 
 # --------------------------------------------------------------------------------------------
@@ -35,7 +46,7 @@ def oti(
     num_tokens: int = DEFAULT_NUM_TOKENS,
     template: str = DEFAULT_TEMPLATE,
     init: Tensor | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     backend: str = "fast",
     batch_size: int | None = None,
     loss_batch: int = DEFAULT_LOSS_BATCH,
@@ -82,7 +93,7 @@ def ovi(
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
     num_tokens: int = DEFAULT_NUM_TOKENS,
     init: Tensor | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     backend: str = "fast",
     batch_size: int | None = None,
     loss_batch: int = DEFAULT_LOSS_BATCH,
@@ -115,7 +126,7 @@ def ovi(
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def oti_features(
-    tokens: Tensor, model: ClipModel | nn.Module, template: str = DEFAULT_TEMPLATE, batch_size: int = 1024
+    tokens: Tensor, model: ClipModel | nn.Module, template: str = DEFAULT_TEMPLATE, batch_size: int = DEFAULT_TEXT_BATCH
 ) -> Tensor:
     """Text features (N, D) of stored OTI pseudo tokens (N, R, d), as ``oti`` returns them."""
     cm = as_clip_model(model)
@@ -127,7 +138,7 @@ def oti_features(
 
 
 @torch.no_grad()
-def ovi_features(tokens: Tensor, model: ClipModel | nn.Module, batch_size: int = 256) -> Tensor:
+def ovi_features(tokens: Tensor, model: ClipModel | nn.Module, batch_size: int = DEFAULT_IMAGE_BATCH) -> Tensor:
     """Image features (N, D) of stored OVI pseudo patches (N, P, width)."""
     cm = as_clip_model(model)
     tokens = _stored_tokens(tokens, check_vision_tower(cm.model).width)
@@ -154,7 +165,7 @@ def _batched(fwd: nn.Module, x: Tensor, device: torch.device, batch_size: int) -
 # From raw inputs
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_images(images: Sequence[Any] | Tensor, model: ClipModel | nn.Module, batch_size: int = 256) -> Tensor:
+def encode_images(images: Sequence[Any] | Tensor, model: ClipModel | nn.Module, batch_size: int = DEFAULT_IMAGE_BATCH) -> Tensor:
     """Image features (N, D) of PIL images (preprocessed with the model's transform) or of an
     already preprocessed (N, 3, H, W) tensor."""
     cm = as_clip_model(model)
@@ -175,7 +186,7 @@ def encode_images(images: Sequence[Any] | Tensor, model: ClipModel | nn.Module, 
 
 
 @torch.no_grad()
-def encode_texts(texts: Sequence[str], model: ClipModel | nn.Module, batch_size: int = 1024) -> Tensor:
+def encode_texts(texts: Sequence[str], model: ClipModel | nn.Module, batch_size: int = DEFAULT_TEXT_BATCH) -> Tensor:
     """Text features (N, D) of strings; a text longer than the context is an error."""
     cm = as_clip_model(model)
     if isinstance(texts, str):

@@ -30,9 +30,16 @@ DEFAULT_LOSS_BATCH = 64
 REFERENCE_BATCH = 64
 #: Standard deviation of the Normal(0, std) random start.
 INIT_STD = 0.02
+#: Seed of the random starts (each sample's start is drawn from ``(seed, sample id)``).
+DEFAULT_SEED = 0
 #: Ridge penalty of a warm-start map on the weights (not the bias), in units of the normalised
 #: features' Gram matrix.
 DEFAULT_RIDGE = 1e-2
+
+#: Items per tower call of the one-shot encoders (``encode_images`` / ``ovi_features`` run the
+#: image tower, ``encode_texts`` / ``oti_features`` the text tower).
+DEFAULT_IMAGE_BATCH = 256
+DEFAULT_TEXT_BATCH = 1024
 
 # ---------------------------------------------------------------------------------- the model
 #: The built-in default model: the demo CLIP trained here, whose weights ship with the package

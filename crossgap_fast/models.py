@@ -1,24 +1,30 @@
-"""Loading open_clip models and checking that the inversion adapters support them."""
+"""open_clip models as this package holds them: loading, :class:`ClipModel`, and identity.
+
+:func:`load_model` creates a frozen model from an open_clip name and a tag or checkpoint, with
+errors that say what is wrong with a checkpoint; :func:`frozen` holds any model frozen for a
+while; :func:`model_identity` / :func:`pretrained_id` say which weights a result came from. What
+the inversion needs of each tower is checked in :mod:`crossgap_fast.towers`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import torch
-from torch import nn
+from typing import Any, Callable, Iterator, Sequence
 
 import open_clip
-from open_clip.model import CLIP, convert_to_custom_text_state_dict
-from open_clip.timm_model import TimmModel
-from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
+import torch
+from open_clip.model import convert_to_custom_text_state_dict
+from torch import nn
+
 from crossgap_fast.demo.assets import DEMO_MODEL, demo_checkpoint_path
-from crossgap_fast.errors import CheckpointError, UnsupportedModelError
+from crossgap_fast.errors import CheckpointError
 from crossgap_fast.files import file_sha256 as sha256_of_file
+from crossgap_fast.towers.text import text_tower
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 #: Model-name prefixes with which open_clip takes the config and weights from the Hugging Face
@@ -66,7 +72,6 @@ class ClipModel:
     preprocess: Callable[[Any], torch.Tensor] | None = None
     name: str = "custom"
     pretrained: str | None = None
-    _checked: dict = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -106,177 +111,21 @@ def as_clip_model(model: ClipModel | nn.Module) -> ClipModel:
     )
 
 
-def _check_blocks(blocks: Sequence[nn.Module], tower: str) -> None:
-    for i, block in enumerate(blocks):
-        if not isinstance(block, ResidualAttentionBlock) or not isinstance(
-            block.attn, nn.MultiheadAttention
-        ):
-            raise UnsupportedModelError(
-                f"{tower} block {i} is {type(block).__name__}; only open_clip's default "
-                "ResidualAttentionBlock (nn.MultiheadAttention) is supported"
-            )
-        if hasattr(block, "ln_1_kv"):
-            raise UnsupportedModelError(f"{tower} block {i} is a cross-attention block")
-        if not block.attn.batch_first or not block.attn._qkv_same_embed_dim:
-            raise UnsupportedModelError(
-                f"{tower} block {i}: attention must be batch_first with a fused qkv projection"
-            )
-
-
-@dataclass(frozen=True)
-class TextTower:
-    """One view of an open_clip text tower, wherever the model keeps it.
-
-    ``CLIP`` holds the text modules on the model itself; ``CustomTextCLIP`` holds them in
-    ``model.text`` (a ``TextTransformer``) and names the pooling attributes differently.
-    """
-
-    owner: nn.Module = field(repr=False)  # holds token_embedding, transformer, ln_final, ...
-    pool_type: str  # 'argmax' | 'eos' | 'first' | 'last'
-    eos_id: int | None
-
-    @property
-    def token_embedding(self) -> nn.Embedding:
-        return self.owner.token_embedding
-
-    @property
-    def positional_embedding(self) -> torch.Tensor:
-        return self.owner.positional_embedding
-
-    @property
-    def transformer(self) -> nn.Module:
-        return self.owner.transformer
-
-    @property
-    def ln_final(self) -> nn.Module:
-        return self.owner.ln_final
-
-    @property
-    def attn_mask(self) -> torch.Tensor | None:
-        """open_clip's additive causal mask, or ``None`` for a bidirectional tower."""
-        return getattr(self.owner, "attn_mask", None)
-
-    @property
-    def causal(self) -> bool:
-        return self.attn_mask is not None
-
-    @property
-    def width(self) -> int:
-        """Width of the token embeddings (the size of one pseudo token)."""
-        return int(self.token_embedding.weight.shape[1])
-
-    @property
-    def output_dim(self) -> int:
-        """Width of the features the tower outputs (after the projection)."""
-        proj = self.owner.text_projection
-        if proj is None:
-            return self.width
-        return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """The text projection applied to pooled rows, as open_clip applies it."""
-        proj = self.owner.text_projection
-        if proj is None:
-            return x
-        if isinstance(proj, nn.Linear):
-            return proj(x)
-        return x @ proj
-
-
-def text_tower(model: nn.Module) -> TextTower:
-    """The :class:`TextTower` view of ``model``'s text encoder (no support checks)."""
-    if isinstance(model, CLIP):
-        return TextTower(model, model.text_pool_type, getattr(model, "text_eos_id", None))
-    text = getattr(model, "text", None)
-    if isinstance(text, TextTransformer):
-        return TextTower(text, text.pool_type, getattr(text, "eos_id", None))
-    raise UnsupportedModelError(
-        f"{type(model).__name__} is not supported for OTI: its text encoder "
-        f"({type(text).__name__ if text is not None else 'none found'}) is not open_clip's "
-        "TextTransformer (Hugging Face text towers are not supported)"
-    )
-
-
-def check_text_tower(model: nn.Module) -> TextTower:
-    """The text tower's view; raise :class:`UnsupportedModelError` unless OTI can use it.
-
-    Supported: open_clip's ``TextTransformer`` layout on ``CLIP`` or ``CustomTextCLIP``,
-    causal (CLIP, MobileCLIP: the fast engine cuts the sequence and caches the prefix) or
-    bidirectional (SigLIP, CLIPA: the fast engine computes the full sequence).
-    """
-    tower = text_tower(model)
-    if getattr(tower.owner, "cls_emb", None) is not None:
-        raise UnsupportedModelError("text towers with an appended class token (CoCa) are not supported")
-    if getattr(tower.owner, "use_pad_mask", False):
-        raise UnsupportedModelError("text towers that mask padding keys (use_pad_mask) are not supported")
-    pools = ("argmax", "eos", "last") if tower.causal else ("argmax", "eos", "first", "last")
-    if tower.pool_type not in pools:
-        why = (
-            "a causal tower must pool at or after the pseudo tokens"
-            if tower.causal and tower.pool_type == "first"
-            else "the feature must be read from one token"
-        )
-        raise UnsupportedModelError(
-            f"text pooling '{tower.pool_type}' is not supported ({why}; supported: {', '.join(pools)})"
-        )
-    _check_blocks(tower.transformer.resblocks, "text")
-    if not tower.transformer.batch_first:
-        raise UnsupportedModelError("the text Transformer must be batch_first")
-    return tower
-
-
-@dataclass(frozen=True)
-class VisionTower:
-    """What OVI needs to know of an image tower."""
-
-    kind: str  # "open_clip": its VisionTransformer; "timm": a TimmModel around a timm ViT
-    num_patches: int  # patch positions the pseudo patches are stretched over
-    width: int  # size of one pseudo patch (the patch embedding's output width)
-
-
-def check_vision_tower(model: nn.Module) -> VisionTower:
-    """The image tower's view; raise :class:`UnsupportedModelError` unless OVI can use it.
-
-    Supported: open_clip's ``VisionTransformer`` pooled at the class token, and timm
-    ``VisionTransformer`` trunks (SigLIP, MobileCLIP) with any pooling timm offers.
-    """
-    visual = getattr(model, "visual", None)
-    if isinstance(visual, TimmModel):
-        return _check_timm_vit(visual)
-    if not isinstance(visual, VisionTransformer):
-        raise UnsupportedModelError(
-            f"image tower {type(visual).__name__} is not supported: OVI needs a vision "
-            "transformer (open_clip's or timm's) whose patch embedding it can bypass"
-        )
-    if visual.attn_pool is not None:
-        raise UnsupportedModelError("attentional pooling in the image tower is not supported")
-    if visual.pool_type != "tok":
-        raise UnsupportedModelError(
-            f"image pooling '{visual.pool_type}' is not supported (need the class token)"
-        )
-    _check_blocks(visual.transformer.resblocks, "image")
-    if not visual.transformer.batch_first:
-        raise UnsupportedModelError("the image Transformer must be batch_first")
-    grid = visual.grid_size
-    return VisionTower("open_clip", int(grid[0] * grid[1]), int(visual.class_embedding.shape[0]))
-
-
-def _check_timm_vit(visual: nn.Module) -> VisionTower:
-    trunk = getattr(visual, "trunk", None)
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no weight gradients for the duration; every submodule's ``training`` flag
+    and every parameter's ``requires_grad`` come back as they were after."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    model.requires_grad_(False)
     try:
-        from timm.models.vision_transformer import VisionTransformer as TimmViT
-    except ImportError:  # pragma: no cover - open_clip built a TimmModel, so timm is there
-        TimmViT = ()
-    if not isinstance(trunk, TimmViT):
-        raise UnsupportedModelError(
-            f"timm image tower {type(trunk).__name__} is not supported: OVI needs a timm "
-            "VisionTransformer (convolutional and hybrid-stage towers have no patch sequence to "
-            "write pseudo patches into)"
-        )
-    num_patches = getattr(trunk.patch_embed, "num_patches", None)
-    if not num_patches:
-        raise UnsupportedModelError("the timm ViT's patch embedding does not report its patch count")
-    return VisionTower("timm", int(num_patches), int(trunk.embed_dim))
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        for m, mode in modes:
+            m.training = mode
 
 
 def load_model(
@@ -352,6 +201,7 @@ def load_model(
         name=name,
         pretrained=tag,
     )
+
 
 #: Seed of the random weights of ``pretrained="random"`` in :func:`load_named_model`.
 RANDOM_MODEL_SEED = 0

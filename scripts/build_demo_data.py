@@ -44,10 +44,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from crossgap_fast.demo import demo_cache_dir
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = Path("/usr/share/openclipart/png")
 DEFAULT_ASSETS = REPO / "crossgap_fast" / "demo" / "assets"
-DEFAULT_CACHE = Path(os.environ.get("CROSSGAP_DEMO_CACHE", Path.home() / ".cache" / "crossgap-demo"))
 IMAGE_SIZE = 64
 # A PNG "Title" shared by this many files is a collection name ("Lemon SVG theme"), not a title.
 COLLECTION_TITLE_MIN = 5
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="openclipart png root")
     ap.add_argument("--assets", type=Path, default=DEFAULT_ASSETS, help="where the gallery goes")
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where train.npz goes")
+    ap.add_argument("--cache", type=Path, default=demo_cache_dir(), help="where train.npz goes")
     ap.add_argument("--per-class", type=int, default=16, help="gallery images per class (max)")
     ap.add_argument("--queries", type=int, default=4, help="query images per class")
     ap.add_argument("--min-class", type=int, default=30, help="min distinct images for a class")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -27,10 +26,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 import crossgap_fast as cg  # noqa: E402
+from crossgap_fast.defaults import DEFAULT_STEPS  # noqa: E402
 from crossgap_fast.demo import ASSETS_DIR, DEMO_MODEL, demo_checkpoint_path, demo_gallery  # noqa: E402
 from crossgap_fast.eval.metrics import retrieval_metrics_from_features  # noqa: E402
 
@@ -40,7 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--log", type=Path, default=ASSETS_DIR / "train_log.json")
     ap.add_argument("--log-key", default="default")
-    ap.add_argument("--steps", type=int, default=150, help="OTI steps (paper: 150)")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS["oti"], help=f"OTI steps (paper: {DEFAULT_STEPS['oti']})")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-log", action="store_true")
     args = ap.parse_args(argv)

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Warm-started inversion on the shipped demo model: the tables of issue 11, measured.
+"""Warm-started inversion on the shipped demo model: the README's warm-start tables, measured.
 
     python scripts/measure_warm_start.py                 # OTI and OVI (OVI: ~15 min on 2 cores)
     python scripts/measure_warm_start.py --part oti --json runs/warm-start.json
 
 OTI: a map fitted on the 150-step OTI of the 346 gallery images predicts the start of the 128
 query images; mean final loss (1 - cos of inverted and input feature) and image->image mAP
-(``evaluation.image_retrieval_report``, query vs gallery split) after K warm steps, against the
+(``crossgap_fast.eval.reports.image_retrieval_report``, query vs gallery split) after K warm steps, against the
 exact 150-step run and the random start after the same K steps; items/s of exact 150 vs warm
 K = 15 (prediction included), timed alternately in this process. Then the map's fit size and
 ridge penalty against the 15-step loss.
@@ -16,6 +16,8 @@ made from the titles and class names with the prompts the model was trained on (
 300 from gallery images fit the map, 128 others from query images are inverted. Exact 1000 steps
 vs warm K = 50, 100, 150, 250 (loss, cosine to the exact result, items/s: the exact run is
 timed once, the warm one as a median), and fit size at K = 150.
+
+Run it with the package installed (``pip install -e .``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,17 +37,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 import crossgap_fast as cg  # noqa: E402
+from crossgap_fast.defaults import DEFAULT_RIDGE  # noqa: E402
+from crossgap_fast.defaults import DEFAULT_WARM_STEPS as WARM_STEPS  # noqa: E402
 from crossgap_fast.demo import demo_classes, demo_gallery, load_demo_model  # noqa: E402
-from crossgap_fast.eval.harness import image_retrieval_report  # noqa: E402
-from crossgap_fast.towers.blocks import text_too_long  # noqa: E402
+from crossgap_fast.eval.reports import image_retrieval_report  # noqa: E402
 from crossgap_fast.inversion import warm_start  # noqa: E402
-from crossgap_fast.defaults import DEFAULT_WARM_STEPS as WARM_STEPS
-from crossgap_fast.inversion.warm_start import WarmStart, fit_warm_start
-from crossgap_fast.defaults import DEFAULT_RIDGE
+from crossgap_fast.inversion.warm_start import WarmStart, fit_warm_start  # noqa: E402
+from crossgap_fast.towers.template import text_too_long  # noqa: E402
 
 TEMPLATE = "a photo of {}"  # oti's default, as `crossgap demo` runs it
 OTI_STEPS, OTI_WARM = 150, (0, 5, 10, 15, 25)
@@ -203,31 +201,33 @@ def measure_ovi(model, repeats: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-def report_oti(r: dict) -> str:
-    s = r["speed"]
-    return "\n\n".join([
-        f"OTI, crossgap-demo, {r['n_query']} query images (map fitted on {r['n_fit']} gallery "
-        f"images' {OTI_STEPS}-step OTI, ridge {DEFAULT_RIDGE}):",
-        table(["start", "steps", "mean final loss (1 - cos)", "image->image mAP"], r["rows"]),
-        f"items/s (median, alternating runs): exact {OTI_STEPS} steps {s['exact_items_per_s']:.1f}, "
-        f"warm {OTI_TIMED_K} steps {s['warm_items_per_s']:.1f} -> {s['ratio']:.1f}x",
-        f"fit size vs {OTI_TIMED_K}-step loss (random start at {OTI_TIMED_K} steps: {r['random_k_loss']:.4f}):",
-        table(["items fitted", f"loss after {OTI_TIMED_K} warm steps"], r["fit_sizes"]),
-        table(["ridge", f"loss after {OTI_TIMED_K} warm steps"], r["ridges"]),
-    ])
+#: Per method: exact steps, timed warm steps, what was inverted and fitted (filled from the
+#: measurements), the last column of the main table and how the speeds were timed.
+REPORTS = {
+    "oti": (OTI_STEPS, OTI_TIMED_K,
+            "{n_query} query images (map fitted on {n_fit} gallery images' {steps}-step OTI, ridge {ridge})",
+            "image->image mAP", "median, alternating runs"),
+    "ovi": (OVI_STEPS, OVI_TIMED_K,
+            "{n_eval} captions (map fitted on {n_fit} other captions' {steps}-step OVI; e.g. {examples})",
+            "cos to exact result", "exact timed once, warm median"),
+}
 
 
-def report_ovi(r: dict) -> str:
+def report(method: str, r: dict) -> str:
+    """The tables and speeds of one method's measurements (``measure_oti`` / ``measure_ovi``)."""
+    steps, k, setup, metric, timing = REPORTS[method]
     s = r["speed"]
-    return "\n\n".join([
-        f"OVI, crossgap-demo, {r['n_eval']} captions (map fitted on {r['n_fit']} other captions' "
-        f"{OVI_STEPS}-step OVI; e.g. {r['examples']}):",
-        table(["start", "steps", "mean final loss (1 - cos)", "cos to exact result"], r["rows"]),
-        f"items/s: exact {OVI_STEPS} steps {s['exact_items_per_s']:.2f}, warm {OVI_TIMED_K} steps "
-        f"{s['warm_items_per_s']:.2f} -> {s['ratio']:.1f}x",
-        f"fit size vs {OVI_TIMED_K}-step loss (random start at {OVI_TIMED_K} steps: {r['random_k_loss']:.4f}):",
-        table(["items fitted", f"loss after {OVI_TIMED_K} warm steps"], r["fit_sizes"]),
-    ])
+    parts = [
+        f"{method.upper()}, crossgap-demo, {setup.format(**r, steps=steps, ridge=DEFAULT_RIDGE)}:",
+        table(["start", "steps", "mean final loss (1 - cos)", metric], r["rows"]),
+        f"items/s ({timing}): exact {steps} steps {s['exact_items_per_s']:.2f}, "
+        f"warm {k} steps {s['warm_items_per_s']:.2f} -> {s['ratio']:.1f}x",
+        f"fit size vs {k}-step loss (random start at {k} steps: {r['random_k_loss']:.4f}):",
+        table(["items fitted", f"loss after {k} warm steps"], r["fit_sizes"]),
+    ]
+    if "ridges" in r:
+        parts.append(table(["ridge", f"loss after {k} warm steps"], r["ridges"]))
+    return "\n\n".join(parts)
 
 
 def main(argv=None) -> int:
@@ -243,10 +243,10 @@ def main(argv=None) -> int:
     out = {}
     if args.part in ("oti", "all"):
         out["oti"] = measure_oti(model, args.repeats)
-        print(report_oti(out["oti"]), flush=True)
+        print(report("oti", out["oti"]), flush=True)
     if args.part in ("ovi", "all"):
         out["ovi"] = measure_ovi(model, args.repeats)
-        print("\n" + report_ovi(out["ovi"]), flush=True)
+        print("\n" + report("ovi", out["ovi"]), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))

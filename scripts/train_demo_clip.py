@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -38,20 +37,15 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
+import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 import crossgap_fast as cg  # noqa: E402
-from crossgap_fast.demo import ASSETS_DIR, DEMO_MODEL, DEMO_PROMPT, demo_gallery  # noqa: E402
+from crossgap_fast.demo import ASSETS_DIR, DEMO_MODEL, DEMO_PROMPT, demo_cache_dir, demo_gallery  # noqa: E402
 from crossgap_fast.models import register_model_configs  # noqa: E402
 
-import open_clip  # noqa: E402
-
-DEFAULT_CACHE = Path(os.environ.get("CROSSGAP_DEMO_CACHE", Path.home() / ".cache" / "crossgap-demo"))
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
@@ -158,7 +152,7 @@ def fp16_state_dict(model) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_CACHE / "train.npz")
+    ap.add_argument("--data", type=Path, default=demo_cache_dir() / "train.npz")
     ap.add_argument("--out", type=Path, default=ASSETS_DIR / "crossgap-demo.pt")
     ap.add_argument("--log", type=Path, default=ASSETS_DIR / "train_log.json")
     ap.add_argument("--log-key", default="default", help="entry of the json log to (re)write")

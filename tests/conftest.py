@@ -37,3 +37,13 @@ def vitb32() -> cg.ClipModel:
 def _seed_global_rng():
     """Test data drawn from the global RNG is the same whatever the test order."""
     torch.manual_seed(1234)
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(request, monkeypatch):
+    """``interpreter`` tests: Triton kernels launched on CPU tensors run through Triton's
+    interpreter (tests/kernels/triton_interpreter.py)."""
+    if request.node.get_closest_marker("interpreter") is not None:
+        from triton_interpreter import interpret_cpu_launches
+
+        interpret_cpu_launches(monkeypatch)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crossgap_fast import cli, encode_images, load_inversions, load_model, oti
+from crossgap_fast import cli, defaults, encode_images, load_inversions, load_model, oti
 from crossgap_fast.models import RANDOM_MODEL_SEED
 
 STEPS = "3"
@@ -228,7 +228,7 @@ TINY = ["--model", "crossgap-tiny", "--pretrained", "random", "--no-progress", "
 
 
 def test_missing_pretrained_is_refused_with_a_hint(tmp_path, capsys):
-    assert cli.DEFAULT_PRETRAINED is None
+    assert defaults.DEFAULT_PRETRAINED is None
     code = cli.main(["invert", "images", "--input", str(tmp_path), "--out", str(tmp_path / "o"),
                      "--model", "crossgap-tiny"])
     assert code == 2

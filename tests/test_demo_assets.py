@@ -11,7 +11,8 @@ from PIL import Image
 
 import crossgap_fast as cg
 from crossgap_fast import demo
-from crossgap_fast.models import check_text_tower, check_vision_tower
+from crossgap_fast.towers.vision import check_vision_tower
+from crossgap_fast.towers.text import check_text_tower
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import torch
 
 import crossgap_fast as cg
-from crossgap_fast import cli
+from crossgap_fast import cli, defaults
 from crossgap_fast.demo import demo_checkpoint_path
 
 
@@ -20,7 +20,7 @@ def test_demo_model_is_the_default_and_loads_the_shipped_weights():
     torch.manual_seed(0)
     random = cg.load_model("crossgap-demo", pretrained="random")
     assert not torch.allclose(random.model.state_dict()[key], model.model.state_dict()[key])
-    assert cli.DEFAULT_MODEL == "crossgap-demo"
+    assert defaults.DEFAULT_MODEL == "crossgap-demo"
 
 
 def test_demo_command_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):

@@ -23,7 +23,7 @@ def test_device_step_adamw_matches_torch_optim_adamw(wd):
         ref.grad = g.clone()
         opt.step()
         t += 1
-        adamw_step(p, g, m, v, t, 2e-2, 0.9, 0.999, 1e-8, wd, use_triton=False)
+        adamw_step(p, g, m, v, t, 2e-2, 0.9, 0.999, 1e-8, wd, use_kernels=False)
     torch.testing.assert_close(p, ref.detach(), atol=1e-6, rtol=1e-6)
     assert not torch.allclose(p, p0)
 
@@ -61,12 +61,12 @@ def test_memory_estimate_bounds_what_autograd_keeps(vitb32, template, shared, mo
     """The per-sample estimate covers the saved activations, including the per-sample copies of
     the shared prefix's keys/values when the attention concatenates them (with a 60-word
     template those copies alone exceed the estimate that left them out)."""
-    from crossgap_fast.towers import blocks as towers
     from crossgap_fast.inversion.inverter import Inverter
+    from crossgap_fast.towers import text as text_mod
 
-    monkeypatch.setattr(towers, "SHARED_PREFIX_ATTENTION", shared)
+    monkeypatch.setattr(text_mod, "SHARED_PREFIX_ATTENTION", shared)
     inv = Inverter(vitb32, method="oti", template=template)
-    fwd = inv._forward
+    fwd = inv.fast.forward
     assert fwd.shared_prefix == shared
     measured = _saved_bytes_per_sample(fwd, 4, 1, 512)
     tpl = inv.template
@@ -77,7 +77,7 @@ def test_memory_estimate_bounds_what_autograd_keeps(vitb32, template, shared, mo
     assert estimate <= 8 * measured  # conservative, not absurd
 
 
-def test_balanced_chunks_for_the_issue_sizes():
+def test_fifty_thousand_samples_at_a_48000_budget_run_as_two_balanced_chunks():
     plan = engine.plan_chunks(50_000, 48_000, static=True)
     assert len(plan.sizes) == 2 and sum(plan.sizes) == 50_000
     assert plan.padded <= 25_024 and plan.padded % 64 == 0

@@ -13,13 +13,8 @@ from PIL import Image
 
 from crossgap_fast.eval import baselines
 from crossgap_fast.errors import GalleryError
-from crossgap_fast.eval.harness import (
-    evaluate_retrieval,
-    evaluate_zeroshot,
-    image_retrieval_report,
-    write_outputs,
-    zeroshot_report,
-)
+from crossgap_fast.eval.harness import evaluate_retrieval, evaluate_zeroshot
+from crossgap_fast.eval.reports import image_retrieval_report, write_outputs, zeroshot_report
 
 
 def test_modality_gap_is_distance_between_normalised_means():
@@ -51,7 +46,7 @@ def test_text_subspace_projection_keeps_the_span_and_drops_the_rest():
 
 def test_inverted_queries_keep_their_own_image_in_a_shared_split():
     """Intra-modal on a shared split drops query i from its gallery; an inverted query is
-    another kind of feature and keeps it, unless asked otherwise (PAPER.md protocol)."""
+    another kind of feature and keeps it, unless asked otherwise (the paper's protocol)."""
     feats = torch.eye(4)  # every image unlike every other
     labels = np.array([0, 0, 1, 1])
     rep = image_retrieval_report(feats, feats, labels, labels, same_split=True, oti_features=feats)
@@ -215,7 +210,7 @@ def test_a_cache_of_a_changed_dataset_is_named_for_deletion(tiny, tmp_path):
 
 def test_cache_folder_follows_the_weights_and_the_dataroot_not_the_checkpoint_path(tiny, tmp_path):
     import crossgap_fast as cg
-    from crossgap_fast.eval.harness import dataset_cache_dir
+    from crossgap_fast.eval.caches import dataset_cache_dir
 
     def model(pretrained, name="crossgap-tiny"):
         return cg.ClipModel(model=tiny.model, tokenizer=tiny.tokenizer, name=name, pretrained=pretrained)

@@ -18,7 +18,7 @@ from test_store import D, R, T, features_of, new_store, write
 
 from crossgap_fast import cli, iter_inversions, load_inversions
 from crossgap_fast.pipeline.store.export import export_store
-from crossgap_fast.pipeline.store.folder import shard_ranges
+from crossgap_fast.pipeline.store.manifest import shard_ranges
 from crossgap_fast.errors import CorruptStoreError, GalleryError, OutputExistsError
 
 STEPS = 3

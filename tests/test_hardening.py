@@ -1,4 +1,4 @@
-"""Bad inputs and faults (issue 14): every case is built here and the fixed behaviour asserted.
+"""Bad inputs and faults: every case is built here and the behaviour asserted.
 
 Anything that used to hang runs under a deadline (``deadline`` for in-process calls, a
 subprocess timeout for the command line), so a regression fails instead of blocking CI.
@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,8 +27,10 @@ from PIL import Image
 from crossgap_fast import cli, encode_gallery, invert_gallery, load_inversions, load_model
 from crossgap_fast.models import RANDOM_MODEL_SEED
 from crossgap_fast.pipeline import encode as encode_mod
-from crossgap_fast.pipeline.store import folder as store_mod
-from crossgap_fast.pipeline.inputs.listing import load_gallery, load_image, read_texts, scan_images
+from crossgap_fast.pipeline import store as store_mod
+from crossgap_fast.pipeline.inputs import load_gallery, load_image
+from crossgap_fast.pipeline.inputs.folders import scan_images
+from crossgap_fast.pipeline.inputs.texts import read_texts
 from crossgap_fast.errors import CorruptStoreError, InputError, SettingsMismatchError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -87,7 +90,7 @@ def features_file(tmp_path: Path, n: int = 6, dim: int = 32, seed: int = 0) -> P
 
 
 # --------------------------------------------------------------------------------------------
-# 1, 2, 13: the image folder listing
+# the image folder listing
 # --------------------------------------------------------------------------------------------
 def test_symlink_loops_are_listed_once_and_never_hang(tmp_path):
     root = tmp_path / "g"
@@ -173,14 +176,14 @@ def test_unreadable_sub_folder_is_recorded(tiny, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# 3, 12: decoding workers that die, and too little shared memory
+# decoding workers that die, and too little shared memory
 # --------------------------------------------------------------------------------------------
 # The real command, but decoding POISON in a DataLoader worker kills that worker (SIGKILL, as
 # the OOM killer or a SIGBUS on a full /dev/shm would); the main process decodes it fine.
 KILL_WORKER = """
 import os, signal, sys
 import torch.utils.data
-from crossgap_fast.pipeline.inputs import listing as data
+from crossgap_fast.pipeline.inputs import decode as data
 real = data.load_image
 def load_image(path, preprocess):
     if path.endswith("POISON.png") and torch.utils.data.get_worker_info() is not None:
@@ -203,7 +206,10 @@ def test_killed_decoding_worker_falls_back_to_main_process(tiny, tmp_path):
     proc = run_cli(["encode", "images", "--input", str(root), "--out", str(out), "--workers", "2",
                     "--batch-size", "3", "--shard-size", "5"] + TINY, wrapper=KILL_WORKER)
     assert proc.returncode == 0, proc.stderr
-    assert "image decoding workers failed" in proc.stderr and "exited unexpectedly" in proc.stderr
+    assert "image decoding workers failed" in proc.stderr
+    # torch's liveness check names the dead worker; when the kill lands mid-transfer the main
+    # process sees the broken pipe first: either way the death is detected and named
+    assert re.search(r"exited unexpectedly|ConnectionResetError|Connection reset by peer", proc.stderr)
     assert "decoding the remaining" in proc.stderr
     inv = load_inversions(out)
     expected = encode_gallery(root, tmp_path / "ref", _cli_model(), workers=0, encode_batch_size=3,
@@ -234,7 +240,7 @@ def test_too_little_shared_memory_decodes_in_main_process(tiny, tmp_path, monkey
 
 
 # --------------------------------------------------------------------------------------------
-# 4: file names that are not UTF-8
+# file names that are not UTF-8
 # --------------------------------------------------------------------------------------------
 def test_non_utf8_file_names_round_trip(tiny, tmp_path):
     root = tmp_path / "g"
@@ -257,7 +263,7 @@ def test_non_utf8_file_names_round_trip(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 5: resume verifies finished shards; the manifest carries the digest of what is on disk
+# resume verifies finished shards; the manifest carries the digest of what is on disk
 # --------------------------------------------------------------------------------------------
 def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -312,7 +318,7 @@ def test_flipped_byte_in_finished_shard_is_redone(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 6: runs in which (too many) items failed
+# runs in which (too many) items failed
 # --------------------------------------------------------------------------------------------
 def test_every_image_unreadable_exits_2(tmp_path, capsys):
     root = tmp_path / "g"
@@ -366,7 +372,7 @@ def test_max_failed_fraction(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------
-# 7: high-bit-depth images are mapped by their range, never clipped
+# high-bit-depth images are mapped by their range, never clipped
 # --------------------------------------------------------------------------------------------
 def _fed(path: Path, preprocess) -> torch.Tensor:
     return load_image(str(path), preprocess)
@@ -417,7 +423,7 @@ def test_float_image_with_nan_is_an_item_error(tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 8, 9: text inputs
+# text inputs
 # --------------------------------------------------------------------------------------------
 BOM = "\ufeff"
 
@@ -467,7 +473,7 @@ def test_json_array_files(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 12: one line, exit code 2, for bad models, files, devices and output locations
+# one line, exit code 2, for bad models, files, devices and output locations
 # --------------------------------------------------------------------------------------------
 def test_bad_checkpoints_one_line(tiny, tmp_path, capsys):
     rand = tmp_path / "random.pt"
@@ -528,14 +534,14 @@ def test_full_disk_keeps_finished_shards(tiny, tmp_path, capsys, monkeypatch):
             landed.append(b)
         return real(a, b)
 
-    monkeypatch.setattr(store_mod.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     assert cli.main(args) == 2
     line = one_line_error(capsys)
     assert "No space left on device" in line and "finished shards are kept" in line and "--resume" in line
     (worker,) = (out / "workers").glob("*.jsonl")
     assert [json.loads(line)["shard"] for line in worker.read_text().splitlines()] == [0]
     assert not [p for _, _, files in os.walk(out) for p in files if ".tmp-" in p]
-    monkeypatch.setattr(store_mod.os, "replace", real)
+    monkeypatch.setattr(os, "replace", real)
     assert cli.main(args + ["--resume"]) == 0
     assert "skipped 1 finished shard" in capsys.readouterr().out
     assert cli.main(["invert", "images", "--input", str(src), "--out", str(tmp_path / "full"),
@@ -559,7 +565,7 @@ def test_truncated_manifest_is_named(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------
-# 15, 16: what a resume checks and records
+# what a resume checks and records
 # --------------------------------------------------------------------------------------------
 def test_image_contents_replaced_under_same_names_refuse_resume(tiny, tmp_path):
     root = tmp_path / "g"

@@ -27,10 +27,18 @@ import torch
 from PIL import Image
 
 from crossgap_fast import invert_gallery, load_inversions
-from crossgap_fast.pipeline.inputs import sources
-from crossgap_fast.pipeline.inputs.listing import load_gallery, load_image, read_index, write_index
-from crossgap_fast.pipeline.inputs.sources import FeatureRows, ImageUrl, TarMember
-from crossgap_fast.errors import InputError
+from crossgap_fast.errors import InputError, ItemReadError
+from crossgap_fast.pipeline.inputs import (
+    FeatureRows,
+    ImageUrl,
+    TarMember,
+    feature_rows,
+    load_gallery,
+    load_image,
+    read_index,
+    urls,
+    write_index,
+)
 
 N_IMAGES = 7
 CAPTIONS = ["a red square", "two dogs on a beach", "", "a small house", "the night sky",
@@ -304,7 +312,7 @@ def test_truncated_member_is_an_item_error(tmp_path):
     tar = write_tar(tmp_path / "s.tar", [("a.png", png_bytes(0))])
     item = load_gallery(tar, "images").items[0]
     os.truncate(tar, item.offset + 10)
-    with pytest.raises(sources.ItemReadError, match="cut short"):
+    with pytest.raises(ItemReadError, match="cut short"):
         load_image(item, lambda im: im)
 
 
@@ -384,7 +392,7 @@ def test_feature_rows_are_lazy_float32_and_chunked(tmp_path, monkeypatch):
     rows[9] = 0.0
     folder = embedding_folder(tmp_path / "emb", rows, split=6)
     expected = np.concatenate([rows[:6], rows[6:].astype(np.float16).astype(np.float32)])
-    monkeypatch.setattr(sources, "FEATURE_CHUNK_BYTES", 3 * 5 * 4)  # 3 rows per chunk: checks cross files
+    monkeypatch.setattr(feature_rows, "FEATURE_CHUNK_BYTES", 3 * 5 * 4)  # 3 rows per chunk: checks cross files
     gal = load_gallery(folder, "images")
     feats = gal.features
     assert isinstance(feats, FeatureRows) and feats.shape == (11, 5) and len(feats) == 11
@@ -433,7 +441,7 @@ def test_columns_are_utf8(tmp_path):
 
 
 def test_index_round_trip_for_every_input(tmp_path, pngs, monkeypatch):
-    monkeypatch.setattr(sources, "FEATURE_CHUNK_BYTES", 64)
+    monkeypatch.setattr(feature_rows, "FEATURE_CHUNK_BYTES", 64)
     odd_root = tmp_path / "odd"
     odd_root.mkdir()
     with open(os.path.join(os.fsencode(odd_root), b"\xff\xfe.png"), "wb") as f:
@@ -528,11 +536,11 @@ def test_a_trickling_or_cut_download_is_an_item_error(monkeypatch):
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         start = time.monotonic()
-        with pytest.raises(sources.ItemReadError, match="took longer than 1 s"):
-            sources.fetch_url(base + "/slow", timeout=1.0)
+        with pytest.raises(ItemReadError, match="took longer than 1 s"):
+            urls.fetch_url(base + "/slow", timeout=1.0)
         assert time.monotonic() - start < 5
-        with pytest.raises(sources.ItemReadError, match=r"cut short \(8 of 100 bytes\)|IncompleteRead"):
-            sources.fetch_url(base + "/short", timeout=5.0)
+        with pytest.raises(ItemReadError, match=r"cut short \(8 of 100 bytes\)|IncompleteRead"):
+            urls.fetch_url(base + "/short", timeout=5.0)
     finally:
         server.shutdown()
         server.server_close()
@@ -546,7 +554,7 @@ def test_feature_rows_keep_few_files_open_and_refuse_masks(tmp_path, monkeypatch
     folder.mkdir(parents=True)
     for k in range(10):
         np.save(folder / f"img_emb_{k:02d}.npy", rows[4 * k:4 * k + 4])
-    monkeypatch.setattr(sources, "OPEN_MAPS", 3)
+    monkeypatch.setattr(feature_rows, "OPEN_MAPS", 3)
     feats = load_gallery(tmp_path / "emb", "images").features
     assert np.array_equal(feats[list(range(39, -1, -1))].numpy(), rows[::-1])
     assert np.array_equal(feats[0:40].numpy(), rows) and len(feats._maps) <= 3
@@ -568,8 +576,8 @@ def test_parquet_paths_listed_twice_are_named_by_row(tmp_path):
 def test_packed_items_give_back_every_kind_of_item():
     """The image dataset packs its items (no per-item Python objects for worker processes to
     copy): paths with names that are not UTF-8, tar members and URLs come back equal."""
-    from crossgap_fast.pipeline.inputs.listing import ImageDataset, PackedItems
-    from crossgap_fast.pipeline.inputs.sources import ImageUrl, TarMember
+    from crossgap_fast.pipeline.inputs import ImageUrl, TarMember
+    from crossgap_fast.pipeline.inputs.decode import ImageDataset, PackedItems
 
     paths = ["a/b.png", os.fsdecode(b"caf\xe9.png"), "\u00e9t\u00e9/\U0001f600.jpg", ""]
     mixed = paths[:2] + [TarMember("/d/s-000.tar", 1536, 812, "k1.jpg"), ImageUrl("http://h/x.png")]

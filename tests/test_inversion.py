@@ -9,7 +9,9 @@ from PIL import Image
 
 import crossgap_fast as cg
 from crossgap_fast.progress import Progress
-from crossgap_fast.towers.blocks import full_text_forward, full_vision_forward, make_template
+from crossgap_fast.towers.template import make_template
+from crossgap_fast.towers.text import full_text_forward
+from crossgap_fast.towers.vision import full_vision_forward
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -23,7 +25,7 @@ def _assert_parity(fast: cg.InversionResult, ref: cg.InversionResult) -> None:
     torch.testing.assert_close(fast.losses, ref.losses, atol=1e-3, rtol=0)
 
 
-# ---------------------------------------------------------------- parity on ViT-B-32 (the sizes)
+# ---------------------------------------------------------------- parity on ViT-B-32 (the paper's backbone)
 @pytest.mark.slow
 def test_oti_parity_vitb32(vitb32):
     torch.manual_seed(0)

@@ -3,7 +3,6 @@ the run must still end with the plain path's results and a warning that names th
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import numpy as np
@@ -11,13 +10,14 @@ import pytest
 import torch
 
 import crossgap_fast as cg
+from crossgap_fast.errors import ConfigError, FastPathError
 from crossgap_fast.inversion import engine
-from crossgap_fast.inversion import inverter as inverter_mod
+from crossgap_fast.inversion import fast_path as fast_path_mod
 from crossgap_fast.inversion.config import InversionConfig
-from crossgap_fast.errors import ConfigError
+from crossgap_fast.inversion.fast_path import GuardedPath
 from crossgap_fast.inversion.inverter import Inverter
-from crossgap_fast.errors import FastPathError
-from crossgap_fast.kernels import adamw as adamw_mod, cosine as cosine_mod, pseudo_tokens as tokens_mod
+from crossgap_fast.kernels import adamw as adamw_mod, attention as pa_mod, cosine as cosine_mod
+from crossgap_fast.kernels import pseudo_patches as patches_mod, pseudo_tokens as tokens_mod
 
 
 def _plain(model, feats, method="oti", **kw):
@@ -106,7 +106,7 @@ def test_compile_raising_falls_back_to_eager(tiny, monkeypatch):
             raise RuntimeError("injected compile failure")
         return run
 
-    monkeypatch.setattr(inverter_mod, "_compile", broken)
+    monkeypatch.setattr(fast_path_mod, "_compile", broken)
     feats = torch.randn(5, 32)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -119,7 +119,7 @@ def test_compile_raising_falls_back_to_eager(tiny, monkeypatch):
 
 def test_step_that_dynamo_never_compiled_is_detected(tiny, monkeypatch):
     """A silent fallback to eager (e.g. the recompile limit) must not be reported as compiled."""
-    monkeypatch.setattr(inverter_mod, "_compile", lambda fn, backend: fn)
+    monkeypatch.setattr(fast_path_mod, "_compile", lambda fn, backend: fn)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         res = cg.ovi(torch.randn(3, 32), tiny, steps=3, compile=True)
@@ -155,27 +155,20 @@ def test_working_graph_replays_the_step(tiny, fake_graph):
     _assert_same(res, _plain(tiny, feats, steps=6), atol=1e-5)
 
 
-def test_capture_raising_falls_back(tiny, fake_graph):
-    fake_graph.mode = "raise"
+@pytest.mark.parametrize("mode,method,message", [
+    ("raise", "ovi", "injected capture failure"),
+    # A graph captured on the wrong device's stream replays nothing: stale tokens, no error.
+    ("empty", "oti", "empty"),
+])
+def test_failed_or_empty_capture_falls_back(tiny, fake_graph, mode, method, message):
+    fake_graph.mode = mode
     feats = torch.randn(4, 32)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        res = cg.ovi(feats, tiny, steps=4, cuda_graph=True, compile=False)
-    assert "injected capture failure" in _fallback_warning(rec, "graph")
+        res = getattr(cg, method)(feats, tiny, steps=4, cuda_graph=True, compile=False)
+    assert message in _fallback_warning(rec, "graph")
     assert res.info["fast_path"] == "eager"
-    _assert_same(res, _plain(tiny, feats, "ovi", steps=4))
-
-
-def test_empty_graph_is_detected_not_trusted(tiny, fake_graph):
-    """A graph captured on the wrong device's stream replays nothing: stale tokens, no error."""
-    fake_graph.mode = "empty"
-    feats = torch.randn(4, 32)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        res = cg.oti(feats, tiny, steps=4, cuda_graph=True, compile=False)
-    assert "empty" in _fallback_warning(rec, "graph")
-    assert res.info["fast_path"] == "eager"
-    _assert_same(res, _plain(tiny, feats, steps=4))
+    _assert_same(res, _plain(tiny, feats, method, steps=4))
     assert (res.losses[:, -1] < res.losses[:, 0]).all()  # the tokens really moved
 
 
@@ -204,13 +197,13 @@ def torch_kernels(monkeypatch):
     monkeypatch.setattr(tokens_mod, "insert_pseudo_tokens_triton", tokens_mod.insert_pseudo_tokens_torch)
     monkeypatch.setattr(cosine_mod, "cosine_loss_triton", cosine_mod.cosine_loss_torch)
     monkeypatch.setattr(adamw_mod, "adamw_step_triton", adamw_mod.adamw_step_torch)
-    pa_mod = importlib.import_module("crossgap_fast.kernels.prefix_attention")  # the name is also the op's
     monkeypatch.setattr(pa_mod, "prefix_attention_triton", pa_mod.prefix_attention_torch)
+    monkeypatch.setattr(patches_mod, "expand_pseudo_patches_triton", patches_mod.expand_pseudo_patches_torch)
     return monkeypatch
 
 
-def _wrong_cosine(pred, target, out=None):
-    return cosine_mod.cosine_loss_torch(pred, target, out) * 0.9
+def _wrong_cosine(pred, target):
+    return cosine_mod.cosine_loss_torch(pred, target) * 0.9
 
 
 def _no_update(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
@@ -264,8 +257,8 @@ def test_selfcheck_off_skips_the_check(tiny, torch_kernels):
 
 def test_selfcheck_runs_once_per_inverter(tiny, fake_graph, monkeypatch):
     calls = []
-    original = Inverter._check
-    monkeypatch.setattr(Inverter, "_check", lambda self, *a: (calls.append(1), original(self, *a))[1])
+    original = GuardedPath.check
+    monkeypatch.setattr(GuardedPath, "check", lambda self, *a: (calls.append(1), original(self, *a))[1])
     inv = Inverter(tiny, method="oti", steps=4, cuda_graph=True, compile=False)
     for n in (3, 5, 2):
         inv.run(torch.randn(n, 32))
@@ -280,10 +273,10 @@ def test_bad_selfcheck_mode(tiny, monkeypatch):
 
 # ---------------------------------------------------------------- the pipeline holds one Inverter
 def test_gallery_builds_adapter_and_stepper_once_per_run(tiny, tmp_path, monkeypatch):
-    from crossgap_fast.towers import blocks as towers
+    from crossgap_fast.towers.text import PrefixCachedText
 
     counts = {"adapter": 0, "stepper": 0}
-    for cls, key in ((towers.PrefixCachedText, "adapter"), (engine.Stepper, "stepper")):
+    for cls, key in ((PrefixCachedText, "adapter"), (engine.Stepper, "stepper")):
         init = cls.__init__
 
         def counted(self, *a, _init=init, _key=key, **k):
@@ -402,7 +395,7 @@ def test_weights_cast_once_on_the_fast_path_give_autocast_values(tiny, fake_grap
     with autocast's own per-step casts and the results match the plain bf16 run."""
     feats = torch.randn(4, 32)
     inv = Inverter(tiny, method=method, steps=5, precision="bf16", cuda_graph=True, compile=False)
-    assert inv._forward is not inv._feature_forward  # the loss runs on the cast copies
+    assert inv.fast.forward is not inv.fast.feature_forward  # the loss runs on the cast copies
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         res = inv.run(feats)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import crossgap_fast as cg
-from crossgap_fast.pipeline.inputs.listing import load_gallery
+from crossgap_fast.pipeline.inputs import load_gallery
 
 ray = pytest.importorskip("ray")
 cgray = pytest.importorskip("crossgap_fast.pipeline.ray_engine")
@@ -402,7 +402,7 @@ def test_engine_ray_store_equals_the_local_engine(ray_local, tiny, tmp_path):
 def test_engine_ray_in_windows_of_shards(ray_local, tiny, tmp_path, monkeypatch):
     """The Ray engine claims a bounded window of shards at a time; windows of one shard give
     the same store, each shard made once."""
-    from crossgap_fast.pipeline import run as gallery_mod
+    from crossgap_fast.pipeline import worker as gallery_mod
     from test_cli import recorded_shards
 
     monkeypatch.setattr(gallery_mod, "RAY_WINDOW_ITEMS", 1)

@@ -19,7 +19,8 @@ import torch
 from test_store import D, R, T, entry, features_of, new_store, payload, settings, write
 
 from crossgap_fast import iter_inversions, load_inversions
-from crossgap_fast.pipeline.store.folder import GalleryStore, shard_ranges
+from crossgap_fast.pipeline.store.folder import GalleryStore
+from crossgap_fast.pipeline.store.manifest import shard_ranges
 from crossgap_fast.errors import GalleryError
 
 REPO = Path(__file__).resolve().parents[1]

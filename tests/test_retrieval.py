@@ -1,4 +1,4 @@
-"""Tests for crossgap_fast.eval.metrics.
+"""Tests for crossgap_fast.eval.metrics and crossgap_fast.eval.revisited_metrics.
 
 Expected values come either from hand calculations (worked out in comments) or
 from independent reference computations in this file (sklearn's
@@ -15,13 +15,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from crossgap_fast.eval.metrics import (
-    average_precision,
-    retrieval_metrics,
-    retrieval_metrics_from_features,
-    revisited_average_precision,
-    revisited_map,
-)
+from crossgap_fast.eval.metrics import average_precision, retrieval_metrics, retrieval_metrics_from_features
+from crossgap_fast.eval.revisited_metrics import revisited_average_precision, revisited_map
 
 KEYS = ("mAP", "mAP@R", "P@R", "R@1")
 

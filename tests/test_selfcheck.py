@@ -3,7 +3,6 @@ every stage that ran agreed."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -12,8 +11,9 @@ import pytest
 import torch
 
 from crossgap_fast import cli
-from crossgap_fast.kernels import adamw as adamw_mod, cosine as cosine_mod, pseudo_tokens as tokens_mod
 from crossgap_fast.inversion.selfcheck import default_stages, parse_stages
+from crossgap_fast.kernels import adamw as adamw_mod, attention as pa_mod, cosine as cosine_mod
+from crossgap_fast.kernels import pseudo_patches as patches_mod, pseudo_tokens as tokens_mod
 
 
 def test_selfcheck_on_cpu_writes_parity_and_throughput(tmp_path):
@@ -62,10 +62,10 @@ def test_a_stage_that_disagrees_fails_the_check(monkeypatch, tmp_path, capsys):
     report says which one, and the exit code is 1."""
     monkeypatch.setattr(tokens_mod, "insert_pseudo_tokens_triton", tokens_mod.insert_pseudo_tokens_torch)
     monkeypatch.setattr(adamw_mod, "adamw_step_triton", adamw_mod.adamw_step_torch)
-    pa_mod = importlib.import_module("crossgap_fast.kernels.prefix_attention")
     monkeypatch.setattr(pa_mod, "prefix_attention_triton", pa_mod.prefix_attention_torch)
+    monkeypatch.setattr(patches_mod, "expand_pseudo_patches_triton", patches_mod.expand_pseudo_patches_torch)
     monkeypatch.setattr(cosine_mod, "cosine_loss_triton",
-                        lambda pred, target, out=None: cosine_mod.cosine_loss_torch(pred, target, out) + 0.05)
+                        lambda pred, target: cosine_mod.cosine_loss_torch(pred, target) + 0.05)
     out = tmp_path / "r.json"
     code = cli.main(["selfcheck", "--device", "cpu", "--stages", "eager-fp32,eager+kernels-fp32",
                      "--no-throughput", "--json", str(out)])

@@ -17,12 +17,8 @@ import pytest
 import torch
 
 from crossgap_fast import load_inversions
-from crossgap_fast.pipeline.store.folder import (
-    MANIFEST,
-    GalleryStore,
-    iter_error_records,
-    shard_ranges,
-)
+from crossgap_fast.pipeline.store.folder import GalleryStore
+from crossgap_fast.pipeline.store.manifest import MANIFEST, iter_error_records, shard_ranges
 from crossgap_fast.files import atomic_write, atomic_write_bytes, atomic_write_json
 from crossgap_fast.errors import CorruptStoreError, GalleryError, OutputExistsError, OutputWriteError, SettingsMismatchError
 

@@ -1,27 +1,27 @@
-"""The engineered towers compute the same function as the plain ones."""
+"""The towers: the support checks refuse what they cannot invert, and the engineered forwards
+compute the same function as the plain ones."""
 
 from __future__ import annotations
 
 import open_clip
 import pytest
 import torch
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
 import crossgap_fast as cg
-from crossgap_fast.models import check_text_tower, check_vision_tower, text_tower
-from crossgap_fast.towers.blocks import (
+from crossgap_fast.errors import UnsupportedModelError
+from crossgap_fast.kernels import patch_source_index
+from crossgap_fast.towers.template import make_template, placeholder_id
+from crossgap_fast.towers.text import (
     FullSequenceText,
     PrefixCachedText,
-    PseudoPatchVision,
     TextTemplate,
+    check_text_tower,
     full_text_forward,
-    full_vision_forward,
-    make_template,
-    placeholder_id,
     text_forward,
-    vision_forward,
+    text_tower,
 )
-from crossgap_fast.kernels import patch_source_index
+from crossgap_fast.towers.vision import PseudoPatchVision, check_vision_tower, full_vision_forward, vision_forward
 
 TEMPLATES = [
     ("a photo of {}", 1),
@@ -335,7 +335,7 @@ def test_siglip_b16_text_tower_architecture(siglip):
     torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
 
 
-# ---------------------------------------------------------------- shared-prefix attention (issue 12)
+# ---------------------------------------------------------------- shared-prefix attention
 #: A template whose prefix is over 40 tokens, with words after the placeholder.
 LONG_TEMPLATE = (
     "a faded photograph, taken on a rainy autumn afternoon in the crowded old market square "
@@ -381,7 +381,7 @@ def test_shared_prefix_path_without_a_prefix(tiny):
 
 
 def test_default_text_path_attends_without_sdpa_and_module_default_selects_concat(tiny, monkeypatch):
-    from crossgap_fast.towers import blocks as towers
+    from crossgap_fast.towers import text as text_mod
 
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -392,7 +392,7 @@ def test_default_text_path_attends_without_sdpa_and_module_default_selects_conca
     calls.clear()
     fwd(torch.randn(2, 1, 32))
     assert fwd.shared_prefix and calls == []
-    monkeypatch.setattr(towers, "SHARED_PREFIX_ATTENTION", False)  # what the benchmark's baseline does
+    monkeypatch.setattr(text_mod, "SHARED_PREFIX_ATTENTION", False)  # what the benchmark's baseline does
     fwd = text_forward(tiny.model, tpl)
     calls.clear()
     fwd(torch.randn(2, 1, 32))
@@ -456,7 +456,7 @@ def test_cast_copies_leave_the_model_alone_and_follow_the_forward(tiny):
     assert fwd.cast.text_proj_w.device.type == "meta" and fwd.prefix_k.device.type == "meta"
 
 
-# ---------------------------------------------------------------- OTI parity through the new path
+# ---------------------------------------------------------------- OTI parity through shared-prefix attention
 @pytest.mark.parametrize("r,template", [(1, "a photo of {}"), (3, "a photo of {} on a wooden table"),
                                         (1, LONG_TEMPLATE), (3, LONG_TEMPLATE)],
                          ids=["R1", "R3-words-after", "R1-long", "R3-long"])
@@ -481,3 +481,67 @@ def test_oti_fast_equals_reference_long_template_vitb32(vitb32):
     feats = torch.randn(4, 512)
     kw = dict(steps=6, init=cg.initial_tokens(4, 3, 512, seed=5), num_tokens=3, template=LONG_TEMPLATE)
     _assert_parity(cg.oti(feats, vitb32, backend="fast", **kw), cg.oti(feats, vitb32, backend="reference", **kw))
+
+
+# ---------------------------------------------------------------- support checks: what a tower must be
+def _tiny_text_cfg(**kw):
+    return CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=4, layers=1, **kw)
+
+
+def _tiny_vision_cfg(**kw):
+    base = dict(image_size=32, layers=1, width=48, head_width=12, patch_size=8)
+    base.update(kw)
+    return CLIPVisionCfg(**base)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_custom_text_clip_text_towers_are_supported(causal):
+    """MobileCLIP (causal) and SigLIP / CLIPA (bidirectional) keep the text in model.text."""
+    model = CustomTextCLIP(32, _tiny_vision_cfg(), _tiny_text_cfg(no_causal_mask=not causal, pool_type="last"))
+    tower = check_text_tower(model)
+    assert tower.owner is model.text and tower.causal is causal and tower.width == 32
+    res = cg.oti(torch.randn(2, 32), model, steps=2)
+    assert res.features.shape == (2, 32) and torch.isfinite(res.features).all()
+
+
+def _with_pad_mask(model):
+    model.text.use_pad_mask = True  # TextTransformer's option; CLIPTextCfg does not expose it
+    return model
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: CLIP(32, _tiny_vision_cfg(), _tiny_text_cfg(pool_type="first")),
+     "pooling 'first'.*causal tower must pool at or after"),
+    (lambda: CustomTextCLIP(32, _tiny_vision_cfg(), _tiny_text_cfg(no_causal_mask=True, pool_type="none")),
+     "pooling 'none'"),
+    (lambda: CustomTextCLIP(32, _tiny_vision_cfg(), _tiny_text_cfg(embed_cls=True)), "class token"),
+    (lambda: _with_pad_mask(CustomTextCLIP(32, _tiny_vision_cfg(), _tiny_text_cfg(no_causal_mask=True))),
+     "use_pad_mask"),
+])
+def test_unsupported_text_towers_are_refused_with_a_clear_message(build, match):
+    model = build()
+    with pytest.raises(UnsupportedModelError, match=match):
+        check_text_tower(model)
+    with pytest.raises(UnsupportedModelError):
+        cg.oti(torch.randn(2, 32), model, steps=1)
+
+
+def test_foreign_text_encoder_is_refused():
+    model = CustomTextCLIP(32, _tiny_vision_cfg(), _tiny_text_cfg())
+    model.text = torch.nn.Identity()  # stands in for a Hugging Face text tower
+    with pytest.raises(UnsupportedModelError, match="Identity.*not open_clip's TextTransformer"):
+        check_text_tower(model)
+
+
+def test_resnet_image_tower_is_refused_for_ovi():
+    model = CLIP(32, _tiny_vision_cfg(layers=(1, 1, 1, 1), width=8), _tiny_text_cfg())
+    with pytest.raises(UnsupportedModelError, match="ModifiedResNet"):
+        check_vision_tower(model)
+    # Its text tower is a standard causal one, so OTI is fine.
+    check_text_tower(model)
+
+
+def test_mean_pooled_vision_tower_is_refused():
+    model = CLIP(32, _tiny_vision_cfg(pool_type="avg"), _tiny_text_cfg())
+    with pytest.raises(UnsupportedModelError, match="pooling 'avg'"):
+        check_vision_tower(model)

@@ -13,7 +13,8 @@ from PIL import Image
 
 import crossgap_fast as cg
 from crossgap_fast import demo
-from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS, model_identity
+from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS
+from crossgap_fast.models import model_identity
 
 TEMPLATE = "a photo of {}"
 SYNTHETIC_MODEL = {"name": "synthetic", "fingerprint": "0"}

@@ -1,4 +1,4 @@
-"""The built-in demo: a small CLIP trained here and a small real image gallery.
+"""The demo's shipped files: a small CLIP trained here and a small real image gallery.
 
 Everything ships with the package (no model hub or dataset download is needed):
 
@@ -33,6 +33,7 @@ __all__ = [
     "ASSETS_DIR",
     "DEMO_MODEL",
     "DEMO_PROMPT",
+    "demo_cache_dir",
     "demo_checkpoint_path",
     "demo_classes",
     "demo_gallery",
@@ -62,7 +63,7 @@ def demo_checkpoint_path(variant: str | None = None) -> Path:
         raise ValueError(f"unknown demo checkpoint variant {variant!r}") from None
     path = ASSETS_DIR / name
     if not path.is_file() and variant is not None:  # variants are not shipped: training cache
-        path = _cache_dir() / name
+        path = demo_cache_dir() / name
     if not path.is_file():
         raise FileNotFoundError(
             f"demo checkpoint {path} is missing; rebuild it with scripts/train_demo_clip.py "
@@ -71,7 +72,9 @@ def demo_checkpoint_path(variant: str | None = None) -> Path:
     return path
 
 
-def _cache_dir() -> Path:
+def demo_cache_dir() -> Path:
+    """Where the demo's training data and unshipped checkpoints are kept (the scripts write
+    there): ``$CROSSGAP_DEMO_CACHE`` or ``~/.cache/crossgap-demo``."""
     default = Path.home() / ".cache" / "crossgap-demo"
     return Path(os.environ.get("CROSSGAP_DEMO_CACHE", default))
 

@@ -18,14 +18,15 @@ import torch
 
 from crossgap_fast.api import encode_texts, oti
 from crossgap_fast.defaults import DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS
-from crossgap_fast.eval.harness import image_retrieval_report, write_outputs, zeroshot_report
-from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
-from crossgap_fast.inversion.inverter import InversionResult
-from crossgap_fast.models import model_identity
-from crossgap_fast.pipeline.store.reader import load_inversions
-from crossgap_fast.inversion.warm_start import fit_warm_start
 from crossgap_fast.demo import DEMO_PROMPT, demo_classes, demo_gallery, load_demo_model
+from crossgap_fast.eval.reports import image_retrieval_report, write_outputs, zeroshot_report
+from crossgap_fast.inversion.inverter import InversionResult
+from crossgap_fast.inversion.warm_start import fit_warm_start
+from crossgap_fast.models import model_identity
+from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
+from crossgap_fast.pipeline.store.reader import load_inversions
 
+#: Step counts of the mAP-versus-steps curve (those up to ``steps``, and ``steps`` itself).
 CURVE_STEPS = (0, 10, 25, 50, 100, 150)
 
 
@@ -84,7 +85,7 @@ def run_demo(
         f"{summary.items_per_s:.1f} items/s"
         + (" (reused from an earlier run)" if summary.items_done == 0 else "")
         + f"; the curve's second run: {len(query) * steps / curve_seconds:.0f} sample-steps/s "
-        f"on {summary_device(model)}",
+        f"on {_device_name(model)}",
         f"OTI warm start: {len(query)} queries x {warm_steps} steps from the start predicted by a map "
         f"fitted on the {len(gallery)} gallery images' exact OTI: {len(query) / warm_seconds:.0f} items/s, "
         f"against {len(query) / curve_seconds:.0f} items/s for the exact {steps} steps "
@@ -115,7 +116,8 @@ def _warm_started_queries(model, gallery: torch.Tensor, query: torch.Tensor, out
     return warm.features, time.perf_counter() - start, k
 
 
-def summary_device(model) -> str:
+def _device_name(model) -> str:
+    """What the model runs on, for the throughput line: the GPU's name or the CPU's threads."""
     dev = model.device
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)

@@ -30,13 +30,13 @@ device of the similarities (or of the gallery features).  The full ``Q x G``
 matrix is never built by :func:`retrieval_metrics_from_features`.
 
 The revisited Oxford / Paris protocol (Radenovic et al., CVPR 2018) is in
-:func:`revisited_map`.
+:mod:`crossgap_fast.eval.revisited_metrics`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,10 +45,10 @@ import torch.nn.functional as F
 
 __all__ = [
     "average_precision",
+    "check_matrix",
     "retrieval_metrics",
     "retrieval_metrics_from_features",
-    "revisited_average_precision",
-    "revisited_map",
+    "to_tensor",
 ]
 
 # Auto block size targets this many similarity entries per block (~0.6 GB of
@@ -62,7 +62,7 @@ METRIC_KEYS = ("mAP", "mAP@R", "P@R", "R@1")
 # --------------------------------------------------------------------------- #
 # input handling
 # --------------------------------------------------------------------------- #
-def _to_tensor(x: Any, name: str) -> torch.Tensor:
+def to_tensor(x: Any, name: str) -> torch.Tensor:
     """Wrap a tensor / numpy array / sequence as a tensor without copying when possible."""
     if isinstance(x, torch.Tensor):
         return x
@@ -72,7 +72,8 @@ def _to_tensor(x: Any, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}") from exc
 
 
-def _check_matrix(x: torch.Tensor, name: str) -> None:
+def check_matrix(x: torch.Tensor, name: str) -> None:
+    """Refuse anything but a real-valued 2-D matrix, naming it."""
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
     if x.dtype == torch.bool or x.dtype.is_complex:
@@ -80,7 +81,7 @@ def _check_matrix(x: torch.Tensor, name: str) -> None:
 
 
 def _check_labels(labels: Any, name: str, n: int, what: str) -> torch.Tensor:
-    t = _to_tensor(labels, name)
+    t = to_tensor(labels, name)
     if t.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if t.shape[0] != n:
@@ -232,8 +233,8 @@ def retrieval_metrics(
         (queries with no relevant gallery item). Ties are pessimistic; see the
         module docstring.
     """
-    sims = _to_tensor(similarities, "similarities")
-    _check_matrix(sims, "similarities")
+    sims = to_tensor(similarities, "similarities")
+    check_matrix(sims, "similarities")
     nq, ng = sims.shape
     ql = _check_labels(query_labels, "query_labels", nq, "the number of rows of similarities")
     gl = _check_labels(gallery_labels, "gallery_labels", ng, "the number of columns of similarities")
@@ -265,10 +266,10 @@ def retrieval_metrics_from_features(
     (block_size, G) similarity block exists at any time.  Computation is in
     float32 (float64 if either input is float64).
     """
-    qf = _to_tensor(query_features, "query_features")
-    gf = _to_tensor(gallery_features, "gallery_features")
-    _check_matrix(qf, "query_features")
-    _check_matrix(gf, "gallery_features")
+    qf = to_tensor(query_features, "query_features")
+    gf = to_tensor(gallery_features, "gallery_features")
+    check_matrix(qf, "query_features")
+    check_matrix(gf, "gallery_features")
     if qf.shape[1] != gf.shape[1]:
         raise ValueError(
             f"query_features and gallery_features must have the same feature dimension, "
@@ -309,138 +310,3 @@ def average_precision(relevance: Sequence[bool] | np.ndarray | torch.Tensor, num
         return math.nan
     ranks = np.flatnonzero(rel) + 1.0
     return float((np.arange(1, ranks.size + 1) / ranks).sum() / n_rel)
-
-
-# --------------------------------------------------------------------------- #
-# revisited Oxford / Paris (Radenovic et al., 2018)
-# --------------------------------------------------------------------------- #
-_SETUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    # setup: (positive lists, junk lists)
-    "easy": (("easy",), ("junk", "hard")),
-    "medium": (("easy", "hard"), ("junk",)),
-    "hard": (("hard",), ("junk", "easy")),
-}
-
-
-def revisited_average_precision(positive_ranks: Sequence[int] | np.ndarray, num_positives: int) -> float:
-    """Trapezoid-rule AP of the revisited Oxford/Paris benchmark, as a fraction.
-
-    ``positive_ranks`` are 0-based positions of the positives in the ranking with
-    junk removed.  For the j-th positive (0-based) at position r the precision
-    before and after it, ``j/r`` (1 if r == 0) and ``(j+1)/(r+1)``, are averaged
-    and weighted by ``1/num_positives``.
-    """
-    r = np.sort(np.asarray(positive_ranks, dtype=np.float64).ravel())
-    if num_positives <= 0:
-        raise ValueError(f"num_positives must be positive, got {num_positives}")
-    if r.size > num_positives:
-        raise ValueError("more positive_ranks than num_positives")
-    j = np.arange(r.size, dtype=np.float64)
-    if r.size and (np.any(r < j) or np.any(np.diff(r) == 0)):
-        raise ValueError("positive_ranks must be distinct non-negative positions")
-    prec_before = np.where(r > 0, j / np.maximum(r, 1.0), 1.0)
-    prec_after = (j + 1.0) / (r + 1.0)
-    return float(((prec_before + prec_after) / 2.0).sum() / num_positives)
-
-
-def _gnd_indices(entry: Mapping[str, Any], keys: tuple[str, ...], i: int, num_gallery: int) -> np.ndarray:
-    parts = []
-    for key in keys:
-        if key not in entry:
-            raise ValueError(f"gnd[{i}] has no key {key!r} (needs 'easy', 'hard', 'junk')")
-        parts.append(np.asarray(entry[key], dtype=np.int64).ravel())
-    idx = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-    if idx.size and (idx[0] < 0 or idx[-1] >= num_gallery):
-        raise ValueError(f"gnd[{i}] has gallery indices outside [0, {num_gallery})")
-    return idx
-
-
-def revisited_map(
-    similarities_or_ranks: torch.Tensor | np.ndarray,
-    gnd: Sequence[Mapping[str, Any]],
-    kappas: Sequence[int] = (1, 5, 10),
-) -> dict[str, dict[str, float]]:
-    """Revisited Oxford/Paris evaluation: mAP and mP@k for Easy, Medium, Hard.
-
-    Args:
-        similarities_or_ranks: either (Q, G) float similarities (ranked by
-            descending score, pessimistic ties within each setup), or (Q, G)
-            integer ranks where row i lists gallery indices best-first (a full
-            permutation; note this is the *transpose* of the ``ranks`` array of
-            the original revisitop code). Chosen by dtype: floating = similarities.
-        gnd: one dict per query with lists of gallery indices ``"easy"``,
-            ``"hard"``, ``"junk"``.
-        kappas: cut-offs k for mP@k.
-
-    Setups: Easy (positives easy; junk junk+hard), Medium (positives easy+hard;
-    junk junk), Hard (positives hard; junk junk+easy).  Junk is removed from the
-    ranking, AP uses :func:`revisited_average_precision`, and P@k follows the
-    benchmark: ``k' = min(k, 1-based position of the last positive)`` and
-    P@k = #positives in the top k' / k'.  Queries without positives in a setup
-    are skipped for that setup.
-
-    Returns:
-        ``{setup: {"mAP", "mP@k"..., "num_queries"}}`` with metrics in percent
-        (NaN if no query has positives).
-    """
-    x = _to_tensor(similarities_or_ranks, "similarities_or_ranks")
-    _check_matrix(x, "similarities_or_ranks")
-    nq, ng = x.shape
-    if len(gnd) != nq:
-        raise ValueError(f"gnd has {len(gnd)} entries but similarities_or_ranks has {nq} rows")
-    kappas = tuple(int(k) for k in kappas)
-    if any(k < 1 for k in kappas):
-        raise ValueError(f"kappas must be positive, got {kappas}")
-    is_ranks = not x.is_floating_point()
-
-    aps: dict[str, list[float]] = {s: [] for s in _SETUPS}
-    precs: dict[str, list[np.ndarray]] = {s: [] for s in _SETUPS}
-    for i in range(nq):
-        # One row at a time: the whole matrix never moves to the CPU.  Upcast first
-        # because numpy has no bfloat16.
-        row = x[i].detach().to("cpu", torch.int64 if is_ranks else torch.float64).numpy()
-        if is_ranks:
-            if row.size and (row.min() < 0 or row.max() >= ng or np.any(np.bincount(row, minlength=ng) != 1)):
-                raise ValueError(f"similarities_or_ranks row {i} is not a permutation of range({ng})")
-            position = np.empty(ng, dtype=np.int64)
-            position[row] = np.arange(ng)
-        else:
-            if np.isnan(row).any():
-                raise ValueError("similarities_or_ranks contains NaN")
-            all_desc = np.sort(-row)  # negated ascending == scores descending
-        for setup, (pos_keys, junk_keys) in _SETUPS.items():
-            pos = _gnd_indices(gnd[i], pos_keys, i, ng)
-            junk = _gnd_indices(gnd[i], junk_keys, i, ng)
-            if np.intersect1d(pos, junk).size:
-                raise ValueError(f"gnd[{i}]: the same gallery index is both positive and junk in setup {setup!r}")
-            if pos.size == 0:
-                continue
-            if is_ranks:
-                p = np.sort(position[pos])
-                # Removing junk shifts a positive up by the number of junk items above it.
-                r = p - np.searchsorted(np.sort(position[junk]), p)
-            else:
-                pos_desc = np.sort(-row[pos])
-                junk_desc = np.sort(-row[junk])
-                # #non-junk negatives scoring >= each positive (pessimistic ties),
-                # from counts over the full row minus positives and junk.
-                neg_ge = (
-                    np.searchsorted(all_desc, pos_desc, side="right")
-                    - np.searchsorted(pos_desc, pos_desc, side="right")
-                    - np.searchsorted(junk_desc, pos_desc, side="right")
-                )
-                r = np.arange(pos.size) + neg_ge
-            aps[setup].append(revisited_average_precision(r, pos.size))
-            last = int(r.max()) + 1
-            precs[setup].append(np.array([np.sum(r + 1 <= min(k, last)) / min(k, last) for k in kappas]))
-
-    out: dict[str, dict[str, float]] = {}
-    for setup in _SETUPS:
-        n = len(aps[setup])
-        res: dict[str, float] = {"mAP": float(100.0 * np.mean(aps[setup])) if n else math.nan}
-        mp = 100.0 * np.mean(precs[setup], axis=0) if n else [math.nan] * len(kappas)
-        for k, v in zip(kappas, mp):
-            res[f"mP@{k}"] = float(v)
-        res["num_queries"] = n
-        out[setup] = res
-    return out

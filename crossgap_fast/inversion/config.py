@@ -20,6 +20,7 @@ from crossgap_fast.defaults import (
     DEFAULT_LOSS_BATCH,
     DEFAULT_LR,
     DEFAULT_NUM_TOKENS,
+    DEFAULT_SEED,
     DEFAULT_STEPS,
     DEFAULT_TEMPLATE,
     DEFAULT_WEIGHT_DECAY,
@@ -114,7 +115,7 @@ class InversionConfig:
     num_tokens: int = DEFAULT_NUM_TOKENS
     template: str | None = None
     loss_batch: int = DEFAULT_LOSS_BATCH
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     backend: str = "fast"
     precision: str = "auto"
     compile: bool | None = None

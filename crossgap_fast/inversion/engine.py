@@ -10,8 +10,8 @@ preallocated device buffer that is copied out once per chunk; the AdamW step cou
 the device and the bias corrections are computed there, so the step can be compiled once and
 captured in a CUDA graph.
 
-:class:`~crossgap_fast.inversion.inverter.Inverter` puts these parts together and decides which
-:class:`FastPath` runs; this module knows nothing of towers or templates.
+:class:`~crossgap_fast.inversion.fast_path.GuardedPath` puts these parts together and decides
+which :class:`FastPath` runs; this module knows nothing of towers or templates.
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ class Stepper:
             self.t.add_(1)
             b1, b2 = self.opt.betas
             adamw_step(p, g, self.m[:k], self.v[:k], self.t, self.opt.lr, b1, b2, self.opt.eps,
-                       self.opt.weight_decay, use_triton=self.kernels)
+                       self.opt.weight_decay, use_kernels=self.kernels)
             self.loss[:k].copy_(loss.detach())
 
     def run_step(self) -> None:

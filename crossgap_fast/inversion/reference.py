@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crossgap_fast.defaults import DEFAULT_BETAS, DEFAULT_EPS, DEFAULT_LOSS_BATCH, REFERENCE_BATCH
 from crossgap_fast.progress import Progress, as_progress
-from crossgap_fast.towers.blocks import TextTemplate, full_text_forward, full_vision_forward
+from crossgap_fast.towers.text import TextTemplate, full_text_forward
+from crossgap_fast.towers.vision import full_vision_forward
 
 
 def _loop(
@@ -34,8 +36,8 @@ def _loop(
     desc: str,
     info: dict,
     snapshot_steps: tuple[int, ...] = (),
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    betas: tuple[float, float] = DEFAULT_BETAS,
+    eps: float = DEFAULT_EPS,
     amp: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
     n = targets.shape[0]
@@ -93,13 +95,13 @@ def reference_oti(
     steps: int,
     lr: float,
     weight_decay: float,
-    batch_size: int = 64,
-    loss_batch: int = 64,
+    batch_size: int = REFERENCE_BATCH,
+    loss_batch: int = DEFAULT_LOSS_BATCH,
     progress: bool | Progress = False,
     info: dict | None = None,
     snapshot_steps: tuple[int, ...] = (),
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    betas: tuple[float, float] = DEFAULT_BETAS,
+    eps: float = DEFAULT_EPS,
     amp: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
     """OTI as in the paper: returns CPU ``(features, tokens, losses, snapshots)``.
@@ -126,13 +128,13 @@ def reference_ovi(
     steps: int,
     lr: float,
     weight_decay: float,
-    batch_size: int = 64,
-    loss_batch: int = 64,
+    batch_size: int = REFERENCE_BATCH,
+    loss_batch: int = DEFAULT_LOSS_BATCH,
     progress: bool | Progress = False,
     info: dict | None = None,
     snapshot_steps: tuple[int, ...] = (),
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    betas: tuple[float, float] = DEFAULT_BETAS,
+    eps: float = DEFAULT_EPS,
     amp: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
     """OVI as in the paper: returns CPU ``(features, tokens, losses, snapshots)`` (``amp`` as

@@ -20,12 +20,15 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from crossgap_fast.files import atomic_write_json
 from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.inversion.engine import FastPath
-from crossgap_fast.inversion.inverter import Inverter, initial_tokens
+from crossgap_fast.inversion.inputs import initial_tokens
+from crossgap_fast.inversion.inverter import Inverter
 from crossgap_fast.kernels import triton_available
-from crossgap_fast.models import ClipModel, check_text_tower, check_vision_tower
-from crossgap_fast.files import atomic_write_json
+from crossgap_fast.models import ClipModel
+from crossgap_fast.towers.text import check_text_tower
+from crossgap_fast.towers.vision import check_vision_tower
 
 #: Per precision: smallest mean and minimum cosine of the final features to the fp32
 #: reference, and the largest loss difference along the curve (the CPU tier's parity rule for
@@ -64,8 +67,8 @@ class Stage:
 
 def default_stages(device: torch.device, everything: bool = False) -> list[Stage]:
     """The stages worth checking on ``device``: on CUDA every rung of the fallback ladder in
-    bf16 plus eager fp32; on the CPU eager fp32 and bf16 (``everything`` adds compile and the
-    Triton kernels, which run through Triton's interpreter there and take minutes)."""
+    bf16 plus eager fp32; on the CPU eager fp32 and bf16 (``everything`` adds compile and, when
+    Triton's interpreter is on (TRITON_INTERPRET=1), the Triton kernels, which take minutes there)."""
     if device.type == "cuda":
         kernels = triton_available()
         paths = [FastPath(), FastPath(kernels=kernels), FastPath(compile=True),
@@ -75,7 +78,7 @@ def default_stages(device: torch.device, everything: bool = False) -> list[Stage
     stages = [Stage(FastPath(), "fp32"), Stage(FastPath(), "bf16")]
     if everything:
         stages.append(Stage(FastPath(compile=True), "fp32"))
-        if triton_available():
+        if triton_available(device):
             stages.append(Stage(FastPath(kernels=True), "fp32"))
     return stages
 

@@ -29,10 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from crossgap_fast.inversion.inverter import InversionResult, as_targets
-from crossgap_fast.models import ClipModel, as_clip_model, check_text_tower, check_vision_tower, model_identity, pretrained_label
-from crossgap_fast.files import atomic_write
 from crossgap_fast.defaults import DEFAULT_RIDGE
+from crossgap_fast.files import atomic_write
+from crossgap_fast.inversion.inputs import as_targets
+from crossgap_fast.inversion.inverter import InversionResult
+from crossgap_fast.models import ClipModel, as_clip_model, model_identity, pretrained_label
+from crossgap_fast.towers.text import check_text_tower
+from crossgap_fast.towers.vision import check_vision_tower
 
 #: Fewest inversions a map may be fitted on. On the demo model (128-d features) 32 is the
 #: smallest fit that brings the warm run within 0.001 of the exact loss (OTI, 15 steps: 0.1279

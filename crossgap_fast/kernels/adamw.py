@@ -18,10 +18,10 @@ on the host exactly as torch's scalar ops do; ``beta1``, ``beta2`` and ``lr`` ar
 passed as fp32 hi/lo pairs so that the bias corrections are computed in fp64 in the kernel.
 Element math is fp32 (fp32 ``param`` / states; lower-precision params are loaded to fp32 and
 stored back rounded once, unlike torch's per-op rounding). The Triton kernel needs the four
-tensors contiguous and of the same shape; otherwise the torch fallback is used (auto) or a
+tensors contiguous and of the same shape; otherwise the torch reference is used (auto) or a
 ``ValueError`` is raised (forced).
 
-The torch fallback is a transcription of the update above with in-place torch ops; given a
+The torch reference is a transcription of the update above with in-place torch ops; given a
 tensor ``step`` it keeps the bias corrections on the device (no host sync).
 
 Triton path: custom op ``torch.ops.crossgap.adamw_step`` (``triton_op`` with
@@ -30,15 +30,15 @@ Triton path: custom op ``torch.ops.crossgap.adamw_step`` (``triton_op`` with
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import Tensor
 
-from crossgap_fast.kernels import dispatch
-from crossgap_fast.kernels.dispatch import HAS_TRITON_OP, launcher, should_use_triton
+from crossgap_fast.kernels import dispatch, launch
+from crossgap_fast.kernels.dispatch import HAS_TRITON_OP
 
-__all__ = ["adamw_step", "adamw_step_torch", "adamw_step_triton"]
+__all__ = ["adamw_step"]
 
 
 def _split_f32(x: float) -> tuple[float, float]:
@@ -54,7 +54,7 @@ def _check(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> 
             raise ValueError(f"{name} shape {tuple(t.shape)} != param shape {tuple(param.shape)}")
 
 
-# --------------------------------------------------------------------------- torch fallback
+# --------------------------------------------------------------------------- torch reference
 @torch.no_grad()
 def adamw_step_torch(
     param: Tensor,
@@ -72,7 +72,7 @@ def adamw_step_torch(
 
     A tensor ``step`` stays on the device: the bias corrections are computed there in float64
     (0-d, so they do not promote the fp32 update), with no host sync, which keeps a step
-    capturable in a CUDA graph even on this fallback.
+    capturable in a CUDA graph even on this path.
     """
     _check(param, grad, exp_avg, exp_avg_sq)
     param.mul_(1.0 - lr * weight_decay)
@@ -93,10 +93,12 @@ def adamw_step_torch(
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-# --------------------------------------------------------------------------- triton
+# --------------------------------------------------------------------------- Triton kernel
 if HAS_TRITON_OP:
     import triton
     import triton.language as tl
+
+    from crossgap_fast.kernels.launch import block_offsets
 
     @triton.jit
     def _adamw_kernel(
@@ -107,9 +109,7 @@ if HAS_TRITON_OP:
         LERP_FROM_END: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offs < n
+        offs, mask = block_offsets(tl.program_id(0), n, BLOCK)
 
         # bias corrections in fp64 (torch computes them with Python floats)
         step = tl.load(step_ptr).to(tl.float64)
@@ -140,40 +140,41 @@ if HAS_TRITON_OP:
         tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
 
-    def _adamw_impl(
-        param: Tensor,
-        grad: Tensor,
-        exp_avg: Tensor,
-        exp_avg_sq: Tensor,
-        step: Tensor,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float,
-    ) -> None:
-        n = param.numel()
-        if n == 0:
-            return
-        block = 1024
-        lr_hi, lr_lo = _split_f32(lr)
-        b1_hi, b1_lo = _split_f32(beta1)
-        b2_hi, b2_lo = _split_f32(beta2)
-        grid = (triton.cdiv(n, block),)
-        launcher(_adamw_kernel, param)[grid](
-            param, grad, exp_avg, exp_avg_sq, step,
-            n,
-            1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-            lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo,
-            LERP_FROM_END=(1.0 - beta1) >= 0.5, BLOCK=block, num_warps=4,
-        )
 
-    _adamw_op = dispatch.define_triton_op(
-        "adamw_step", _adamw_impl, mutates_args={"param", "exp_avg", "exp_avg_sq"}
+# --------------------------------------------------------------------------- launcher, op
+def _adamw(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    n = param.numel()
+    if n == 0:
+        return
+    block = 1024
+    lr_hi, lr_lo = _split_f32(lr)
+    b1_hi, b1_lo = _split_f32(beta1)
+    b2_hi, b2_lo = _split_f32(beta2)
+    launch.launcher(_adamw_kernel, param)[(launch.cdiv(n, block),)](
+        param, grad, exp_avg, exp_avg_sq, step,
+        n,
+        1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+        lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo,
+        LERP_FROM_END=(1.0 - beta1) >= 0.5, BLOCK=block, num_warps=4,
     )
 
 
-def _triton_ok(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> bool:
+if HAS_TRITON_OP:
+    _adamw_op = dispatch.register_op("adamw_step", _adamw, mutates_args={"param", "exp_avg", "exp_avg_sq"})
+
+
+def _contiguous(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *_: object) -> bool:
     return all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq))
 
 
@@ -191,10 +192,8 @@ def adamw_step_triton(
     weight_decay: float,
 ) -> None:
     """In-place AdamW step with the Triton kernel (custom op ``crossgap::adamw_step``)."""
-    if not HAS_TRITON_OP:
-        raise RuntimeError("Triton is not available")
     _check(param, grad, exp_avg, exp_avg_sq)
-    if not _triton_ok(param, grad, exp_avg, exp_avg_sq):
+    if not _contiguous(param, grad, exp_avg, exp_avg_sq):
         raise ValueError("the Triton AdamW kernel needs contiguous param/grad/exp_avg/exp_avg_sq")
     if not isinstance(step, Tensor):
         step = torch.tensor(float(step), dtype=torch.float32, device=param.device)
@@ -206,29 +205,8 @@ def adamw_step_triton(
     )
 
 
-def adamw_step(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step: Union[Tensor, float, int],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    *,
-    use_triton: Optional[bool] = None,
-) -> None:
-    """In-place AdamW update of ``param``/``exp_avg``/``exp_avg_sq`` (see module doc).
-
-    ``use_triton``: ``None`` = dispatch rule of :mod:`crossgap_fast.kernels.dispatch` (plus
-    contiguity), ``True`` = Triton kernel (Triton interpreter for CPU tensors), ``False`` = torch.
-    """
-    flag = should_use_triton(use_triton, param, grad, exp_avg, exp_avg_sq)
-    if flag and use_triton is None and dispatch.get_use_triton() is None:
-        flag = _triton_ok(param, grad, exp_avg, exp_avg_sq)
-    if flag:
-        adamw_step_triton(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
-    else:
-        adamw_step_torch(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
+adamw_step = dispatch.entry_point(
+    "adamw_step", adamw_step_torch, adamw_step_triton, tensors=4, auto_condition=_contiguous,
+    doc="In-place AdamW update of ``param``/``exp_avg``/``exp_avg_sq`` (see the module doc); the "
+        "auto choice also needs the four tensors contiguous.",
+)

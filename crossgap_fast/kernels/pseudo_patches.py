@@ -34,15 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crossgap_fast.kernels import dispatch
-from crossgap_fast.kernels.dispatch import HAS_TRITON_OP, launcher, next_pow2, should_use_triton
+from crossgap_fast.kernels import dispatch, launch
+from crossgap_fast.kernels.dispatch import HAS_TRITON_OP
 
-__all__ = [
-    "expand_pseudo_patches",
-    "expand_pseudo_patches_torch",
-    "expand_pseudo_patches_triton",
-    "patch_source_index",
-]
+__all__ = ["expand_pseudo_patches", "patch_source_index"]
 
 
 def patch_source_index(num_patches: int, num_pseudo: int, device=None) -> Tensor:
@@ -71,7 +66,7 @@ def _check(pseudo, class_emb, pos_emb, ln_weight, ln_bias, num_patches) -> None:
             raise ValueError(f"{name} must be ({D},), got {tuple(t.shape)}")
 
 
-# --------------------------------------------------------------------------- torch fallback
+# --------------------------------------------------------------------------- torch reference
 def expand_pseudo_patches_torch(
     pseudo: Tensor,
     class_emb: Tensor,
@@ -101,10 +96,12 @@ def expand_pseudo_patches_torch(
     return x.to(pseudo.dtype)
 
 
-# --------------------------------------------------------------------------- triton
+# --------------------------------------------------------------------------- Triton kernels
 if HAS_TRITON_OP:
     import triton
     import triton.language as tl
+
+    from crossgap_fast.kernels.launch import lane_offsets, tile_offsets
 
     @triton.jit
     def _expand_fwd_kernel(
@@ -122,13 +119,8 @@ if HAS_TRITON_OP:
         BLOCK_D: tl.constexpr,
     ):
         # program: BLOCK_R consecutive rows of the flattened (B, N+1) output
-        pid = tl.program_id(0).to(tl.int64)
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
         T = N + 1
-        mask_r = rows < B * T
-        mask_d = offs_d < D
-        mask = mask_r[:, None] & mask_d[None, :]
+        rows, offs_d, mask_r, mask_d, mask = tile_offsets(tl.program_id(0), B * T, D, BLOCK_R, BLOCK_D)
         b = rows // T
         t = rows % T  # token index; 0 = class token
         is_cls = t == 0
@@ -181,8 +173,7 @@ if HAS_TRITON_OP:
         # program (b, p): grad_pseudo[b, p] = sum_{j: (j*P)//N == p} dLN_in[b, 1 + j]
         b = tl.program_id(0).to(tl.int64)
         p = tl.program_id(1).to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-        mask_d = offs_d < D
+        offs_d, mask_d = lane_offsets(D, BLOCK_D)
         # rows covered by p: ceil(p*N/P) <= j < ceil((p+1)*N/P)
         j_start = (p * N + P - 1) // P
         j_end = ((p + 1) * N + P - 1) // P
@@ -213,85 +204,88 @@ if HAS_TRITON_OP:
                 acc += tl.sum(g, axis=0)
         tl.store(gps_ptr + b * s_o_b + p * s_o_p + offs_d * s_o_d, acc.to(gps_ptr.dtype.element_ty), mask=mask_d)
 
-    def _fwd_blocks(D: int) -> tuple[int, int, int]:
-        block_d = next_pow2(D)
-        block_r = max(1, min(16, 4096 // block_d)) if block_d < 4096 else 1
-        num_warps = 4 if block_r * block_d <= 2048 else 8
-        return block_r, block_d, num_warps
 
-    def _expand_fwd_impl(
-        pseudo: Tensor,
-        class_emb: Tensor,
-        pos_emb: Tensor,
-        ln_weight: Optional[Tensor],
-        ln_bias: Optional[Tensor],
-        eps: float,
-        num_patches: int,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        B, P, D = pseudo.shape
-        N = num_patches
-        apply_ln = ln_weight is not None
-        out = torch.empty((B, N + 1, D), device=pseudo.device, dtype=pseudo.dtype)
-        # fp32 statistics (B, N+1); empty when there is no LayerNorm
-        stat_shape = (B, N + 1) if apply_ln else (0,)
-        mean = torch.empty(stat_shape, device=pseudo.device, dtype=torch.float32)
-        rstd = torch.empty(stat_shape, device=pseudo.device, dtype=torch.float32)
-        if B == 0 or D == 0:
-            return out, mean, rstd
-        block_r, block_d, num_warps = _fwd_blocks(D)
-        w = ln_weight if apply_ln else pseudo
-        bias = ln_bias if (apply_ln and ln_bias is not None) else pseudo
-        grid = (triton.cdiv(B * (N + 1), block_r),)
-        launcher(_expand_fwd_kernel, pseudo)[grid](
-            pseudo, class_emb, pos_emb, w, bias, out, mean, rstd,
-            B, P, N, D, float(eps),
-            pseudo.stride(0), pseudo.stride(1), pseudo.stride(2),
-            class_emb.stride(0),
-            pos_emb.stride(0), pos_emb.stride(1),
-            w.stride(0) if apply_ln else 0, bias.stride(0) if (apply_ln and ln_bias is not None) else 0,
-            out.stride(0), out.stride(1), out.stride(2),
-            mean.stride(0) if apply_ln else 0, mean.stride(1) if apply_ln else 0,
-            APPLY_LN=apply_ln, HAS_BIAS=ln_bias is not None and apply_ln,
-            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
-        )
+# --------------------------------------------------------------------------- launchers, ops
+def _fwd_blocks(D: int) -> tuple[int, int, int]:
+    block_d = launch.next_pow2(D)
+    block_r = max(1, min(16, 4096 // block_d)) if block_d < 4096 else 1
+    num_warps = 4 if block_r * block_d <= 2048 else 8
+    return block_r, block_d, num_warps
+
+
+def _stat_strides(mean: Tensor, apply_ln: bool) -> tuple[int, int]:
+    return launch.strides(mean) if apply_ln else (0, 0)
+
+
+def _expand_fwd(
+    pseudo: Tensor,
+    class_emb: Tensor,
+    pos_emb: Tensor,
+    ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor],
+    eps: float,
+    num_patches: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    B, P, D = pseudo.shape
+    N = num_patches
+    apply_ln = ln_weight is not None
+    has_bias = apply_ln and ln_bias is not None
+    out = torch.empty((B, N + 1, D), device=pseudo.device, dtype=pseudo.dtype)
+    # fp32 statistics (B, N+1); empty when there is no LayerNorm
+    stat_shape = (B, N + 1) if apply_ln else (0,)
+    mean = torch.empty(stat_shape, device=pseudo.device, dtype=torch.float32)
+    rstd = torch.empty(stat_shape, device=pseudo.device, dtype=torch.float32)
+    if B == 0 or D == 0:
         return out, mean, rstd
+    block_r, block_d, num_warps = _fwd_blocks(D)
+    w = ln_weight if apply_ln else pseudo
+    bias = ln_bias if has_bias else pseudo
+    launch.launcher(_expand_fwd_kernel, pseudo)[(launch.cdiv(B * (N + 1), block_r),)](
+        pseudo, class_emb, pos_emb, w, bias, out, mean, rstd,
+        B, P, N, D, float(eps),
+        *launch.strides(pseudo, class_emb, pos_emb),
+        w.stride(0) if apply_ln else 0, bias.stride(0) if has_bias else 0,
+        *launch.strides(out), *_stat_strides(mean, apply_ln),
+        APPLY_LN=apply_ln, HAS_BIAS=has_bias,
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return out, mean, rstd
 
-    def _expand_bwd_impl(
-        grad_out: Tensor,
-        pseudo: Tensor,
-        pos_emb: Tensor,
-        ln_weight: Optional[Tensor],
-        mean: Tensor,
-        rstd: Tensor,
-        num_patches: int,
-    ) -> Tensor:
-        B, P, D = pseudo.shape
-        N = num_patches
-        apply_ln = ln_weight is not None
-        gps = torch.empty((B, P, D), device=pseudo.device, dtype=pseudo.dtype)
-        if B == 0 or D == 0:
-            return gps
-        block_d = next_pow2(D)
-        rows_per_p = -(-N // P)
-        block_j = max(1, min(next_pow2(rows_per_p), 8, max(1, 4096 // block_d)))
-        num_warps = 4 if block_j * block_d <= 2048 else 8
-        w = ln_weight if apply_ln else pseudo
-        grid = (B, P)
-        launcher(_expand_bwd_kernel, pseudo)[grid](
-            grad_out, pseudo, pos_emb, w, mean, rstd, gps,
-            P, N, D,
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            pseudo.stride(0), pseudo.stride(1), pseudo.stride(2),
-            pos_emb.stride(0), pos_emb.stride(1),
-            w.stride(0) if apply_ln else 0,
-            gps.stride(0), gps.stride(1), gps.stride(2),
-            mean.stride(0) if apply_ln else 0, mean.stride(1) if apply_ln else 0,
-            APPLY_LN=apply_ln, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=num_warps,
-        )
+
+def _expand_bwd(
+    grad_out: Tensor,
+    pseudo: Tensor,
+    pos_emb: Tensor,
+    ln_weight: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    num_patches: int,
+) -> Tensor:
+    B, P, D = pseudo.shape
+    N = num_patches
+    apply_ln = ln_weight is not None
+    gps = torch.empty((B, P, D), device=pseudo.device, dtype=pseudo.dtype)
+    if B == 0 or D == 0:
         return gps
+    block_d = launch.next_pow2(D)
+    rows_per_p = -(-N // P)
+    block_j = max(1, min(launch.next_pow2(rows_per_p), 8, max(1, 4096 // block_d)))
+    num_warps = 4 if block_j * block_d <= 2048 else 8
+    w = ln_weight if apply_ln else pseudo
+    launch.launcher(_expand_bwd_kernel, pseudo)[(B, P)](
+        grad_out, pseudo, pos_emb, w, mean, rstd, gps,
+        P, N, D,
+        *launch.strides(grad_out, pseudo, pos_emb),
+        w.stride(0) if apply_ln else 0,
+        *launch.strides(gps), *_stat_strides(mean, apply_ln),
+        APPLY_LN=apply_ln, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return gps
 
-    _expand_op = dispatch.define_triton_op("expand_pseudo_patches", _expand_fwd_impl)
-    _expand_bwd_op = dispatch.define_triton_op("expand_pseudo_patches_backward", _expand_bwd_impl)
+
+if HAS_TRITON_OP:
+    _expand_op = dispatch.register_op("expand_pseudo_patches", _expand_fwd)
+    _expand_bwd_op = dispatch.register_op("expand_pseudo_patches_backward", _expand_bwd)
 
     def _expand_setup_context(ctx, inputs, output):
         pseudo, class_emb, pos_emb, ln_weight, ln_bias, eps, num_patches = inputs
@@ -319,30 +313,13 @@ def expand_pseudo_patches_triton(
     eps: float,
     num_patches: int,
 ) -> Tensor:
-    """Triton implementation (custom op ``crossgap::expand_pseudo_patches``)."""
-    if not HAS_TRITON_OP:
-        raise RuntimeError("Triton is not available")
+    """Triton path (custom op ``crossgap::expand_pseudo_patches``), differentiable w.r.t. ``pseudo``."""
     _check(pseudo, class_emb, pos_emb, ln_weight, ln_bias, num_patches)
     out, _, _ = _expand_op(pseudo, class_emb, pos_emb, ln_weight, ln_bias, float(eps), int(num_patches))
     return out
 
 
-def expand_pseudo_patches(
-    pseudo: Tensor,
-    class_emb: Tensor,
-    pos_emb: Tensor,
-    ln_weight: Optional[Tensor],
-    ln_bias: Optional[Tensor],
-    eps: float,
-    num_patches: int,
-    *,
-    use_triton: Optional[bool] = None,
-) -> Tensor:
-    """Build the (B, N+1, D) vision-transformer input from P pseudo patches (see module doc).
-
-    ``use_triton``: ``None`` = dispatch rule of :mod:`crossgap_fast.kernels.dispatch`,
-    ``True`` = Triton kernel (Triton interpreter for CPU tensors), ``False`` = torch.
-    """
-    if should_use_triton(use_triton, pseudo, class_emb, pos_emb, ln_weight, ln_bias):
-        return expand_pseudo_patches_triton(pseudo, class_emb, pos_emb, ln_weight, ln_bias, eps, num_patches)
-    return expand_pseudo_patches_torch(pseudo, class_emb, pos_emb, ln_weight, ln_bias, eps, num_patches)
+expand_pseudo_patches = dispatch.entry_point(
+    "expand_pseudo_patches", expand_pseudo_patches_torch, expand_pseudo_patches_triton, tensors=5,
+    doc="Build the (B, N+1, D) vision-transformer input from P pseudo patches (see the module doc).",
+)

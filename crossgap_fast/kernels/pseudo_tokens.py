@@ -12,7 +12,7 @@ returns ``x`` (B, S, D) of dtype ``pseudo.dtype``::
     x[b, s]            = token_emb[s] + pos_emb[s]            (s not in positions)
     x[b, positions[r]] = pseudo[b, r] + pos_emb[positions[r]]
 
-computed in fp32 (fp64 in the torch fallback when ``pseudo`` is fp64). Backward only
+computed in fp32 (fp64 in the torch reference when ``pseudo`` is fp64). Backward only
 w.r.t. ``pseudo``: ``grad_pseudo[b, r] = grad_x[b, positions[r]]``; the template and
 positional embeddings are treated as frozen constants on both paths (no gradient, even if
 they require grad).
@@ -20,30 +20,22 @@ they require grad).
 Preconditions that are *not* checked on the Triton path (checking would need a device
 sync): ``positions`` values are distinct and in [0, S).
 
-Triton path: custom op ``torch.ops.crossgap.insert_pseudo_tokens`` (a
-``torch.library.triton_op``) whose autograd is registered with
-``torch.library.register_autograd``; its backward calls the custom op
+Triton path: custom op ``torch.ops.crossgap.insert_pseudo_tokens`` whose autograd is
+registered with ``torch.library.register_autograd``; its backward calls the custom op
 ``torch.ops.crossgap.insert_pseudo_tokens_backward``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from crossgap_fast.kernels import dispatch
-from crossgap_fast.kernels.dispatch import HAS_TRITON_OP, launcher, next_pow2, should_use_triton
+from crossgap_fast.kernels import dispatch, launch
+from crossgap_fast.kernels.dispatch import HAS_TRITON_OP
 
-__all__ = [
-    "insert_pseudo_tokens",
-    "insert_pseudo_tokens_torch",
-    "insert_pseudo_tokens_triton",
-]
+__all__ = ["insert_pseudo_tokens"]
 
 
-# --------------------------------------------------------------------------- checks
 def _check(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor) -> None:
     if token_emb.dim() != 2 or pos_emb.dim() != 2 or pseudo.dim() != 3:
         raise ValueError(
@@ -60,7 +52,7 @@ def _check(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor
         raise TypeError(f"positions must be int64 (or int32), got {positions.dtype}")
 
 
-# --------------------------------------------------------------------------- torch fallback
+# --------------------------------------------------------------------------- torch reference
 def insert_pseudo_tokens_torch(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor) -> Tensor:
     """Plain-torch implementation (differentiable by autograd; traceable by torch.compile)."""
     _check(token_emb, pos_emb, pseudo, positions)
@@ -75,10 +67,12 @@ def insert_pseudo_tokens_torch(token_emb: Tensor, pos_emb: Tensor, pseudo: Tenso
     return base.index_copy(1, positions, inserted).to(pseudo.dtype)
 
 
-# --------------------------------------------------------------------------- triton
+# --------------------------------------------------------------------------- Triton kernels
 if HAS_TRITON_OP:
     import triton
     import triton.language as tl
+
+    from crossgap_fast.kernels.launch import tile_offsets
 
     @triton.jit
     def _insert_fwd_kernel(
@@ -93,13 +87,8 @@ if HAS_TRITON_OP:
         BLOCK_D: tl.constexpr,
     ):
         # program (pid_b, s): rows b in [pid_b*BLOCK_B, +BLOCK_B) of sequence position s
-        pid_b = tl.program_id(0).to(tl.int64)
         s = tl.program_id(1).to(tl.int64)
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-        mask_b = offs_b < B
-        mask_d = offs_d < D
-        mask = mask_b[:, None] & mask_d[None, :]
+        offs_b, offs_d, mask_b, mask_d, mask = tile_offsets(tl.program_id(0), B, D, BLOCK_B, BLOCK_D)
 
         # which pseudo token (if any) sits at position s; R is small (1..few)
         slot = s * 0 - 1
@@ -134,11 +123,8 @@ if HAS_TRITON_OP:
         BLOCK_D: tl.constexpr,
     ):
         # program (pid_b, r): grad_pseudo[b, r] = grad_x[b, positions[r]]
-        pid_b = tl.program_id(0).to(tl.int64)
         r = tl.program_id(1).to(tl.int64)
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-        mask = (offs_b < B)[:, None] & (offs_d < D)[None, :]
+        offs_b, offs_d, mask_b, mask_d, mask = tile_offsets(tl.program_id(0), B, D, BLOCK_B, BLOCK_D)
         s = tl.load(positions_ptr + r * s_idx).to(tl.int64)
         g = tl.load(grad_ptr + offs_b[:, None] * s_g_b + s * s_g_s + offs_d[None, :] * s_g_d, mask=mask, other=0.0)
         tl.store(
@@ -147,52 +133,50 @@ if HAS_TRITON_OP:
             mask=mask,
         )
 
-    def _blocks(B: int, D: int) -> tuple[int, int, int]:
-        block_d = next_pow2(D)
-        block_b = max(1, min(next_pow2(B), 4096 // block_d if block_d < 4096 else 1))
-        num_warps = 4 if block_b * block_d <= 2048 else 8
-        return block_b, block_d, num_warps
 
-    def _insert_fwd_impl(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor) -> Tensor:
-        B, R, D = pseudo.shape
-        S = token_emb.shape[0]
-        out = torch.empty((B, S, D), device=pseudo.device, dtype=pseudo.dtype)
-        if B == 0 or S == 0 or D == 0:
-            return out
-        block_b, block_d, num_warps = _blocks(B, D)
-        grid = (triton.cdiv(B, block_b), S)
-        launcher(_insert_fwd_kernel, pseudo)[grid](
-            token_emb, pos_emb, pseudo, positions, out,
-            B, R, D,
-            token_emb.stride(0), token_emb.stride(1),
-            pos_emb.stride(0), pos_emb.stride(1),
-            pseudo.stride(0), pseudo.stride(1), pseudo.stride(2),
-            positions.stride(0),
-            out.stride(0), out.stride(1), out.stride(2),
-            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps,
-        )
+# --------------------------------------------------------------------------- launchers, ops
+def _blocks(B: int, D: int) -> tuple[int, int, int]:
+    block_d = launch.next_pow2(D)
+    block_b = max(1, min(launch.next_pow2(B), 4096 // block_d if block_d < 4096 else 1))
+    num_warps = 4 if block_b * block_d <= 2048 else 8
+    return block_b, block_d, num_warps
+
+
+def _insert_fwd(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor) -> Tensor:
+    B, R, D = pseudo.shape
+    S = token_emb.shape[0]
+    out = torch.empty((B, S, D), device=pseudo.device, dtype=pseudo.dtype)
+    if B == 0 or S == 0 or D == 0:
         return out
+    block_b, block_d, num_warps = _blocks(B, D)
+    launch.launcher(_insert_fwd_kernel, pseudo)[(launch.cdiv(B, block_b), S)](
+        token_emb, pos_emb, pseudo, positions, out,
+        B, R, D,
+        *launch.strides(token_emb, pos_emb, pseudo, positions, out),
+        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return out
 
-    def _insert_bwd_impl(grad_x: Tensor, positions: Tensor) -> Tensor:
-        B, S, D = grad_x.shape
-        R = positions.shape[0]
-        gps = torch.empty((B, R, D), device=grad_x.device, dtype=grad_x.dtype)
-        if B == 0 or R == 0 or D == 0:
-            return gps
-        block_b, block_d, num_warps = _blocks(B, D)
-        grid = (triton.cdiv(B, block_b), R)
-        launcher(_insert_bwd_kernel, grad_x)[grid](
-            grad_x, positions, gps,
-            B, D,
-            grad_x.stride(0), grad_x.stride(1), grad_x.stride(2),
-            positions.stride(0),
-            gps.stride(0), gps.stride(1), gps.stride(2),
-            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps,
-        )
+
+def _insert_bwd(grad_x: Tensor, positions: Tensor) -> Tensor:
+    B, S, D = grad_x.shape
+    R = positions.shape[0]
+    gps = torch.empty((B, R, D), device=grad_x.device, dtype=grad_x.dtype)
+    if B == 0 or R == 0 or D == 0:
         return gps
+    block_b, block_d, num_warps = _blocks(B, D)
+    launch.launcher(_insert_bwd_kernel, grad_x)[(launch.cdiv(B, block_b), R)](
+        grad_x, positions, gps,
+        B, D,
+        *launch.strides(grad_x, positions, gps),
+        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return gps
 
-    _insert_op = dispatch.define_triton_op("insert_pseudo_tokens", _insert_fwd_impl)
-    _insert_bwd_op = dispatch.define_triton_op("insert_pseudo_tokens_backward", _insert_bwd_impl)
+
+if HAS_TRITON_OP:
+    _insert_op = dispatch.register_op("insert_pseudo_tokens", _insert_fwd)
+    _insert_bwd_op = dispatch.register_op("insert_pseudo_tokens_backward", _insert_bwd)
 
     def _insert_setup_context(ctx, inputs, output):
         token_emb, pos_emb, pseudo, positions = inputs
@@ -212,27 +196,12 @@ if HAS_TRITON_OP:
 
 
 def insert_pseudo_tokens_triton(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor) -> Tensor:
-    """Triton implementation (custom op ``crossgap::insert_pseudo_tokens``), differentiable w.r.t. ``pseudo``."""
-    if not HAS_TRITON_OP:
-        raise RuntimeError("Triton is not available")
+    """Triton path (custom op ``crossgap::insert_pseudo_tokens``), differentiable w.r.t. ``pseudo``."""
     _check(token_emb, pos_emb, pseudo, positions)
-    positions = positions.to(device=pseudo.device, dtype=torch.int64)
-    return _insert_op(token_emb, pos_emb, pseudo, positions)
+    return _insert_op(token_emb, pos_emb, pseudo, positions.to(device=pseudo.device, dtype=torch.int64))
 
 
-def insert_pseudo_tokens(
-    token_emb: Tensor,
-    pos_emb: Tensor,
-    pseudo: Tensor,
-    positions: Tensor,
-    *,
-    use_triton: Optional[bool] = None,
-) -> Tensor:
-    """Build the (B, S, D) text-tower input with the pseudo tokens inserted (see module doc).
-
-    ``use_triton``: ``None`` = dispatch rule of :mod:`crossgap_fast.kernels.dispatch`,
-    ``True`` = Triton kernel (Triton interpreter for CPU tensors), ``False`` = torch.
-    """
-    if should_use_triton(use_triton, token_emb, pos_emb, pseudo):
-        return insert_pseudo_tokens_triton(token_emb, pos_emb, pseudo, positions)
-    return insert_pseudo_tokens_torch(token_emb, pos_emb, pseudo, positions)
+insert_pseudo_tokens = dispatch.entry_point(
+    "insert_pseudo_tokens", insert_pseudo_tokens_torch, insert_pseudo_tokens_triton, tensors=3,
+    doc="Build the (B, S, D) text-tower input with the pseudo tokens inserted (see the module doc).",
+)

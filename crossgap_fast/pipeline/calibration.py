@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.defaults import DEFAULT_STEPS
-from crossgap_fast.inversion.inverter import Inverter, InversionResult
 from crossgap_fast.files import atomic_write
+from crossgap_fast.inversion.config import InversionConfig
+from crossgap_fast.inversion.inverter import Inverter, InversionResult
 from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS, WarmStart, fit_warm_start, load_warm_start
 
 CALIBRATION_FILE = "calibration.pt"

@@ -22,8 +22,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from crossgap_fast.pipeline.inputs.listing import Gallery, ImageDataset, collate_images
 from crossgap_fast.models import ClipModel
+from crossgap_fast.pipeline.inputs import Gallery, ImageDataset, collate_images
 
 #: Decoded images kept in flight ahead of the model (bytes of preprocessed tensors): the
 #: DataLoader workers keep decoding this far ahead while a shard is being optimised.
@@ -34,6 +34,7 @@ _END = object()
 
 
 def default_workers() -> int:
+    """Image decoding processes when none are asked for: ``min(4, cpus)``."""
     return min(4, os.cpu_count() or 1)
 
 
@@ -48,12 +49,14 @@ class Timer:
 
 
 @torch.no_grad()
-def _encode_images(cm: ClipModel, images: Tensor, dev: torch.device) -> Tensor:
+def encode_image_batch(cm: ClipModel, images: Tensor, dev: torch.device) -> Tensor:
+    """(N, D) float32 CPU features of preprocessed ``images``, encoded on ``dev``."""
     return cm.model.encode_image(images.to(dev, non_blocking=True)).float().cpu()
 
 
 @torch.no_grad()
-def _encode_texts(cm: ClipModel, texts: list[str], dev: torch.device) -> Tensor:
+def encode_text_batch(cm: ClipModel, texts: list[str], dev: torch.device) -> Tensor:
+    """(N, D) float32 CPU features of ``texts``, encoded on ``dev``."""
     tokens = cm.tokenizer(texts)  # truncates texts longer than the context
     return cm.model.encode_text(tokens.to(dev)).float().cpu()
 
@@ -79,7 +82,7 @@ def group_features(gallery: Gallery, groups: Iterable[tuple[Any, Sequence[int]]]
         for i, items in groups:
             idx = good(items)
             t0 = time.perf_counter()
-            parts = [_encode_texts(cm, [gallery.items[j] for j in idx[s:s + encode_batch]], dev)
+            parts = [encode_text_batch(cm, [gallery.items[j] for j in idx[s:s + encode_batch]], dev)
                      for s in range(0, len(idx), encode_batch)]
             timer.encode_s += time.perf_counter() - t0
             yield i, idx, torch.cat(parts) if parts else torch.empty(0, width), []
@@ -134,7 +137,7 @@ def _image_groups(gallery: Gallery, groups, good, cm: ClipModel, dev, workers: i
                 timer.load_s += t1 - t0
                 errors += batch["errors"]
                 if batch["images"] is not None:
-                    feats.append(_encode_images(cm, batch["images"], dev))
+                    feats.append(encode_image_batch(cm, batch["images"], dev))
                     idx += batch["indices"]
                 timer.encode_s += time.perf_counter() - t1
             yield key, idx, torch.cat(feats) if feats else torch.empty(0, cm.embed_dim), errors

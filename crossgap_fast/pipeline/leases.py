@@ -27,6 +27,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
 from crossgap_fast.defaults import DEFAULT_LEASE_SECONDS
 
 #: Renewals per lease time (a live worker renews well before expiry).

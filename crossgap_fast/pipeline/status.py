@@ -1,7 +1,7 @@
 """``crossgap status OUTDIR``: how far a gallery run is, read from its output directory alone.
 
 Nothing here writes, locks or hashes: the manifest, the workers' shard entries (through
-:func:`crossgap_fast.pipeline.store.folder.collect_entries`) and the lease files are read as they are, so
+:func:`crossgap_fast.pipeline.store.entries.collect_entries`) and the lease files are read as they are, so
 ``status`` can run at any time beside the workers, on any machine that sees the folder.
 
 A shard is *done* when it has an entry whose files are there, *leased* when a worker's lease
@@ -20,11 +20,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from crossgap_fast.pipeline.leases import SUFFIX, is_live, read_lease
-from crossgap_fast.pipeline.store.folder import LEASES, MANIFEST, collect_entries, read_manifest, shard_ranges
-from crossgap_fast.errors import GalleryError
-from crossgap_fast.errors import StatusError
 from crossgap_fast.defaults import DEFAULT_FAILURES_SHOWN
+from crossgap_fast.errors import GalleryError, StatusError
+from crossgap_fast.pipeline.leases import SUFFIX, is_live, read_lease
+from crossgap_fast.pipeline.store.entries import collect_entries
+from crossgap_fast.pipeline.store.manifest import LEASES, MANIFEST, read_manifest, shard_ranges
 
 _SHARD_LEASE_RE = re.compile(r"^shard-(\d+)" + re.escape(SUFFIX) + "$")
 

@@ -19,14 +19,13 @@ several hosts sharing a file system all cooperate the same way.
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from crossgap_fast.pipeline.leases import Leases
-from crossgap_fast.pipeline.store.folder import GalleryStore, WORKERS, INPUT_INDEX, shard_ranges
 from crossgap_fast.errors import OutputExistsError
+from crossgap_fast.pipeline.leases import Leases
+from crossgap_fast.pipeline.store.folder import GalleryStore
+from crossgap_fast.pipeline.store.manifest import INPUT_INDEX, WORKERS, shard_ranges
 
 #: Seconds between looks at the directory while waiting for other workers.
 POLL_SECONDS = 0.5
@@ -37,34 +36,6 @@ _NOTHING = object()
 
 def shard_task(index: int) -> str:
     return f"shard-{index:05d}"
-
-
-@dataclass
-class Place:
-    """This process among the processes a launcher started (``torchrun`` sets ``RANK``,
-    ``WORLD_SIZE``, ``LOCAL_RANK``); informational only: work is split by leases."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    launch: str | None = None  # the same for every rank of one launch, new for the next
-
-    @property
-    def launched(self) -> bool:
-        return self.world_size > 1
-
-
-def place_from_env() -> Place:
-    def num(name: str, default: int) -> int:
-        try:
-            return int(os.environ.get(name, default))
-        except ValueError:
-            return default
-    place = Place(num("RANK", 0), num("WORLD_SIZE", 1), num("LOCAL_RANK", 0))
-    if place.launched:
-        env = os.environ
-        place.launch = env.get("TORCHELASTIC_RUN_ID") or f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
-    return place
 
 
 def open_run(store: GalleryStore, leases: Leases, *, joining: bool | Callable[[dict], bool],

@@ -1,2 +1,8 @@
-"""The frozen CLIP towers as the inversion sees them: the text template, transformer blocks and
-the text and vision forwards with pseudo tokens / pseudo patches put in."""
+"""The frozen CLIP towers as the inversion sees them, with pseudo tokens / pseudo patches put in.
+
+* :mod:`.template`: the OTI text template, tokenised once (placeholder, positions, pooled row).
+* :mod:`.blocks`: the transformer-block machinery both towers share (support check, one block
+  run on cast weights, against a shared prefix, for only the rows needed).
+* :mod:`.text` / :mod:`.vision`: each tower's support check, its plain forward (the reference
+  backend's ground truth) and its fast forward (the engine's), side by side.
+"""

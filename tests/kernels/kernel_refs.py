@@ -1,6 +1,7 @@
-"""Independent, deliberately naive references for the fused kernels (tests only).
+"""Independent, deliberately naive references for the fused kernels, and their inputs (tests
+and benchmarks; importable through the ``pythonpath`` pytest option).
 
-They are written differently from the library's torch fallbacks (explicit per-row loops,
+They are written differently from the library's torch references (explicit per-row loops,
 ``torch.stack`` / ``torch.cat``, hand-written LayerNorm and cosine) so that a shared bug
 is unlikely. All compute in the dtype of their inputs (call them with fp64 for a tight
 reference).
@@ -8,18 +9,10 @@ reference).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
-
-# make `crossgap_fast` importable when the repo is not installed and pytest was not run
-# from the repository root
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
 
 
 def ref_insert(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor) -> Tensor:
@@ -76,10 +69,6 @@ def ref_cosine_grad(pred: Tensor, target: Tensor, grad_loss: Tensor, eps: float 
     n_t = target.norm(dim=-1, keepdim=True).clamp_min(eps)
     cos = (pred * target).sum(-1, keepdim=True) / (n_p * n_t)
     return -(target / (n_p * n_t) - cos * pred / n_p**2) * grad_loss[:, None]
-
-
-def grads(out: Tensor, inputs, grad_out: Tensor):
-    return torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
 
 
 def make_insert_inputs(B, S, R, D, dtype=torch.float32, device="cpu", seed=0, positions=None):

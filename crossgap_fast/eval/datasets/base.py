@@ -13,9 +13,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
-)
+from crossgap_fast.pipeline.inputs import IMAGE_EXTENSIONS
 
 
 def _labels(values, what: str, n: int) -> np.ndarray:

@@ -12,12 +12,13 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from crossgap_fast.errors import GalleryError, OutputExistsError
 from crossgap_fast.pipeline import calibration as cal_mod
 from crossgap_fast.pipeline.store import schema as fmt
-from crossgap_fast.progress import Progress
+from crossgap_fast.pipeline.store.folder import GalleryStore
+from crossgap_fast.pipeline.store.manifest import INPUT_INDEX, SETTINGS_KEYS
 from crossgap_fast.pipeline.store.reader import _open, _pick_entry, _shard_tensors
-from crossgap_fast.pipeline.store.folder import INPUT_INDEX, SETTINGS_KEYS, GalleryStore
-from crossgap_fast.errors import GalleryError, OutputExistsError
+from crossgap_fast.progress import Progress
 
 #: Manifest keys that describe a run's state, not its settings (made anew by the export).
 _STATE_KEYS = {"format", "version", "run_id", "status", "created", "shards", "num_shards",

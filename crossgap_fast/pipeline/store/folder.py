@@ -1,7 +1,10 @@
-"""Crash-safe, sharded output store for gallery inversions and encodings.
+"""The output directory of a run as one worker sees it: :class:`GalleryStore` creates or
+joins the run, writes shards crash-safely, tells which are finished and finalises the run.
 
 Layout of an output directory (``OUTDIR``), readable without this package (see
-:mod:`crossgap_fast.pipeline.store.schema` for the shard files)::
+:mod:`crossgap_fast.pipeline.store.schema` for the shard files,
+:mod:`crossgap_fast.pipeline.store.manifest` for the JSON files and
+:mod:`crossgap_fast.pipeline.store.entries` for the shard entries)::
 
     manifest.json           run settings, written first (status "running"); rewritten when the
                             last shard is finished, with every shard's entry merged in
@@ -36,7 +39,6 @@ from another run are ignored. Stores of version 1 (``shard-*.pt`` files written 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import socket
@@ -45,89 +47,28 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
+from crossgap_fast.errors import CorruptStoreError, OutputExistsError, OutputWriteError, SettingsMismatchError
 from crossgap_fast.files import atomic_write_bytes, atomic_write_json, file_sha256, is_temp_file, read_json
 from crossgap_fast.pipeline.store import schema as fmt
-from crossgap_fast.errors import CorruptStoreError, OutputExistsError, OutputWriteError, SettingsMismatchError
-
-FORMAT = "crossgap-gallery"
-VERSION = 2
-#: Stores this crossgap reads (version 1: torch shards, read-only).
-READABLE_VERSIONS = (1, 2)
-MANIFEST = "manifest.json"
-ERRORS = "errors.jsonl"
-INPUT_INDEX = "input.parquet"
-WORKERS = "workers"
-LEASES = "leases"
-#: Version 1: per-rank manifests (read for their entries).
-_RANK_RE = re.compile(r"^manifest\.rank(\d+)\.json$")
-
-#: Manifest keys that must match for ``resume`` to continue a run.
-SETTINGS_KEYS = (
-    "kind",
-    "method",
-    "model",
-    "pretrained",
-    "steps",
-    "template",
-    "seed",
-    "num_tokens",
-    "shard_size",
-    "total_items",
-    "input_digest",
-    "engine",
-    "keep_loss_curve",
-    "warm_start",
-    "output",
+from crossgap_fast.pipeline.store.entries import parse_log, resolve_entries
+from crossgap_fast.pipeline.store.manifest import (
+    ERRORS,
+    FORMAT,
+    INPUT_INDEX,
+    LEASES,
+    MANIFEST,
+    READABLE_VERSIONS,
+    SETTINGS_KEYS,
+    VERSION,
+    WORKERS,
+    error_line,
+    read_manifest,
+    run_changes,
+    settings_diffs,
+    shard_ranges,
 )
-#: Settings a worker joining a running run must match (it reads the input from the run's
-#: index instead of listing it, so the input is matched by its name).
-JOIN_KEYS = tuple(k for k in SETTINGS_KEYS if k not in ("total_items", "input_digest")) + ("input",)
-
-#: Settings that may change on ``resume`` but move results at float-rounding level (the
-#: batch the engine optimises samples in, the encoder's batch, the CPU thread count): a
-#: resume with other values warns, and every shard entry records the values it was made with.
-RUN_KEYS = ("batch_size", "encode_batch_size", "threads")
-
-
-def read_manifest(path: str | os.PathLike) -> dict:
-    """``manifest.json`` of an output directory; :class:`CorruptStoreError` (naming the file)
-    when it is unreadable, truncated or not a crossgap manifest."""
-    try:
-        manifest = read_json(path)
-    except (OSError, ValueError) as err:
-        why = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
-        raise CorruptStoreError(f"{str(path)!r} is unreadable ({why})") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorruptStoreError(f"{str(path)!r} is not a crossgap manifest")
-    bad = [k for k, t in (("run_id", str), ("num_shards", int), ("shards", list))
-           if not isinstance(manifest.get(k), t)]
-    if bad:
-        raise CorruptStoreError(f"{str(path)!r} is damaged: {', '.join(bad)} missing or of the wrong type")
-    return manifest
-
-
-def error_line(record: dict) -> str:
-    """One ``errors.jsonl`` line: readable UTF-8, or ``\\u`` escapes for a record that holds
-    text no UTF-8 can carry (a file name that is not UTF-8 comes back from the file system as
-    lone surrogates; the escapes bring exactly that name back when the line is read)."""
-    line = json.dumps(record, ensure_ascii=False)
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        line = json.dumps(record, ensure_ascii=True)
-    return line + "\n"
-
-
-# --------------------------------------------------------------------------------------------
-# Shard plan
-# --------------------------------------------------------------------------------------------
-def shard_ranges(total: int, shard_size: int) -> list[tuple[int, int]]:
-    """The item range ``[start, stop)`` of every shard: fixed by ``total`` and ``shard_size``."""
-    if not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
-    return [(lo, min(lo + shard_size, total)) for lo in range(0, total, shard_size)]
 
 
 def new_worker_id() -> str:
@@ -136,9 +77,6 @@ def new_worker_id() -> str:
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-# --------------------------------------------------------------------------------------------
-# The store
-# --------------------------------------------------------------------------------------------
 class GalleryStore:
     """One output directory, as seen by one worker: the worker that sets a run up calls
     :meth:`create`; every worker calls :meth:`open`, :meth:`finished` and
@@ -175,7 +113,7 @@ class GalleryStore:
         return self.root / WORKERS / f"{worker or self.worker}.jsonl"
 
     @contextmanager
-    def _writing(self, what: str, hint: str):
+    def writing(self, what: str, hint: str):
         """Turn an OS error while writing ``what`` into one :class:`OutputWriteError` line."""
         try:
             yield
@@ -205,7 +143,7 @@ class GalleryStore:
         return [n for n in names if not is_temp_file(n) and n != LEASES]
 
     def make_root(self) -> None:
-        with self._writing("the lease folder", "choose a writable output directory"):
+        with self.writing("the lease folder", "choose a writable output directory"):
             self.leases_dir.mkdir(parents=True, exist_ok=True)
 
     def create(self, settings: dict, extra: dict | None = None) -> dict:
@@ -224,7 +162,7 @@ class GalleryStore:
         total, size = int(settings["total_items"]), int(settings["shard_size"])
         manifest["num_shards"] = len(shard_ranges(total, size))
         manifest["shards"] = []
-        with self._writing(MANIFEST, "choose a writable output directory"):
+        with self.writing(MANIFEST, "choose a writable output directory"):
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.manifest_path, manifest)
         self.manifest = manifest
@@ -261,15 +199,7 @@ class GalleryStore:
     def check_settings(self, manifest: dict, settings: dict, keys: Iterable[str] = SETTINGS_KEYS) -> None:
         """Refuse to continue the run of ``manifest`` with other ``settings`` (one line per
         difference)."""
-        diffs = []
-        for key in keys:
-            old, new = manifest.get(key), settings.get(key)
-            if _normalise(old) != _normalise(new):
-                if key == "input_digest":
-                    diffs.append("input: the items (names, image sizes or modification times, texts "
-                                 f"or feature values) differ from the recorded run's input {manifest.get('input')!r}")
-                else:
-                    diffs.append(f"{key}: recorded {_show(old)}, now {_show(new)}")
+        diffs = settings_diffs(manifest, settings, keys)
         if diffs:
             raise SettingsMismatchError(
                 f"cannot continue the run in {str(self.root)!r} with different settings:\n  "
@@ -278,11 +208,11 @@ class GalleryStore:
             )
 
     def warn_run_changes(self, extra: dict) -> None:
-        """Warn when ``extra`` holds other :data:`RUN_KEYS` values than the recorded run
+        """Warn when ``extra`` holds other
+        :data:`~crossgap_fast.pipeline.store.manifest.RUN_KEYS` values than the recorded run
         (call it on a resume that will make shards)."""
         assert self.manifest is not None, "call create() or open() first"
-        changed = [f"{k} {_show(extra[k])} (recorded {_show(self.manifest.get(k))})" for k in RUN_KEYS
-                   if k in extra and _normalise(extra[k]) != _normalise(self.manifest.get(k))]
+        changed = run_changes(self.manifest, extra)
         if changed:
             warnings.warn(
                 f"resuming the run in {str(self.root)!r} with {', '.join(changed)}: shards made "
@@ -354,7 +284,7 @@ class GalleryStore:
                 continue
             whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits
             self._read_to[path] = start + len(whole)
-            self._note(_parse_log(whole, run_id))
+            self._note(parse_log(whole, run_id))
         return dict(self._recorded)
 
     def _note(self, entries: list[dict]) -> None:
@@ -380,7 +310,7 @@ class GalleryStore:
                                  dtype=out.get("dtype") or fmt.DEFAULT_DTYPE,
                                  normalize=bool(out.get("normalize")))
         recorded: dict[str, dict] = {}
-        with self._writing(f"shard {index}", self._kept_hint()):
+        with self.writing(f"shard {index}", self._kept_hint()):
             for rel, data in files.values():
                 path = self.root / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -431,129 +361,8 @@ class GalleryStore:
         manifest["items_warned"] = sum(r["level"] == "warning" for r in records)
         manifest.update(extra or {})
         lines = "".join(error_line(r) for r in list(manifest.get("input_problems") or []) + records)
-        with self._writing(f"{ERRORS} and {MANIFEST}", self._kept_hint()):
+        with self.writing(f"{ERRORS} and {MANIFEST}", self._kept_hint()):
             atomic_write_bytes(self.errors_path, lines.encode())
             atomic_write_json(self.manifest_path, manifest)
         self.manifest = manifest
         return manifest
-
-
-def _parse_log(data: bytes, run_id: str) -> list[dict]:
-    """The entries of a worker log's complete lines (damaged lines skipped)."""
-    out = []
-    for line in data.splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(e, dict) and e.get("run_id") == run_id and isinstance(e.get("shard"), int):
-            out.append(e)
-    return out
-
-
-def _entries_from(path: Path, run_id: str) -> list[dict]:
-    if path.suffix == ".jsonl":
-        try:
-            return _parse_log(path.read_bytes(), run_id)
-        except OSError:
-            return []
-    try:  # version 1: one JSON document per rank
-        data = read_json(path)
-    except (OSError, ValueError):
-        return []
-    if not isinstance(data, dict) or data.get("run_id") != run_id:
-        return []
-    return [e for e in data.get("shards", []) if isinstance(e, dict) and e.get("run_id") == run_id]
-
-
-def _candidates(root: Path, manifest: dict) -> dict[int, list[dict]]:
-    """Every recorded entry of each shard of the run (worker files and ``manifest.json``), the
-    most recently written first."""
-    run_id = manifest["run_id"]
-    sources = sorted((root / WORKERS).glob("*.jsonl")) if (root / WORKERS).is_dir() else []
-    sources += [p for p in sorted(root.iterdir()) if _RANK_RE.match(p.name)]  # version 1
-    out: dict[int, list[dict]] = {}
-    for p in sources:
-        for e in _entries_from(p, run_id):
-            out.setdefault(int(e["shard"]), []).append(e)
-    for e in manifest.get("shards", []):
-        if isinstance(e, dict) and e.get("run_id") == run_id:
-            out.setdefault(int(e["shard"]), []).append(e)
-    for entries in out.values():  # the latest write first: a redone shard's entry wins
-        entries.sort(key=lambda e: -float(e.get("finished") or 0.0))
-    return out
-
-
-def entry_files(entry: dict) -> dict[str, dict]:
-    """{relative path: {"bytes", "sha256"}} of a shard entry (either store version)."""
-    if "files" in entry:
-        return entry["files"]
-    return {entry["file"]: {"bytes": entry.get("bytes"), "sha256": entry.get("sha256")}}
-
-
-def entry_mismatch(root: Path, entry: dict, verify: bool, digest=None) -> str | None:
-    """Why ``entry``'s files do not match what is on disk (None when they do); ``digest(path,
-    stat)`` gives a file's sha256 (default: hash it)."""
-    digest = digest or (lambda path, st: file_sha256(path))
-    for rel, info in entry_files(entry).items():
-        path = root / rel
-        try:
-            st = path.stat()
-            if st.st_size != info.get("bytes"):
-                return f"{rel} does not match its manifest entry (size differs): it was changed after it was written"
-            if verify and digest(path, st) != info.get("sha256"):
-                return f"{rel} does not match its manifest entry (sha256 differs): it was changed after it was written"
-        except FileNotFoundError:
-            return f"{rel} is missing"
-        except OSError as err:
-            return f"{rel} is unreadable ({err.strerror or err})"
-    return None
-
-
-def resolve_entries(
-    root: str | os.PathLike,
-    manifest: dict,
-    *,
-    verify: bool,
-    digest: Callable[[Path, os.stat_result], str] | None = None,
-) -> tuple[dict[int, dict], dict[int, str]]:
-    """(the entry that matches each recorded shard's files, keyed by shard; why the others do
-    not match). A shard can have several entries (redone on resume, perhaps by another
-    worker): the one whose files have the recorded sizes (and sha256, when ``verify``) wins,
-    so a stale entry never shadows the files on disk."""
-    root = Path(root)
-    good: dict[int, dict] = {}
-    bad: dict[int, str] = {}
-    for shard, entries in sorted(_candidates(root, manifest).items()):
-        why = None
-        for e in entries:
-            why = entry_mismatch(root, e, verify, digest)
-            if why is None:
-                good[shard] = e
-                break
-        if shard not in good:
-            bad[shard] = why or "no entry"
-    return good, bad
-
-
-def collect_entries(root: str | os.PathLike, manifest: dict) -> list[dict]:
-    """The entry of every recorded shard whose files have the recorded sizes, sorted by
-    shard (see :func:`resolve_entries`; no hashing)."""
-    good, _ = resolve_entries(root, manifest, verify=False)
-    return [good[k] for k in sorted(good)]
-
-
-def _normalise(v: Any) -> Any:
-    return json.loads(json.dumps(v))  # tuples -> lists, as they come back from JSON
-
-
-def _show(v: Any) -> str:
-    return json.dumps(v) if not isinstance(v, str) else repr(v)
-
-
-def iter_error_records(path: str | os.PathLike) -> Iterable[dict]:
-    """The records of an ``errors.jsonl`` file."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crossgap_fast.pipeline.store import schema as fmt
-from crossgap_fast.pipeline.store.folder import MANIFEST, _candidates, entry_mismatch, read_manifest
-from crossgap_fast.errors import CorruptStoreError, GalleryError
 from crossgap_fast.defaults import DEFAULT_READ_BATCH as DEFAULT_BATCH
+from crossgap_fast.errors import CorruptStoreError, GalleryError
+from crossgap_fast.pipeline.store import schema as fmt
+from crossgap_fast.pipeline.store.entries import entry_mismatch, shard_candidates
+from crossgap_fast.pipeline.store.manifest import MANIFEST, read_manifest
 
 #: Array columns :func:`iter_inversions` can stream.
 ARRAY_COLUMNS = ("features", "targets", "tokens", "loss_curves")
@@ -64,7 +65,7 @@ def _open(out_dir: str | os.PathLike, allow_partial: bool) -> tuple[Path, dict, 
     if not path.is_file():
         raise GalleryError(f"{str(root)!r} has no {MANIFEST}: not a crossgap output directory")
     manifest = read_manifest(path)
-    candidates = _candidates(root, manifest)
+    candidates = shard_candidates(root, manifest)
     complete = len(candidates) == manifest["num_shards"]
     if not complete and not allow_partial:
         raise GalleryError(

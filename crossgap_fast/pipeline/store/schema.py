@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
 from crossgap_fast.defaults import DEFAULT_DTYPE, DEFAULT_STORE
 
 #: What ``--store`` can keep (losses are the metadata's ``loss`` column).

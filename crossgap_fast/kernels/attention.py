@@ -20,18 +20,15 @@ with ``scale = hd ** -0.5`` by default. This equals ``F.scaled_dot_product_atten
 rows causally, bottom-right aligned), but no per-sample copy of the prefix is made: the prefix
 scores of all B * Sq rows are one matmul per head.
 
-Torch path (CPU, fallback): :func:`prefix_attention_torch`, differentiable by autograd; the
-few own-key products of a sample are formed elementwise (a bmm over B * H tiny matrices costs
-more on CPU) up to :data:`ELEMENTWISE_PAIRS`, by matmul beyond.
+Torch reference: :func:`prefix_attention_torch`, differentiable by autograd; the few own-key
+products of a sample are formed elementwise (a bmm over B * H tiny matrices costs more on CPU)
+up to :data:`ELEMENTWISE_PAIRS`, by matmul beyond.
 Triton path: custom op ``torch.ops.crossgap.prefix_attention`` (returns ``(out, lse)``, the fp32
 log-sum-exp of each row saved for the backward) with autograd registered; the backward is the
 custom op ``torch.ops.crossgap.prefix_attention_backward``. The forward kernel runs an online
 softmax over the prefix (``tl.dot`` tiles) and then over the sample's own keys (one key at a
 time, since neighbouring rows belong to different samples), accumulating in fp32. The backward
 recomputes the probabilities from the saved log-sum-exp; gradients go to q, k and v only.
-
-``crossgap_fast.kernels`` re-exports the function under this module's name, so the module
-itself is ``importlib.import_module("crossgap_fast.kernels.prefix_attention")``.
 """
 
 from __future__ import annotations
@@ -41,13 +38,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from crossgap_fast.kernels import dispatch
-from crossgap_fast.kernels.dispatch import HAS_TRITON_OP, launcher, next_pow2, should_use_triton
+from crossgap_fast.kernels import dispatch, launch
+from crossgap_fast.kernels.dispatch import HAS_TRITON_OP
 
-__all__ = ["prefix_attention", "prefix_attention_torch", "prefix_attention_triton"]
+__all__ = ["prefix_attention"]
 
 
-# --------------------------------------------------------------------------- checks
 def _check(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
     """Validate shapes; return the prefix as (H, P, hd) constants in ``q``'s dtype."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -81,21 +77,14 @@ def _scale(q: Tensor, scale: Optional[float]) -> float:
     return float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
 
 
-# --------------------------------------------------------------------------- torch fallback
+# --------------------------------------------------------------------------- torch reference
 #: Up to this many (query row, own key) pairs per sample and head, the own-key products are
 #: formed elementwise: a batched matmul of B * H tiny matrices costs more than the products.
 ELEMENTWISE_PAIRS = 16
 
 
-def prefix_attention_torch(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor,
-    prefix_v: Tensor,
-    causal: bool = True,
-    scale: Optional[float] = None,
-) -> Tensor:
+def prefix_attention_torch(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                           causal: bool = True, scale: Optional[float] = None) -> Tensor:
     """Plain-torch implementation (differentiable w.r.t. q, k, v; traceable by torch.compile)."""
     pk, pv = _check(q, k, v, prefix_k, prefix_v, causal)
     b, h, sq, hd = q.shape
@@ -120,10 +109,27 @@ def prefix_attention_torch(
     return out.transpose(0, 1)
 
 
-# --------------------------------------------------------------------------- triton
+# --------------------------------------------------------------------------- Triton kernels
 if HAS_TRITON_OP:
     import triton
     import triton.language as tl
+
+    from crossgap_fast.kernels.launch import tile_offsets
+
+    @triton.jit
+    def _rows(ptr, offs_b, h, i, offs_d, s_b, s_h, s_s, s_d):
+        """Addresses of row ``i`` of head ``h`` for the block's samples, (BLOCK_B, BLOCK_D)."""
+        return ptr + offs_b[:, None] * s_b + h * s_h + i * s_s + offs_d[None, :] * s_d
+
+    @triton.jit
+    def _load_row32(ptr, offs_b, h, i, offs_d, mask, s_b, s_h, s_s, s_d):
+        """Row ``i`` of head ``h`` for the block's samples, loaded as fp32."""
+        return tl.load(_rows(ptr, offs_b, h, i, offs_d, s_b, s_h, s_s, s_d), mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _prefix_tile_t(ptr, h, offs_p, offs_d, mask_dp, s_h, s_p, s_d):
+        """Prefix rows ``offs_p`` of head ``h``, transposed by the addressing: (BLOCK_D, BLOCK_P)."""
+        return tl.load(ptr + h * s_h + offs_p[None, :] * s_p + offs_d[:, None] * s_d, mask=mask_dp, other=0.0)
 
     @triton.jit
     def _pa_fwd_kernel(
@@ -143,18 +149,10 @@ if HAS_TRITON_OP:
         BLOCK_D: tl.constexpr,
     ):
         # program (samples block, head h, query row i)
-        pid_b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         i = tl.program_id(2).to(tl.int64)
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-        mask_b = offs_b < B
-        mask_d = offs_d < HD
-        mask_bd = mask_b[:, None] & mask_d[None, :]
-        q = tl.load(
-            q_ptr + offs_b[:, None] * s_q_b + h * s_q_h + i * s_q_s + offs_d[None, :] * s_q_d,
-            mask=mask_bd, other=0.0,
-        )
+        offs_b, offs_d, mask_b, mask_d, mask_bd = tile_offsets(tl.program_id(0), B, HD, BLOCK_B, BLOCK_D)
+        q = tl.load(_rows(q_ptr, offs_b, h, i, offs_d, s_q_b, s_q_h, s_q_s, s_q_d), mask=mask_bd, other=0.0)
         q32 = q.to(tl.float32)
         m = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -163,10 +161,7 @@ if HAS_TRITON_OP:
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
             mask_p = offs_p < P
-            kt = tl.load(  # (BLOCK_D, BLOCK_P): prefix keys, transposed by the addressing
-                pk_ptr + h * s_pk_h + offs_p[None, :] * s_pk_p + offs_d[:, None] * s_pk_d,
-                mask=mask_d[:, None] & mask_p[None, :], other=0.0,
-            )
+            kt = _prefix_tile_t(pk_ptr, h, offs_p, offs_d, mask_d[:, None] & mask_p[None, :], s_pk_h, s_pk_p, s_pk_d)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
             s = tl.where(mask_p[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -184,27 +179,18 @@ if HAS_TRITON_OP:
         if CAUSAL:
             n_keys = i + SK - SQ + 1
         for j in range(0, n_keys):
-            kj = tl.load(
-                k_ptr + offs_b[:, None] * s_k_b + h * s_k_h + j * s_k_s + offs_d[None, :] * s_k_d,
-                mask=mask_bd, other=0.0,
-            ).to(tl.float32)
+            kj = _load_row32(k_ptr, offs_b, h, j, offs_d, mask_bd, s_k_b, s_k_h, s_k_s, s_k_d)
             s = tl.sum(q32 * kj, axis=1) * scale
             m_new = tl.maximum(m, s)
             alpha = tl.exp(m - m_new)
             pr = tl.exp(s - m_new)
             l = l * alpha + pr
-            vj = tl.load(
-                v_ptr + offs_b[:, None] * s_v_b + h * s_v_h + j * s_v_s + offs_d[None, :] * s_v_d,
-                mask=mask_bd, other=0.0,
-            ).to(tl.float32)
+            vj = _load_row32(v_ptr, offs_b, h, j, offs_d, mask_bd, s_v_b, s_v_h, s_v_s, s_v_d)
             acc = acc * alpha[:, None] + pr[:, None] * vj
             m = m_new
         out = acc / l[:, None]
-        tl.store(
-            o_ptr + offs_b[:, None] * s_o_b + h * s_o_h + i * s_o_s + offs_d[None, :] * s_o_d,
-            out.to(o_ptr.dtype.element_ty),
-            mask=mask_bd,
-        )
+        tl.store(_rows(o_ptr, offs_b, h, i, offs_d, s_o_b, s_o_h, s_o_s, s_o_d), out.to(o_ptr.dtype.element_ty),
+                 mask=mask_bd)
         tl.store(lse_ptr + offs_b * s_l_b + h * s_l_h + i * s_l_s, m + tl.log(l), mask=mask_b)
 
     @triton.jit
@@ -216,18 +202,9 @@ if HAS_TRITON_OP:
         s_l_b, s_l_h, s_l_s,
     ):
         """Row i's query, output gradient, log-sum-exp and delta = <dO, O> (fp32)."""
-        q = tl.load(
-            q_ptr + offs_b[:, None] * s_q_b + h * s_q_h + i * s_q_s + offs_d[None, :] * s_q_d,
-            mask=mask_bd, other=0.0,
-        )
-        do = tl.load(
-            do_ptr + offs_b[:, None] * s_do_b + h * s_do_h + i * s_do_s + offs_d[None, :] * s_do_d,
-            mask=mask_bd, other=0.0,
-        )
-        o = tl.load(
-            o_ptr + offs_b[:, None] * s_o_b + h * s_o_h + i * s_o_s + offs_d[None, :] * s_o_d,
-            mask=mask_bd, other=0.0,
-        ).to(tl.float32)
+        q = tl.load(_rows(q_ptr, offs_b, h, i, offs_d, s_q_b, s_q_h, s_q_s, s_q_d), mask=mask_bd, other=0.0)
+        do = tl.load(_rows(do_ptr, offs_b, h, i, offs_d, s_do_b, s_do_h, s_do_s, s_do_d), mask=mask_bd, other=0.0)
+        o = _load_row32(o_ptr, offs_b, h, i, offs_d, mask_bd, s_o_b, s_o_h, s_o_s, s_o_d)
         lse = tl.load(lse_ptr + offs_b * s_l_b + h * s_l_h + i * s_l_s, mask=mask_b, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o, axis=1)
         return q, do, lse, delta
@@ -256,13 +233,8 @@ if HAS_TRITON_OP:
     ):
         # program (samples block, head h): every row and own key of these samples, so the
         # own-key gradients need no atomics. p = exp(s - lse), ds = p * (<dO, v> - delta).
-        pid_b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-        mask_b = offs_b < B
-        mask_d = offs_d < HD
-        mask_bd = mask_b[:, None] & mask_d[None, :]
+        offs_b, offs_d, mask_b, mask_d, mask_bd = tile_offsets(tl.program_id(0), B, HD, BLOCK_B, BLOCK_D)
         shift = SK - SQ  # row i sees own keys j <= i + shift (when causal)
         # dq, one query row at a time
         for i in range(0, SQ):
@@ -278,14 +250,8 @@ if HAS_TRITON_OP:
                 offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
                 mask_p = offs_p < P
                 mask_dp = mask_d[:, None] & mask_p[None, :]
-                kt = tl.load(
-                    pk_ptr + h * s_pk_h + offs_p[None, :] * s_pk_p + offs_d[:, None] * s_pk_d,
-                    mask=mask_dp, other=0.0,
-                )
-                vt = tl.load(
-                    pv_ptr + h * s_pv_h + offs_p[None, :] * s_pv_p + offs_d[:, None] * s_pv_d,
-                    mask=mask_dp, other=0.0,
-                )
+                kt = _prefix_tile_t(pk_ptr, h, offs_p, offs_d, mask_dp, s_pk_h, s_pk_p, s_pk_d)
+                vt = _prefix_tile_t(pv_ptr, h, offs_p, offs_d, mask_dp, s_pv_h, s_pv_p, s_pv_d)
                 s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
                 pr = tl.where(mask_p[None, :], tl.exp(s - lse[:, None]), 0.0)
                 dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
@@ -295,32 +261,17 @@ if HAS_TRITON_OP:
             if CAUSAL:
                 n_keys = i + shift + 1
             for j in range(0, n_keys):
-                kj = tl.load(
-                    k_ptr + offs_b[:, None] * s_k_b + h * s_k_h + j * s_k_s + offs_d[None, :] * s_k_d,
-                    mask=mask_bd, other=0.0,
-                ).to(tl.float32)
-                vj = tl.load(
-                    v_ptr + offs_b[:, None] * s_v_b + h * s_v_h + j * s_v_s + offs_d[None, :] * s_v_d,
-                    mask=mask_bd, other=0.0,
-                ).to(tl.float32)
+                kj = _load_row32(k_ptr, offs_b, h, j, offs_d, mask_bd, s_k_b, s_k_h, s_k_s, s_k_d)
+                vj = _load_row32(v_ptr, offs_b, h, j, offs_d, mask_bd, s_v_b, s_v_h, s_v_s, s_v_d)
                 pr = tl.exp(tl.sum(q32 * kj, axis=1) * scale - lse)
                 ds = pr * (tl.sum(do32 * vj, axis=1) - delta)
                 dq += ds[:, None] * kj
-            tl.store(
-                dq_ptr + offs_b[:, None] * s_dq_b + h * s_dq_h + i * s_dq_s + offs_d[None, :] * s_dq_d,
-                (dq * scale).to(dq_ptr.dtype.element_ty),
-                mask=mask_bd,
-            )
+            tl.store(_rows(dq_ptr, offs_b, h, i, offs_d, s_dq_b, s_dq_h, s_dq_s, s_dq_d),
+                     (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask_bd)
         # dk, dv, one own key at a time, over the rows that see it
         for j in range(0, SK):
-            kj = tl.load(
-                k_ptr + offs_b[:, None] * s_k_b + h * s_k_h + j * s_k_s + offs_d[None, :] * s_k_d,
-                mask=mask_bd, other=0.0,
-            ).to(tl.float32)
-            vj = tl.load(
-                v_ptr + offs_b[:, None] * s_v_b + h * s_v_h + j * s_v_s + offs_d[None, :] * s_v_d,
-                mask=mask_bd, other=0.0,
-            ).to(tl.float32)
+            kj = _load_row32(k_ptr, offs_b, h, j, offs_d, mask_bd, s_k_b, s_k_h, s_k_s, s_k_d)
+            vj = _load_row32(v_ptr, offs_b, h, j, offs_d, mask_bd, s_v_b, s_v_h, s_v_s, s_v_d)
             dk = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
             first = j * 0
@@ -338,87 +289,69 @@ if HAS_TRITON_OP:
                 ds = pr * (tl.sum(do32 * vj, axis=1) - delta)
                 dv += pr[:, None] * do32
                 dk += ds[:, None] * q32
-            tl.store(
-                dk_ptr + offs_b[:, None] * s_dk_b + h * s_dk_h + j * s_dk_s + offs_d[None, :] * s_dk_d,
-                (dk * scale).to(dk_ptr.dtype.element_ty),
-                mask=mask_bd,
-            )
-            tl.store(
-                dv_ptr + offs_b[:, None] * s_dv_b + h * s_dv_h + j * s_dv_s + offs_d[None, :] * s_dv_d,
-                dv.to(dv_ptr.dtype.element_ty),
-                mask=mask_bd,
-            )
+            tl.store(_rows(dk_ptr, offs_b, h, j, offs_d, s_dk_b, s_dk_h, s_dk_s, s_dk_d),
+                     (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask_bd)
+            tl.store(_rows(dv_ptr, offs_b, h, j, offs_d, s_dv_b, s_dv_h, s_dv_s, s_dv_d),
+                     dv.to(dv_ptr.dtype.element_ty), mask=mask_bd)
 
-    def _pa_blocks(hd: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
-        # tl.dot needs every tile side >= 16; fp32 operands get true fp32 products (no TF32),
-        # 16-bit operands ignore the setting
-        block_d = max(16, next_pow2(hd))
-        block_b = 32 if block_d <= 64 else 16
-        precision = "ieee" if dtype == torch.float32 else "tf32"
-        return block_b, 16, block_d, precision
 
-    def _pa_fwd_impl(
-        q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, scale: float, causal: bool
-    ) -> tuple[Tensor, Tensor]:
-        B, H, SQ, HD = q.shape
-        SK, P = k.shape[2], prefix_k.shape[1]
-        # (B, Sq, H, hd) in memory: the block merges the heads back with a view, not a copy
-        out = torch.empty((B, SQ, H, HD), device=q.device, dtype=q.dtype).transpose(1, 2)
-        lse = torch.empty((B, H, SQ), device=q.device, dtype=torch.float32)
-        if B == 0 or SQ == 0 or HD == 0:
-            return out, lse
-        block_b, block_p, block_d, precision = _pa_blocks(HD, q.dtype)
-        grid = (triton.cdiv(B, block_b), H, SQ)
-        launcher(_pa_fwd_kernel, q)[grid](
-            q, k, v, prefix_k, prefix_v, out, lse,
-            B, P, SQ, SK, HD, float(scale),
-            q.stride(0), q.stride(1), q.stride(2), q.stride(3),
-            k.stride(0), k.stride(1), k.stride(2), k.stride(3),
-            v.stride(0), v.stride(1), v.stride(2), v.stride(3),
-            prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
-            prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            lse.stride(0), lse.stride(1), lse.stride(2),
-            CAUSAL=bool(causal), DOT_PRECISION=precision,
-            BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
-        )
+# --------------------------------------------------------------------------- launchers, ops
+def _pa_blocks(hd: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
+    # tl.dot needs every tile side >= 16; fp32 operands get true fp32 products (no TF32),
+    # 16-bit operands ignore the setting
+    block_d = max(16, launch.next_pow2(hd))
+    block_b = 32 if block_d <= 64 else 16
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    return block_b, 16, block_d, precision
+
+
+def _pa_fwd(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, scale: float, causal: bool
+) -> tuple[Tensor, Tensor]:
+    B, H, SQ, HD = q.shape
+    SK, P = k.shape[2], prefix_k.shape[1]
+    # (B, Sq, H, hd) in memory: the block merges the heads back with a view, not a copy
+    out = torch.empty((B, SQ, H, HD), device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty((B, H, SQ), device=q.device, dtype=torch.float32)
+    if B == 0 or SQ == 0 or HD == 0:
         return out, lse
+    block_b, block_p, block_d, precision = _pa_blocks(HD, q.dtype)
+    launch.launcher(_pa_fwd_kernel, q)[(launch.cdiv(B, block_b), H, SQ)](
+        q, k, v, prefix_k, prefix_v, out, lse,
+        B, P, SQ, SK, HD, float(scale),
+        *launch.strides(q, k, v, prefix_k, prefix_v, out, lse),
+        CAUSAL=bool(causal), DOT_PRECISION=precision,
+        BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+    )
+    return out, lse
 
-    def _pa_bwd_impl(
-        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
-        out: Tensor, lse: Tensor, scale: float, causal: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        B, H, SQ, HD = q.shape
-        SK, P = k.shape[2], prefix_k.shape[1]
-        dq = torch.empty((B, H, SQ, HD), device=q.device, dtype=q.dtype)
-        dk = torch.empty((B, H, SK, HD), device=q.device, dtype=k.dtype)
-        dv = torch.empty((B, H, SK, HD), device=q.device, dtype=v.dtype)
-        if B == 0 or HD == 0:
-            return dq, dk, dv
-        block_b, block_p, block_d, precision = _pa_blocks(HD, q.dtype)
-        grid = (triton.cdiv(B, block_b), H)
-        launcher(_pa_bwd_kernel, q)[grid](
-            grad_out, q, k, v, prefix_k, prefix_v, out, lse,
-            dq, dk, dv,
-            B, P, SQ, SK, HD, float(scale),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
-            q.stride(0), q.stride(1), q.stride(2), q.stride(3),
-            k.stride(0), k.stride(1), k.stride(2), k.stride(3),
-            v.stride(0), v.stride(1), v.stride(2), v.stride(3),
-            prefix_k.stride(0), prefix_k.stride(1), prefix_k.stride(2),
-            prefix_v.stride(0), prefix_v.stride(1), prefix_v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            lse.stride(0), lse.stride(1), lse.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
-            dk.stride(0), dk.stride(1), dk.stride(2), dk.stride(3),
-            dv.stride(0), dv.stride(1), dv.stride(2), dv.stride(3),
-            CAUSAL=bool(causal), DOT_PRECISION=precision,
-            BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
-        )
+
+def _pa_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+    out: Tensor, lse: Tensor, scale: float, causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, SQ, HD = q.shape
+    SK, P = k.shape[2], prefix_k.shape[1]
+    dq = torch.empty((B, H, SQ, HD), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, H, SK, HD), device=q.device, dtype=k.dtype)
+    dv = torch.empty((B, H, SK, HD), device=q.device, dtype=v.dtype)
+    if B == 0 or HD == 0:
         return dq, dk, dv
+    block_b, block_p, block_d, precision = _pa_blocks(HD, q.dtype)
+    launch.launcher(_pa_bwd_kernel, q)[(launch.cdiv(B, block_b), H)](
+        grad_out, q, k, v, prefix_k, prefix_v, out, lse,
+        dq, dk, dv,
+        B, P, SQ, SK, HD, float(scale),
+        *launch.strides(grad_out, q, k, v, prefix_k, prefix_v, out, lse, dq, dk, dv),
+        CAUSAL=bool(causal), DOT_PRECISION=precision,
+        BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+    )
+    return dq, dk, dv
 
-    _pa_op = dispatch.define_triton_op("prefix_attention", _pa_fwd_impl)
-    _pa_bwd_op = dispatch.define_triton_op("prefix_attention_backward", _pa_bwd_impl)
+
+if HAS_TRITON_OP:
+    _pa_op = dispatch.register_op("prefix_attention", _pa_fwd)
+    _pa_bwd_op = dispatch.register_op("prefix_attention_backward", _pa_bwd)
 
     def _pa_setup_context(ctx, inputs, output):
         q, k, v, prefix_k, prefix_v, scale, causal = inputs
@@ -428,49 +361,24 @@ if HAS_TRITON_OP:
         ctx.scale, ctx.causal = scale, causal
 
     def _pa_backward(ctx, grad_out, _grad_lse):
-        q, k, v, prefix_k, prefix_v, out, lse = ctx.saved_tensors
-        if not any(ctx.needs_input_grad[:3]):
-            return None, None, None, None, None, None, None
-        dq, dk, dv = _pa_bwd_op(grad_out, q, k, v, prefix_k, prefix_v, out, lse, ctx.scale, ctx.causal)
         need = ctx.needs_input_grad
-        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-                None, None, None, None)
+        if not any(need[:3]):
+            return (None,) * 7
+        # saved: q, k, v, prefix_k, prefix_v, out, lse, in the backward op's order
+        dq, dk, dv = _pa_bwd_op(grad_out, *ctx.saved_tensors, ctx.scale, ctx.causal)
+        return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, *(None,) * 4
 
     _pa_op.register_autograd(_pa_backward, setup_context=_pa_setup_context)
 
 
-def prefix_attention_triton(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor,
-    prefix_v: Tensor,
-    causal: bool = True,
-    scale: Optional[float] = None,
-) -> Tensor:
-    """Triton implementation (custom op ``crossgap::prefix_attention``), differentiable w.r.t. q, k, v."""
-    if not HAS_TRITON_OP:
-        raise RuntimeError("Triton is not available")
+def prefix_attention_triton(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                            causal: bool = True, scale: Optional[float] = None) -> Tensor:
+    """Triton path (custom op ``crossgap::prefix_attention``), differentiable w.r.t. q, k, v."""
     pk, pv = _check(q, k, v, prefix_k, prefix_v, causal)
     return _pa_op(q, k, v, pk, pv, _scale(q, scale), bool(causal))[0]
 
 
-def prefix_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor,
-    prefix_v: Tensor,
-    causal: bool = True,
-    scale: Optional[float] = None,
-    *,
-    use_triton: Optional[bool] = None,
-) -> Tensor:
-    """Attention of each sample's rows over a shared prefix plus its own rows (see module doc).
-
-    ``use_triton``: ``None`` = dispatch rule of :mod:`crossgap_fast.kernels.dispatch`,
-    ``True`` = Triton kernel (Triton interpreter for CPU tensors), ``False`` = torch.
-    """
-    if should_use_triton(use_triton, q, k, v, prefix_k, prefix_v):
-        return prefix_attention_triton(q, k, v, prefix_k, prefix_v, causal, scale)
-    return prefix_attention_torch(q, k, v, prefix_k, prefix_v, causal, scale)
+prefix_attention = dispatch.entry_point(
+    "prefix_attention", prefix_attention_torch, prefix_attention_triton, tensors=5,
+    doc="Attention of each sample's rows over a shared prefix plus its own rows (see the module doc).",
+)

@@ -1,0 +1,95 @@
+"""``crossgap eval retrieval|zeroshot``: the intra- vs inter-modal comparison on a dataset.
+
+A thin layer over :func:`crossgap_fast.evaluate_retrieval` / :func:`crossgap_fast.evaluate_zeroshot`:
+the options, the printed table and, with ``--out``, ``report.json`` / ``report.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from crossgap_fast.cli.messages import fail, os_problem
+from crossgap_fast.cli.options import add_model_option, non_negative, positive
+from crossgap_fast.defaults import DEFAULT_PRETRAINED, DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS
+from crossgap_fast.errors import GalleryError, UnsupportedModelError
+from crossgap_fast.eval.harness import evaluate_retrieval, evaluate_zeroshot
+from crossgap_fast.eval.reports import write_outputs
+
+_TASKS = (("retrieval", "image-image (OTI) or text-text (OVI) retrieval, intra vs inter"),
+          ("zeroshot", "zero-shot classification, inter (standard) vs intra via OTI"))
+
+
+def add_parser(top) -> None:
+    """Add ``eval`` (with ``retrieval`` / ``zeroshot``) to the sub-commands."""
+    ev = top.add_parser("eval", help="intra- vs inter-modal evaluation on a dataset")
+    sub = ev.add_subparsers(dest="task", required=True, metavar="{retrieval,zeroshot}")
+    for task, what in _TASKS:
+        p = sub.add_parser(task, help=what, description=what)
+        p.add_argument("--dataset", required=True, help="dataset name (see crossgap_fast.eval.datasets.list_datasets)")
+        p.add_argument("--dataroot", required=True, help="folder holding the dataset (or the CSV file for 'csv')")
+        p.add_argument("--split", default="paper" if task == "retrieval" else "test",
+                       help="'paper' (the paper's query/gallery splits), 'test', 'all', or QUERY:GALLERY")
+        add_model_option(p)
+        p.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
+                       help="open_clip pretrained tag, checkpoint path, or 'random'")
+        if task == "retrieval":
+            _add_retrieval_options(p)
+        p.add_argument("--steps", type=positive, default=None,
+                       help=f"inversion steps (default {DEFAULT_STEPS['oti']} for OTI, {DEFAULT_STEPS['ovi']} for OVI)")
+        p.add_argument("--num-tokens", type=positive, default=1, help="pseudo tokens / patches")
+        p.add_argument("--template", default=DEFAULT_TEMPLATE, help="OTI text template")
+        p.add_argument("--seed", type=int, default=0, help="seed of the per-item random starts")
+        p.add_argument("--cache", default=None,
+                       help="where encoded features and inversions are kept (default ~/.cache/crossgap)")
+        p.add_argument("--out", default=None, help="also write report.json and report.png here")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_retrieval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--modes", default="intra,oti,ovi",
+                   help="comma list: intra, oti (image sets), ovi (text sets)")
+    p.add_argument("--snapshot-steps", default="",
+                   help="comma list of step counts for the mAP-versus-steps curve, e.g. 10,25,50,100,150")
+    p.add_argument("--exclude-self-inter", action="store_true",
+                   help="also drop each inverted query's own item from its gallery on a shared split")
+    p.add_argument("--warm-start", type=non_negative, default=0, metavar="N",
+                   help="add a row for a warm-started inversion of the queries: N calibration "
+                   "queries exact, the others from the fitted map's start (N >= 32)")
+    p.add_argument("--warm-steps", type=positive, default=None,
+                   help="steps of the warm-started queries (default "
+                   f"{DEFAULT_WARM_STEPS['oti']} OTI, {DEFAULT_WARM_STEPS['ovi']} OVI)")
+
+
+def run(args: argparse.Namespace, model) -> int:
+    """Run ``eval`` with the loaded ``model``; a failure is one line and exit code 2."""
+    try:
+        return _evaluate(args, model)
+    except (GalleryError, UnsupportedModelError, FileNotFoundError) as err:
+        return fail(str(err))
+    except ValueError as err:
+        return fail(f"invalid settings: {err}")
+    except OSError as err:
+        return fail(os_problem(err))
+
+
+def _evaluate(args: argparse.Namespace, model) -> int:
+    common = dict(split=args.split, num_tokens=args.num_tokens, template=args.template,
+                  seed=args.seed, cache_dir=args.cache, device=args.device,
+                  progress=not args.no_progress)
+    if args.task == "retrieval":
+        snaps = [int(x) for x in args.snapshot_steps.split(",") if x.strip()]
+        report = evaluate_retrieval(
+            args.dataset, args.dataroot, model, modes=[m.strip() for m in args.modes.split(",")],
+            steps=args.steps, snapshot_steps=snaps or None,
+            exclude_self_inter=args.exclude_self_inter, warm_start=args.warm_start,
+            warm_steps=args.warm_steps, **common,
+        )
+    else:
+        report = evaluate_zeroshot(args.dataset, args.dataroot, model,
+                                   steps=DEFAULT_STEPS["oti"] if args.steps is None else args.steps, **common)
+    print(report.format())
+    if args.out:
+        for path in write_outputs(report, args.out):
+            print(f"wrote {path}")
+    return 0

@@ -1,0 +1,183 @@
+"""``crossgap invert images|texts`` and ``crossgap encode images|texts``: whole galleries.
+
+A thin layer over :func:`crossgap_fast.invert_gallery` / :func:`crossgap_fast.encode_gallery`:
+the options, and the run's outcome as an exit code (the summary printed first; exit code 2 when
+too many items failed, finished shards kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from crossgap_fast.cli.messages import fail, os_problem, printable
+from crossgap_fast.cli.options import add_model_option, fraction, non_negative, positive
+from crossgap_fast.defaults import (
+    DEFAULT_ENCODE_BATCH,
+    DEFAULT_ENGINE,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_LR,
+    DEFAULT_MAX_FAILED_FRACTION,
+    DEFAULT_PRETRAINED,
+    DEFAULT_RAY_ACTORS,
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_STEPS,
+    DEFAULT_TEMPLATE,
+    DEFAULT_WARM_STEPS,
+    DEFAULT_WEIGHT_DECAY,
+)
+from crossgap_fast.demo.assets import DEMO_MODEL
+from crossgap_fast.errors import GalleryError, UnsupportedModelError
+from crossgap_fast.inversion.config import InversionConfig
+from crossgap_fast.models import RANDOM_MODEL_SEED
+from crossgap_fast.pipeline.encode import default_workers
+from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
+from crossgap_fast.pipeline.settings import ENGINES
+from crossgap_fast.pipeline.store import schema as fmt
+
+_WHAT = {("invert", "images"): "OTI: images -> pseudo tokens and text features",
+         ("invert", "texts"): "OVI: texts -> pseudo patches and image features",
+         ("encode", "images"): "CLIP image features",
+         ("encode", "texts"): "CLIP text features"}
+
+
+def add_parsers(top) -> None:
+    """Add ``invert`` and ``encode`` (each with ``images`` / ``texts``) to the sub-commands."""
+    inv = top.add_parser("invert", help="invert images (OTI) or texts (OVI) into the other modality")
+    enc = top.add_parser("encode", help="plain CLIP features of a gallery")
+    for parent, command in ((inv, "invert"), (enc, "encode")):
+        sub = parent.add_subparsers(dest="kind", required=True, metavar="{images,texts}")
+        for kind in ("images", "texts"):
+            what = _WHAT[command, kind]
+            p = sub.add_parser(kind, help=what, description=what)
+            _add_common_options(p, kind)
+            if command == "invert":
+                _add_inversion_options(p, kind)
+            else:
+                p.add_argument("--batch-size", type=positive, default=DEFAULT_ENCODE_BATCH,
+                               help=f"items per encoder call (default {DEFAULT_ENCODE_BATCH})")
+
+
+def _input_help(kind: str) -> str:
+    if kind == "images":
+        return ("an image folder (searched recursively), a file listing image paths, webdataset tars "
+                "('shards-{000..099}.tar'), a .parquet file with a path or url column, a .npy/.pt file "
+                "of (N, D) image features, or a clip-retrieval folder (img_emb/*.npy + metadata/)")
+    return ("a .txt file (one text per line), a .jsonl file (field 'text'), a .json array (of "
+            "strings or such objects), a .csv or .parquet file (column 'text' or 'caption'), webdataset "
+            "tars, a .npy/.pt file of (N, D) text features, or a clip-retrieval folder (text_emb/*.npy)")
+
+
+def _add_common_options(p: argparse.ArgumentParser, kind: str) -> None:
+    """The options of both ``invert`` and ``encode``: input, output, model, run and store."""
+    p.add_argument("--input", required=True, help=_input_help(kind))
+    p.add_argument("--out", required=True, help="output directory (must be empty unless --resume or --worker)")
+    add_model_option(p)
+    p.add_argument(
+        "--pretrained", default=DEFAULT_PRETRAINED,
+        help="open_clip pretrained tag (e.g. openai), checkpoint path, or 'random' "
+        f"(random weights under torch.manual_seed({RANDOM_MODEL_SEED})); "
+        f"optional for {DEMO_MODEL}, whose weights ship with the package",
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
+    p.add_argument("--input-column", default=None,
+                   help="the column of a .parquet input to read (default: found by name)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, skipping finished shards")
+    p.add_argument("--worker", action="store_true",
+                   help="work on the run in --out beside other processes (started by anyone: several "
+                   "shells, a Slurm array, hosts sharing the folder); starts it when --out is empty")
+    p.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS,
+                   help="a shard's lease without renewal; a dead worker's shard is taken over after "
+                   f"this long (default {DEFAULT_LEASE_SECONDS:g})")
+    p.add_argument("--dtype", choices=fmt.DTYPES, default=fmt.DEFAULT_DTYPE,
+                   help=f"dtype of the stored features (default {fmt.DEFAULT_DTYPE})")
+    p.add_argument("--normalize", action="store_true", help="store L2-normalised features")
+    p.add_argument("--shard-size", type=positive, default=DEFAULT_SHARD_SIZE,
+                   help=f"items per output shard (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--workers", type=non_negative, default=None,
+                   help=f"image decoding processes (default min(4, cpus) = {default_workers()})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-failed-fraction", type=fraction, default=DEFAULT_MAX_FAILED_FRACTION,
+                   help="exit with code 2 when more than this fraction of the items fail (default "
+                   f"{DEFAULT_MAX_FAILED_FRACTION}); a run in which every item fails always does")
+
+
+def _add_inversion_options(p: argparse.ArgumentParser, kind: str) -> None:
+    """The options of ``invert`` only: the optimiser, warm start, what to store, the engine."""
+    method = "oti" if kind == "images" else "ovi"
+    p.add_argument("--steps", type=positive, default=None,
+                   help=f"optimisation steps (default {DEFAULT_STEPS[method]}; with --warm-start "
+                   f"{DEFAULT_WARM_STEPS[method]} from each predicted start)")
+    p.add_argument("--warm-start", type=non_negative, default=0, metavar="N",
+                   help="warm-started inversion: invert N calibration items exactly, fit a map "
+                   "from features to tokens on them, and start every other item from its "
+                   "prediction (N >= 32; default 0: off, every item exact)")
+    p.add_argument("--calibration-steps", type=positive, default=None,
+                   help=f"steps of the calibration items (default {DEFAULT_STEPS[method]})")
+    p.add_argument("--num-tokens", type=positive, default=1,
+                   help="pseudo tokens (images) / pseudo patches (texts) per item")
+    if kind == "images":
+        p.add_argument("--template", default=DEFAULT_TEMPLATE,
+                       help="text template; {} is where the pseudo tokens go")
+    p.add_argument("--batch-size", type=positive, default=None,
+                   help="items optimised together (default: from the memory budget)")
+    p.add_argument("--encode-batch-size", type=positive, default=DEFAULT_ENCODE_BATCH,
+                   help=f"items per encoder call (default {DEFAULT_ENCODE_BATCH})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-item random starts")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR,
+                   help=f"AdamW learning rate (default {DEFAULT_LR:g})")
+    p.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
+                   help=f"AdamW weight decay (default {DEFAULT_WEIGHT_DECAY:g})")
+    p.add_argument("--store", default=",".join(fmt.DEFAULT_STORE),
+                   help="what to keep, some of " + ",".join(fmt.STORE_COLUMNS) + " (default all)")
+    p.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                   help="local: this process (and any --worker beside it); ray: a Ray "
+                   "cluster (needs crossgap-fast[ray])")
+    p.add_argument("--ray-actors", type=positive, default=DEFAULT_RAY_ACTORS,
+                   help="with --engine ray: most actors (one Inverter each; one GPU each on a "
+                   f"GPU cluster) (default {DEFAULT_RAY_ACTORS})")
+    p.add_argument("--keep-loss-curve", action="store_true",
+                   help="also store every item's loss at every step")
+
+
+def run(args: argparse.Namespace, model) -> int:
+    """Run ``invert`` / ``encode`` with the loaded ``model``; print the summary; the exit code."""
+    common = dict(
+        kind=args.kind, shard_size=args.shard_size, resume=args.resume, device=args.device,
+        progress=not args.no_progress, workers=args.workers, worker=args.worker,
+        lease_seconds=args.lease_seconds, dtype=args.dtype, normalize=args.normalize,
+        column=args.input_column,
+    )
+    try:
+        if args.command == "invert":
+            summary = invert_gallery(
+                args.input, args.out, model, config=_inversion_config(args), warm_start=args.warm_start,
+                calibration_steps=args.calibration_steps, encode_batch_size=args.encode_batch_size,
+                keep_loss_curve=args.keep_loss_curve, store=args.store, engine=args.engine,
+                ray_actors=args.ray_actors, **common,
+            )
+        else:
+            summary = encode_gallery(args.input, args.out, model, encode_batch_size=args.batch_size, **common)
+    except (GalleryError, UnsupportedModelError) as err:
+        return fail(str(err))
+    except ValueError as err:  # bad settings (steps, template, ...), found before any work
+        return fail(f"invalid settings: {err}")
+    except OSError as err:  # reading an input; the store reports its own write failures
+        return fail(f"{os_problem(err)}; finished shards in {args.out!r} are kept")
+    except KeyboardInterrupt:
+        return fail(f"interrupted; finished shards in {args.out!r} are kept: rerun with --resume", 130)
+    print(printable(summary.format()))
+    failure = summary.failure(args.max_failed_fraction)
+    return fail(failure) if failure else 0
+
+
+def _inversion_config(args: argparse.Namespace) -> InversionConfig:
+    """The inversion settings of ``invert``; a warm start without ``--steps`` takes the warm
+    default."""
+    method = "oti" if args.kind == "images" else "ovi"
+    steps = args.steps
+    if steps is None and args.warm_start:
+        steps = DEFAULT_WARM_STEPS[method]
+    return InversionConfig(
+        method=method, steps=steps, num_tokens=args.num_tokens, template=getattr(args, "template", None),
+        seed=args.seed, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+    )

@@ -1,0 +1,218 @@
+"""Reports of the intra- vs inter-modal comparison, from features already computed.
+
+:class:`Report` holds rows of metrics (one per mode: intra-modal, inverted, the training-free
+baselines), the mAP-versus-steps curve and facts such as the modality gap; it prints as a table
+and :func:`write_outputs` writes it as ``report.json`` (and ``report.png``). The report functions
+(:func:`image_retrieval_report`, :func:`text_retrieval_report`, :func:`zeroshot_report`) take
+features and labels and know nothing about datasets or caches.
+
+The protocol is the paper's ("Cross the Gap", ICLR 2025): cosine similarity, full ranking, mAP
+over the full ranking as the headline. A query is removed from its own gallery when query and
+gallery are the same split and the same kind of feature (intra-modal on a shared split); an
+inverted query is a different kind of feature, so it is not, unless ``exclude_self_inter`` asks
+for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from crossgap_fast.eval import baselines
+from crossgap_fast.eval.metrics import retrieval_metrics_from_features
+from crossgap_fast.eval.revisited_metrics import revisited_map
+
+
+@dataclass
+class Report:
+    """Rows of metrics (mode -> metric -> value) plus facts about the run."""
+
+    task: str
+    dataset: str
+    rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    curve: dict[int, float] = field(default_factory=dict)  # inversion steps -> mAP
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "dataset": self.dataset, "rows": self.rows,
+                "curve": {str(k): v for k, v in self.curve.items()}, "facts": self.facts}
+
+    def format(self) -> str:
+        """A plain-text table: each mode's metrics and its difference to the intra baseline."""
+        if not self.rows:
+            return f"{self.task} on {self.dataset}: no results"
+        metrics = [k for k in next(iter(self.rows.values())) if k not in ("num_queries", "num_skipped")]
+        base = self.rows.get("intra") or self.rows.get("inter")
+        w = max(16, 2 + max(len(mode) for mode in self.rows))
+        head = f"{'mode':<{w}}" + "".join(f"{m:>12}" for m in metrics)
+        lines = [f"{self.task} on {self.dataset}", head, "-" * len(head)]
+        for mode, row in self.rows.items():
+            lines.append(f"{mode:<{w}}" + "".join(f"{row[m]:>12.2f}" for m in metrics))
+            if base is not None and row is not base:
+                lines.append(f"{'  vs ' + ('intra' if 'intra' in self.rows else 'inter'):<{w}}"
+                             + "".join(f"{row[m] - base[m]:>+12.2f}" for m in metrics))
+        for k, v in self.facts.items():
+            lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+        if self.curve:
+            lines.append("mAP by inversion steps: " + ", ".join(f"{k}: {v:.2f}" for k, v in self.curve.items()))
+        return "\n".join(lines)
+
+
+def _metrics(q: Tensor, g: Tensor, ql, gl, exclude_self: bool, gnd=None) -> dict[str, float]:
+    """One row: the revisited Oxford/Paris setups when ``gnd`` is given, class-label retrieval else."""
+    if gnd is not None:
+        sims = F.normalize(q.float(), dim=-1) @ F.normalize(g.float(), dim=-1).T
+        out = revisited_map(sims, gnd)
+        return {f"{setup} {k}": v for setup, row in out.items() for k, v in row.items()
+                if k != "num_queries"}
+    return retrieval_metrics_from_features(q, g, torch.as_tensor(ql), torch.as_tensor(gl),
+                                           exclude_self=exclude_self)
+
+
+def image_retrieval_report(
+    query_features: Tensor,
+    gallery_features: Tensor,
+    query_labels: Sequence[int] | np.ndarray,
+    gallery_labels: Sequence[int] | np.ndarray,
+    *,
+    same_split: bool,
+    oti_features: Tensor | None = None,
+    oti_snapshots: dict[int, Tensor] | None = None,
+    class_text_features: Tensor | None = None,
+    gnd: list[dict] | None = None,
+    exclude_self_inter: bool = False,
+    dataset: str = "custom",
+    more_inverted: dict[str, Tensor] | None = None,
+) -> Report:
+    """Image-to-image retrieval: intra-modal (image vs image) against inter-modal (OTI feature
+    of the query vs gallery images), with the training-free baselines alongside.
+    ``more_inverted``: other inverted query features (e.g. a warm start), one row each."""
+    rep = Report("image retrieval", dataset)
+    args = (query_labels, gallery_labels)
+    rep.rows["intra"] = _metrics(query_features, gallery_features, *args, same_split, gnd)
+    inverted = {"oti": oti_features, **(more_inverted or {})}
+    for name, feats in inverted.items():
+        if feats is not None:
+            rep.rows[name] = _metrics(feats, gallery_features, *args, same_split and exclude_self_inter, gnd)
+    centre = F.normalize(gallery_features.float(), dim=-1).mean(0)
+    rep.rows["centered"] = _metrics(baselines.mean_centered(query_features, centre),
+                                    baselines.mean_centered(gallery_features, centre),
+                                    *args, same_split, gnd)
+    if class_text_features is not None:
+        proj = baselines.text_subspace_projection
+        rep.rows["text-subspace"] = _metrics(proj(query_features, class_text_features),
+                                             proj(gallery_features, class_text_features),
+                                             *args, same_split, gnd)
+        rep.facts["modality gap (images vs class prompts)"] = baselines.modality_gap(
+            gallery_features, class_text_features)
+    if oti_features is not None:
+        rep.facts["modality gap (images vs OTI features)"] = baselines.modality_gap(
+            query_features, oti_features)
+    for steps, feats in sorted((oti_snapshots or {}).items()):
+        row = _metrics(feats, gallery_features, *args, same_split and exclude_self_inter, gnd)
+        rep.curve[steps] = row.get("mAP", row.get("medium mAP", float("nan")))
+    return rep
+
+
+def text_retrieval_report(
+    query_features: Tensor,
+    gallery_features: Tensor,
+    query_labels: Sequence[int] | np.ndarray,
+    gallery_labels: Sequence[int] | np.ndarray,
+    *,
+    same_split: bool,
+    ovi_features: Tensor | None = None,
+    ovi_snapshots: dict[int, Tensor] | None = None,
+    exclude_self_inter: bool = False,
+    dataset: str = "custom",
+    more_inverted: dict[str, Tensor] | None = None,
+) -> Report:
+    """Text-to-text retrieval: intra (text vs text) against OVI feature of the query vs
+    gallery texts, with mean-centering alongside (``more_inverted`` as for images)."""
+    rep = Report("text retrieval", dataset)
+    args = (query_labels, gallery_labels)
+    rep.rows["intra"] = _metrics(query_features, gallery_features, *args, same_split)
+    for name, feats in {"ovi": ovi_features, **(more_inverted or {})}.items():
+        if feats is not None:
+            rep.rows[name] = _metrics(feats, gallery_features, *args, same_split and exclude_self_inter)
+    if ovi_features is not None:
+        rep.facts["modality gap (texts vs OVI features)"] = baselines.modality_gap(
+            ovi_features, query_features)
+    centre = F.normalize(gallery_features.float(), dim=-1).mean(0)
+    rep.rows["centered"] = _metrics(baselines.mean_centered(query_features, centre),
+                                    baselines.mean_centered(gallery_features, centre), *args, same_split)
+    for steps, feats in sorted((ovi_snapshots or {}).items()):
+        rep.curve[steps] = _metrics(feats, gallery_features, *args, same_split and exclude_self_inter)["mAP"]
+    return rep
+
+
+def zeroshot_report(
+    image_features: Tensor,
+    labels: Sequence[int] | np.ndarray,
+    class_text_features: Tensor,
+    oti_features: Tensor | None = None,
+    dataset: str = "custom",
+) -> Report:
+    """Zero-shot classification top-1 accuracy (%): inter (image vs class prompts, standard)
+    against intra (the image's OTI feature, a text feature, vs the class prompts)."""
+    rep = Report("zero-shot classification", dataset)
+    labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    prompts = F.normalize(class_text_features.float(), dim=-1)
+
+    def acc(x: Tensor) -> dict[str, float]:
+        pred = (F.normalize(x.float(), dim=-1) @ prompts.T).argmax(dim=1)
+        return {"top-1": 100.0 * float((pred == labels_t).float().mean())}
+
+    rep.rows["inter"] = acc(image_features)
+    if oti_features is not None:
+        rep.rows["intra (OTI)"] = acc(oti_features)
+    rep.facts["modality gap (images vs class prompts)"] = baselines.modality_gap(
+        image_features, class_text_features)
+    return rep
+
+
+def write_outputs(report: Report, out_dir: str | os.PathLike) -> list[Path]:
+    """Write ``report.json`` and, when matplotlib is installed, ``report.png`` (bars per mode
+    and, when snapshots were taken, mAP against inversion steps)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "report.json"]
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(report.to_json(), indent=2))
+    os.replace(tmp, written[0])
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    headline = next(iter(next(iter(report.rows.values())).keys()))
+    fig, axes = plt.subplots(1, 2 if report.curve else 1, figsize=(10 if report.curve else 5, 4))
+    axes = np.atleast_1d(axes)
+    modes = list(report.rows)
+    axes[0].bar(modes, [report.rows[m][headline] for m in modes], color="tab:blue")
+    axes[0].set_ylabel(headline)
+    axes[0].set_title(f"{report.task}: {report.dataset}")
+    axes[0].tick_params(axis="x", rotation=20)
+    if report.curve:
+        ks = sorted(report.curve)
+        axes[1].plot(ks, [report.curve[k] for k in ks], marker="o", label="inverted query")
+        if "intra" in report.rows:
+            axes[1].axhline(report.rows["intra"][headline], color="gray", ls="--", label="intra-modal")
+        axes[1].set_xlabel("inversion steps")
+        axes[1].set_ylabel(headline)
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=100)
+    plt.close(fig)
+    written.append(out / "report.png")
+    return written

@@ -1,0 +1,182 @@
+"""Resolving an input: :func:`load_gallery` tells what kind of input it is given and returns
+its :class:`~crossgap_fast.pipeline.inputs.items.Gallery`.
+
+Each kind is read by its own module: image folders and list files
+(:mod:`~crossgap_fast.pipeline.inputs.folders`), text files
+(:mod:`~crossgap_fast.pipeline.inputs.texts`), webdataset tars
+(:mod:`~crossgap_fast.pipeline.inputs.tars`), parquet tables
+(:mod:`~crossgap_fast.pipeline.inputs.parquet`), feature files, arrays and embedding folders
+(:mod:`~crossgap_fast.pipeline.inputs.features`). Python lists are handled here: a list of
+image paths is named by the paths as given, a list of strings by index (0-based).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from torch import Tensor
+
+from crossgap_fast.errors import InputError
+from crossgap_fast.pipeline.inputs.features import (
+    FEATURE_EXTENSIONS,
+    features_gallery,
+    is_embedding_folder,
+    list_embedding_folder,
+    read_features,
+)
+from crossgap_fast.pipeline.inputs.folders import (
+    IMAGE_EXTENSIONS,
+    file_kind,
+    images_gallery,
+    read_image_list,
+    scan_images,
+)
+from crossgap_fast.pipeline.inputs.items import Gallery
+from crossgap_fast.pipeline.inputs.parquet import parquet_gallery
+from crossgap_fast.pipeline.inputs.tars import (
+    check_tar_path,
+    expand_shards,
+    is_compressed_tar,
+    is_tar_pattern,
+    tar_gallery,
+)
+from crossgap_fast.pipeline.inputs.texts import read_texts
+from crossgap_fast.pipeline.inputs.urls import refuse_remote
+from crossgap_fast.towers.template import text_too_long
+
+
+def load_gallery(
+    inputs: Any,
+    kind: str,
+    *,
+    tokenizer: Callable[[Sequence[str]], Tensor] | None = None,
+    context_length: int | None = None,
+    column: str | None = None,
+) -> Gallery:
+    """Resolve ``inputs`` for ``kind`` ("images" or "texts").
+
+    ``inputs``: a folder of images (searched recursively); a file listing image paths (one
+    per line, relative to the list's folder); a text file (``.txt`` one text per line,
+    ``.jsonl`` with a "text" (or "caption") field, ``.json`` holding an array of strings or
+    of such objects, ``.csv`` with a "text" (or "caption") column, optional "id"); a
+    ``.npy`` / ``.pt`` file of (N, D) features; a Python list of image paths or strings; or
+    a (N, D) tensor / array of features. At scale: webdataset
+    ``.tar`` shards, one file or a pattern (``shards-{000..099}.tar``, which needs the
+    ``webdataset`` package); a ``.parquet`` file with an image path / URL column (images) or
+    a caption column (texts); a clip-retrieval embedding folder (``img_emb/*.npy`` for
+    images, ``text_emb/*.npy`` for texts, optional ``metadata/*.parquet``), used as
+    precomputed features, memory-mapped. ``column`` names the parquet column to take the
+    items from, or the metadata column to name an embedding folder's rows by.
+    ``tokenizer`` and ``context_length`` flag texts too long for the model's context (they
+    are truncated).
+    """
+    if kind not in ("images", "texts"):
+        raise ValueError(f"kind must be 'images' or 'texts', got {kind!r}")
+    if isinstance(inputs, (Tensor, np.ndarray)):
+        _refuse_column(column, "a feature array")
+        return features_gallery(inputs, "features")
+    if isinstance(inputs, (str, os.PathLike)):
+        gallery = _path_gallery(os.fspath(inputs), kind, column)
+        if gallery.kind != "texts":
+            return gallery
+    elif isinstance(inputs, Sequence):
+        _refuse_column(column, "a Python list")
+        items = list(inputs)
+        if not items:
+            raise InputError("the input list is empty: nothing to process")
+        names = [str(i) for i in range(len(items))]
+        if kind == "images":
+            bad = [i for i, p in enumerate(items) if not isinstance(p, (str, os.PathLike))]
+            if bad:
+                raise InputError(f"the image list must hold file paths; entries {bad[:10]} are not")
+            return images_gallery("<list>", [str(p) for p in items], [str(p) for p in items])
+        issues = {}
+        texts: list[str | None] = []
+        for i, t in enumerate(items):
+            if not isinstance(t, str):
+                issues[i] = {"level": "error", "reason": f"not a string ({type(t).__name__})"}
+                texts.append(None)
+            else:
+                texts.append(t)
+        gallery = Gallery("texts", "<list>", names=names, items=texts, issues=issues)
+    else:
+        raise InputError(
+            f"unsupported input of type {type(inputs).__name__}: pass a path, a list of image "
+            "paths or strings, or a (N, D) feature tensor"
+        )
+    _check_texts(gallery, tokenizer, context_length)
+    return gallery
+
+
+def _path_gallery(text: str, kind: str, column: str | None) -> Gallery:
+    """The gallery of a path input (a file, a folder, or a webdataset shard pattern)."""
+    path = Path(text)
+    if not path.exists():
+        refuse_remote(text)
+        if is_tar_pattern(text):
+            _refuse_column(column, text)
+            return tar_gallery(text, expand_shards(text), kind)
+        raise InputError(f"input {str(path)!r} does not exist")
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InputError(f"input {str(path)!r} is {file_kind(mode)}, not a file or folder")
+    if path.is_dir() and is_embedding_folder(path):
+        rows, names = list_embedding_folder(path, kind, column)
+        return features_gallery(rows, text, names)
+    suffix = path.name.lower()
+    if path.is_file() and suffix.endswith(".parquet"):
+        return parquet_gallery(path, kind, column)
+    _refuse_column(column, text)
+    if path.is_file() and (suffix.endswith(".tar") or is_compressed_tar(suffix)):
+        check_tar_path(text, text)
+        return tar_gallery(text, [text], kind)
+    if path.is_file() and path.suffix.lower() in FEATURE_EXTENSIONS:
+        return features_gallery(read_features(path), str(path))
+    if kind == "images":
+        if path.is_dir():
+            rel, problems = scan_images(path)
+            if not rel:
+                unread = f"; {len(problems)} sub-folder(s) could not be read" if problems else ""
+                raise InputError(
+                    f"input folder {str(path)!r} has no image files "
+                    f"({', '.join(sorted(IMAGE_EXTENSIONS))}){unread}"
+                )
+            return images_gallery(str(path), rel, [str(path / r) for r in rel], problems)
+        names, paths = read_image_list(path)
+        return images_gallery(str(path), names, paths)
+    if path.is_dir():
+        raise InputError(f"input {str(path)!r} is a folder; texts come from a .txt, .jsonl, .json, .csv, "
+                         ".parquet or .tar file, or a clip-retrieval embedding folder")
+    names, texts, issues = read_texts(path)
+    return Gallery("texts", str(path), names=names, items=texts, issues=issues)
+
+
+def _refuse_column(column: str | None, source: str) -> None:
+    if column is not None:
+        raise InputError(f"a column ({column!r}) can be chosen for a .parquet input or an embedding "
+                         f"folder's metadata, not for {source!r}")
+
+
+def _check_texts(gallery: Gallery, tokenizer, context_length: int | None) -> None:
+    ok = []
+    for i, t in enumerate(gallery.items):
+        if t is None:
+            continue
+        if not t.strip():
+            gallery.issues[i] = {"level": "error", "reason": "empty text"}
+            gallery.items[i] = None
+        else:
+            ok.append(i)
+    if not gallery.names:
+        raise InputError(f"input {gallery.source!r} has no texts")
+    if tokenizer is not None and context_length:
+        long = text_too_long(tokenizer, [gallery.items[i] for i in ok], context_length)
+        for j in long:
+            gallery.issues[ok[j]] = {
+                "level": "warning",
+                "reason": f"longer than the model's context of {context_length} tokens; truncated",
+            }

@@ -1,0 +1,205 @@
+"""A gallery run's settings and their checks, made before anything is written.
+
+Owns the pipeline's own settings (:class:`PipelineSettings`: shards, decoding, leases, the
+engine, and :class:`Output`, what the store keeps), the one check that turns a kind, a config
+and keyword overrides into the run's :class:`~crossgap_fast.inversion.config.InversionConfig`
+(every inversion setting is checked there; the Ray actors use the same check), and the
+settings a run records in its manifest: those a resume or a joining worker must match, and
+the values of this process that move results at float-rounding level.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from crossgap_fast.defaults import DEFAULT_RAY_ACTORS, DEFAULT_STEPS
+from crossgap_fast.inversion.config import InversionConfig, check_int
+from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS
+from crossgap_fast.models import ClipModel, model_name_id, pretrained_id
+from crossgap_fast.pipeline.encode import default_workers
+from crossgap_fast.pipeline.inputs import Gallery
+from crossgap_fast.pipeline.store import schema as fmt
+
+ENGINES = ("local", "ray")
+#: The inversion each kind of input runs.
+KINDS = {"images": "oti", "texts": "ovi"}
+#: InversionConfig fields the gallery sets itself or cannot store (snapshots are not kept).
+_GALLERY_OWNED = {"method", "snapshot_steps"}
+
+
+# --------------------------------------------------------------------------------------------
+# The inversion's settings
+# --------------------------------------------------------------------------------------------
+def method_of(kind: str) -> str:
+    """"oti" for images, "ovi" for texts."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be 'images' or 'texts', got {kind!r}")
+    return KINDS[kind]
+
+
+def check_config(config: InversionConfig | dict, kind: str, *, accept_dict: bool = False) -> InversionConfig:
+    """``config`` as the :class:`InversionConfig` of ``kind``'s method (with ``accept_dict``, a
+    dict for :meth:`InversionConfig.from_dict`; without "method" it takes the kind's)."""
+    method = method_of(kind)
+    if accept_dict and isinstance(config, dict):
+        config = InversionConfig.from_dict({"method": method, **config})
+    if not isinstance(config, InversionConfig):
+        allowed = "an InversionConfig or a dict" if accept_dict else "an InversionConfig"
+        raise TypeError(f"config must be {allowed}, got {type(config).__name__}")
+    if config.method != method:
+        raise ValueError(f"config is for {config.method.upper()}, but kind={kind!r} runs {method.upper()}")
+    return config
+
+
+def check_overrides(overrides: dict[str, Any]) -> None:
+    """Refuse keyword arguments of :func:`~crossgap_fast.invert_gallery` that name no config
+    field, or one the gallery sets itself."""
+    accepted = set(InversionConfig.__dataclass_fields__) - _GALLERY_OWNED
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown} for invert_gallery; accepted: {sorted(accepted)}")
+
+
+def gallery_config(kind: str, config: InversionConfig | None, overrides: dict[str, Any]) -> InversionConfig:
+    """The run's config: ``config`` (default: the kind's method's defaults) with the checked
+    ``overrides`` (see :func:`check_overrides`) applied."""
+    if config is None:
+        return InversionConfig(method=method_of(kind), **overrides)
+    config = check_config(config, kind)
+    return config.replace(**overrides) if overrides else config
+
+
+def warm_settings(method: str, warm_start: int, calibration_steps: int | None) -> tuple[int, int] | None:
+    """(calibration items, their steps) of a warm-started run; None without a warm start."""
+    warm_start = check_int("warm_start", warm_start, minimum=0)
+    if not warm_start:
+        if calibration_steps is not None:
+            raise ValueError("calibration_steps applies to a warm start only (warm_start=N)")
+        return None
+    if warm_start < MIN_FIT_ITEMS:
+        raise ValueError(f"warm_start must be 0 (off) or at least {MIN_FIT_ITEMS} calibration items, "
+                         f"got {warm_start}")
+    steps = DEFAULT_STEPS[method] if calibration_steps is None else check_int("calibration_steps", calibration_steps)
+    return warm_start, steps
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline's settings
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Output:
+    """What the store keeps: ``store`` columns (features, tokens, targets, losses), the
+    feature ``dtype`` (float32 or float16) and whether features are L2-normalised."""
+
+    store: tuple[str, ...] = fmt.DEFAULT_STORE
+    dtype: str = fmt.DEFAULT_DTYPE
+    normalize: bool = False
+
+    @classmethod
+    def make(cls, method: str, store: str | Sequence[str] | None, dtype: str, normalize: bool) -> "Output":
+        return cls(fmt.parse_store(store, method), fmt.check_dtype(dtype), bool(normalize))
+
+    def record(self) -> dict:
+        return {"store": list(self.store), "dtype": self.dtype, "normalize": self.normalize}
+
+
+@dataclass
+class PipelineSettings:
+    """The pipeline settings of one call (not the inversion's)."""
+
+    shard_size: int
+    resume: bool
+    worker: bool
+    progress: bool
+    workers: int
+    encode_batch_size: int
+    keep_loss_curve: bool
+    output: Output
+    lease_seconds: float
+    column: str | None
+    engine: str
+    ray_actors: int
+    ray_device: str = "auto"  # what the Ray actors resolve (set by the run)
+
+
+def pipeline_settings(shard_size, resume, worker, progress, workers, encode_batch_size, keep_loss_curve,
+                      output: Output, lease_seconds, column, engine,
+                      ray_actors: int = DEFAULT_RAY_ACTORS) -> PipelineSettings:
+    """Check the pipeline's own settings before anything is written (the inversion settings
+    are checked by :class:`~crossgap_fast.inversion.config.InversionConfig`)."""
+    check_int("shard_size", shard_size)
+    check_int("encode_batch_size", encode_batch_size)
+    if workers is not None:
+        check_int("workers", workers, minimum=0)
+    if not (isinstance(lease_seconds, (int, float)) and 0 < lease_seconds < math.inf):
+        raise ValueError(f"lease_seconds must be a positive, finite number of seconds, got {lease_seconds!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    check_int("ray_actors", ray_actors)
+    return PipelineSettings(shard_size, bool(resume), bool(worker), bool(progress),
+                            default_workers() if workers is None else workers, encode_batch_size,
+                            bool(keep_loss_curve), output, float(lease_seconds), column, engine, ray_actors)
+
+
+# --------------------------------------------------------------------------------------------
+# What the manifest records
+# --------------------------------------------------------------------------------------------
+def numbers_device(pipe: PipelineSettings, dev: torch.device) -> str:
+    """The device type the inversions run on: the Ray actors' when they do the work ("ray:auto"
+    when only the actors can tell: precision "auto" is then recorded as asked)."""
+    if pipe.engine != "ray":
+        return dev.type
+    kind = pipe.ray_device.split(":")[0]
+    return kind if kind in ("cpu", "cuda") else f"ray:{pipe.ray_device}"
+
+
+def engine_record(config: InversionConfig, device: str) -> dict:
+    """The optimiser settings a resume must match (the manifest's "engine" entry)."""
+    r = config.result_settings(device)
+    if device.startswith("ray:"):  # resolved by each actor on its own device
+        r["precision"] = config.precision
+    return {k: r[k] for k in ("lr", "weight_decay", "betas", "eps", "loss_batch", "backend", "precision")}
+
+
+def run_settings(kind: str, method: str, cm: ClipModel, config: InversionConfig | None, pipe: PipelineSettings,
+                 dev: torch.device, warm: tuple[int, int] | None, gallery: Gallery | None, source: str | None) -> dict:
+    """The manifest's settings (see :data:`~crossgap_fast.pipeline.store.manifest.SETTINGS_KEYS`);
+    ``total_items`` and ``input_digest`` only when the ``gallery`` was listed."""
+    s = {
+        "kind": kind, "method": method, "model": model_name_id(cm), "pretrained": pretrained_id(cm),
+        "steps": config and config.steps, "template": config and config.template,
+        "seed": config and config.seed, "num_tokens": config and config.num_tokens,
+        "shard_size": pipe.shard_size, "engine": config and engine_record(config, numbers_device(pipe, dev)),
+        "keep_loss_curve": pipe.keep_loss_curve,
+        "warm_start": warm and {"items": warm[0], "calibration_steps": warm[1]},
+        "output": pipe.output.record(), "input": source,
+    }
+    if gallery is not None:
+        s.update(total_items=len(gallery), input_digest=gallery.digest())
+    return s
+
+
+def run_values(config: InversionConfig | None, encode_batch_size: int, dev: torch.device) -> dict:
+    """The values of :data:`~crossgap_fast.pipeline.store.manifest.RUN_KEYS` for this process:
+    they can move results at float-rounding level, so the manifest and every shard entry
+    record them."""
+    return {
+        "batch_size": config.batch_size if config is not None else None,
+        "encode_batch_size": encode_batch_size,
+        "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+    }
+
+
+def source_name(inputs: Any) -> str | None:
+    """The input's path as given (what a joining worker must match); None for an input held
+    in memory (a list, an array), which only a resume can compare, by its digest."""
+    return str(inputs) if isinstance(inputs, (str, os.PathLike)) else None
+
+
+def same_path(given: str, recorded: Any) -> bool:
+    return isinstance(recorded, str) and os.path.abspath(given) == os.path.abspath(recorded)
