@@ -28,7 +28,7 @@ from crossgap_fast import cli, encode_gallery, invert_gallery, load_inversions, 
 from crossgap_fast.models import RANDOM_MODEL_SEED
 from crossgap_fast.pipeline import encode as encode_mod
 from crossgap_fast.pipeline import store as store_mod
-from crossgap_fast.pipeline.inputs import load_gallery, load_image
+from crossgap_fast.pipeline.inputs import load_input, load_image
 from crossgap_fast.pipeline.inputs.folders import scan_images
 from crossgap_fast.pipeline.inputs.texts import read_texts
 from crossgap_fast.errors import CorruptStoreError, InputError, SettingsMismatchError
@@ -146,9 +146,9 @@ def test_non_regular_files_are_errors_and_never_opened(tiny, tmp_path):
     # a list file naming the FIFO, and the FIFO itself given as the input
     listing = tmp_path / "list.txt"
     listing.write_text("g/x.png\ng/ok.png\n")
-    assert load_gallery(listing, "images").issues == {0: {"level": "error", "reason": "not a regular file (a FIFO)"}}
+    assert load_input(listing, "images").issues == {0: {"level": "error", "reason": "not a regular file (a FIFO)"}}
     with deadline(20), pytest.raises(InputError, match="is a FIFO"):
-        load_gallery(root / "x.png", "images")
+        load_input(root / "x.png", "images")
 
 
 def test_unreadable_sub_folder_is_recorded(tiny, tmp_path, monkeypatch):
@@ -432,7 +432,7 @@ def test_byte_order_marks_are_dropped(tiny, tmp_path):
     save_png(tmp_path / "a.png", 0)
     listing = tmp_path / "list.txt"
     listing.write_text(BOM + "a.png\n", encoding="utf-8")
-    gal = load_gallery(listing, "images")
+    gal = load_input(listing, "images")
     assert gal.names == ["a.png"] and gal.stamps[0] is not None and not gal.issues
     csv_path = tmp_path / "t.csv"
     csv_path.write_text(BOM + "text,id\nhello,h1\n", encoding="utf-8")

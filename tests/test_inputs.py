@@ -33,7 +33,7 @@ from crossgap_fast.pipeline.inputs import (
     ImageUrl,
     TarMember,
     feature_rows,
-    load_gallery,
+    load_input,
     load_image,
     read_index,
     urls,
@@ -208,7 +208,7 @@ def test_embedding_folder_end_to_end(tiny, tmp_path, workers):
 # --------------------------------------------------------------------------------------------
 def test_tar_listing_reads_headers_only(pngs, tmp_path, monkeypatch):
     pattern = image_shards(tmp_path, pngs)
-    gal = load_gallery(pattern, "images")
+    gal = load_input(pattern, "images")
     assert gal.names == [f"img_{i:02d}" for i in range(N_IMAGES)]
     first = gal.items[0]
     assert isinstance(first, TarMember) and first.member == "img_00.png"
@@ -228,7 +228,7 @@ def test_tar_listing_reads_headers_only(pngs, tmp_path, monkeypatch):
             return data
 
     monkeypatch.setattr(tarfile, "bltn_open", lambda name, mode: Counting(name, mode.replace("b", "")))
-    assert [m.size for m in load_gallery(big, "images").items] == [1 << 20] * 3
+    assert [m.size for m in load_input(big, "images").items] == [1 << 20] * 3
     assert 0 < sum(read) < 16 * 1024 and real_open is open
 
 
@@ -242,10 +242,10 @@ def test_tar_samples_keys_suffixes_and_texts(tmp_path):
         ("0004.png", png), ("0004.json", b"{not json"),
         ("0005.png", png), ("0005.txt", b"\xff\xfe bad"),
     ])
-    images = load_gallery(tar, "images")
+    images = load_input(tar, "images")
     assert images.names == ["sub/0001", "0002", "0004", "0005"]
     assert [m.member for m in images.items] == ["sub/0001.seg.png", "0002.jpg", "0004.png", "0005.png"]
-    texts = load_gallery(str(tar), "texts")
+    texts = load_input(str(tar), "texts")
     assert texts.names == ["sub/0001", "0002", "0003", "0004", "0005"]
     assert texts.items == ["first", "second", "third", None, None]
     assert "invalid JSON" in texts.issues[3]["reason"] and "not UTF-8" in texts.issues[4]["reason"]
@@ -265,30 +265,30 @@ def test_bad_tar_patterns_are_refused(tmp_path, pngs):
             for i in range(2):
                 Path(pattern.replace("{0..1}", str(i))).write_bytes(b"x")
         with pytest.raises(InputError, match=words):
-            load_gallery(pattern, "images")
+            load_input(pattern, "images")
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(InputError, match="junk.tar.*not a readable uncompressed tar"):
-        load_gallery(tmp_path / "junk.tar", "images")
+        load_input(tmp_path / "junk.tar", "images")
 
 
 def test_missing_shard_is_named(tmp_path):
     for i in (0, 2):
         write_tar(tmp_path / f"s-{i:03d}.tar", [(f"k{i}.png", png_bytes(i))])
     with pytest.raises(InputError, match=r"1 of 3 shard\(s\) do not exist: '.*s-001\.tar'"):
-        load_gallery(str(tmp_path / "s-{000..002}.tar"), "images")
+        load_input(str(tmp_path / "s-{000..002}.tar"), "images")
 
 
 def test_duplicate_keys_are_refused(tmp_path):
     write_tar(tmp_path / "s-0.tar", [("k1.png", png_bytes(0)), ("k2.png", png_bytes(1))])
     write_tar(tmp_path / "s-1.tar", [("k2.png", png_bytes(2))])
     with pytest.raises(InputError, match=r"1 duplicate sample key.*'k2' in s-0.tar and s-1.tar"):
-        load_gallery(str(tmp_path / "s-{0,1}.tar"), "images")
+        load_input(str(tmp_path / "s-{0,1}.tar"), "images")
     write_tar(tmp_path / "apart.tar", [("k1.png", png_bytes(0)), ("k2.png", png_bytes(1)), ("k1.txt", b"x")])
     with pytest.raises(InputError, match="'k1' twice in apart.tar"):
-        load_gallery(tmp_path / "apart.tar", "images")
+        load_input(tmp_path / "apart.tar", "images")
     write_tar(tmp_path / "two.tar", [("k1.png", png_bytes(0)), ("k1.PNG", png_bytes(1))])
     with pytest.raises(InputError, match="two members with suffix 'png'"):
-        load_gallery(tmp_path / "two.tar", "images")
+        load_input(tmp_path / "two.tar", "images")
 
 
 def test_patterns_need_webdataset(tmp_path, monkeypatch):
@@ -296,21 +296,21 @@ def test_patterns_need_webdataset(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "webdataset", None)
     monkeypatch.setitem(sys.modules, "webdataset.shardlists", None)
     with pytest.raises(InputError, match=r'pip install "crossgap-fast\[webdataset\]"'):
-        load_gallery(str(tmp_path / "s-{0..0}.tar"), "images")
-    assert load_gallery(tmp_path / "s-0.tar", "images").names == ["a"]  # one tar: no expansion needed
+        load_input(str(tmp_path / "s-{0..0}.tar"), "images")
+    assert load_input(tmp_path / "s-0.tar", "images").names == ["a"]  # one tar: no expansion needed
 
 
 def test_changed_tar_changes_digest(tmp_path):
     tar = write_tar(tmp_path / "s.tar", [("a.png", png_bytes(0)), ("b.png", png_bytes(1))])
-    before = load_gallery(tar, "images").digest()
-    assert load_gallery(tar, "images").digest() == before
+    before = load_input(tar, "images").digest()
+    assert load_input(tar, "images").digest() == before
     write_tar(tar, [("a.png", png_bytes(0)), ("b.png", png_bytes(2))])  # same names, new data
-    assert load_gallery(tar, "images").digest() != before
+    assert load_input(tar, "images").digest() != before
 
 
 def test_truncated_member_is_an_item_error(tmp_path):
     tar = write_tar(tmp_path / "s.tar", [("a.png", png_bytes(0))])
-    item = load_gallery(tar, "images").items[0]
+    item = load_input(tar, "images").items[0]
     os.truncate(tar, item.offset + 10)
     with pytest.raises(ItemReadError, match="cut short"):
         load_image(item, lambda im: im)
@@ -326,34 +326,34 @@ def test_parquet_columns_ids_and_nulls(tmp_path):
         "url": ["http://h/1.png", "https://h/2.png", "ftp://h/3.png", None],
         "caption": ["one", None, "three", "four"],
     })
-    gal = load_gallery(table, "images")  # filepath comes before url
+    gal = load_input(table, "images")  # filepath comes before url
     assert gal.names == ["a", "2", "c", "d"]
     assert gal.items[:2] == [str(tmp_path / "x.png"), "/abs/y.png"]
     assert gal.issues[2]["reason"].startswith("no image path") and "URL scheme" in gal.issues[3]["reason"]
-    urls = load_gallery(table, "images", column="url")
+    urls = load_input(table, "images", column="url")
     assert urls.items[:2] == [ImageUrl("http://h/1.png"), ImageUrl("https://h/2.png")]
     assert "URL scheme" in urls.issues[2]["reason"] and 3 in urls.issues
     assert urls.columns([0, 1])["url"] == ["http://h/1.png", "https://h/2.png"]
-    texts = load_gallery(table, "texts")
+    texts = load_input(table, "texts")
     assert texts.items == ["one", None, "three", "four"] and texts.issues[1]["reason"] == "no text (null)"
 
 
 def test_unknown_parquet_column_lists_the_columns(tmp_path):
     table = write_parquet(tmp_path / "t.parquet", {"id": [1, 2], "caption": ["a", "b"]})
     with pytest.raises(InputError, match=r"no column 'captions'; columns found: id, caption"):
-        load_gallery(table, "texts", column="captions")
+        load_input(table, "texts", column="captions")
     with pytest.raises(InputError, match=r"no image path or URL column.*found id, caption"):
-        load_gallery(table, "images")
+        load_input(table, "images")
     with pytest.raises(InputError, match="holds int64, not strings"):
-        load_gallery(table, "texts", column="id")
+        load_input(table, "texts", column="id")
     with pytest.raises(InputError, match="can be chosen for a .parquet input"):
-        load_gallery(["a", "b"], "texts", column="caption")
+        load_input(["a", "b"], "texts", column="caption")
 
 
 def test_duplicate_parquet_ids_are_refused(tmp_path):
     table = write_parquet(tmp_path / "t.parquet", {"id": [1, 2, 1], "text": ["a", "b", "c"]})
     with pytest.raises(InputError, match=r"parquet input .* 1 duplicate id\(s\) \('1' x2\)"):
-        load_gallery(table, "texts")
+        load_input(table, "texts")
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,24 +364,24 @@ def test_row_count_mismatch_names_both_files(tmp_path):
     folder = embedding_folder(tmp_path / "emb", rows, split=3)
     write_parquet(folder / "metadata" / "metadata_1.parquet", {"key": ["a", "b"]})
     with pytest.raises(InputError, match=r"img_emb_1\.npy' has 3 rows but its metadata '.*metadata_1\.parquet' has 2"):
-        load_gallery(folder, "images")
+        load_input(folder, "images")
     with pytest.raises(InputError, match=r"has no text_emb/ for texts \(it has img_emb/\)"):
-        load_gallery(folder, "texts")
+        load_input(folder, "texts")
     (folder / "metadata" / "metadata_1.parquet").unlink()
     with pytest.raises(InputError, match=r"2 \.npy file\(s\) but 1 metadata"):
-        load_gallery(folder, "images")
+        load_input(folder, "images")
 
 
 def test_embedding_names_and_columns(tmp_path):
     rows = np.arange(24, dtype=np.float32).reshape(6, 4) + 1
     folder = embedding_folder(tmp_path / "emb", rows, split=4)
-    gal = load_gallery(folder, "images")
+    gal = load_input(folder, "images")
     assert gal.names == [f"{i:09d}" for i in range(6)] and gal.columns([1, 5]) == {"key": ["000000001", "000000005"]}
     with pytest.raises(InputError, match="metadata column 'caption' .* has duplicate values"):
-        load_gallery(folder, "images", column="caption")
+        load_input(folder, "images", column="caption")
     for f in (folder / "metadata").iterdir():
         f.unlink()
-    gal = load_gallery(folder, "images")
+    gal = load_input(folder, "images")
     assert gal.names == [str(i) for i in range(6)] and gal.columns([0]) == {}
 
 
@@ -393,7 +393,7 @@ def test_feature_rows_are_lazy_float32_and_chunked(tmp_path, monkeypatch):
     folder = embedding_folder(tmp_path / "emb", rows, split=6)
     expected = np.concatenate([rows[:6], rows[6:].astype(np.float16).astype(np.float32)])
     monkeypatch.setattr(feature_rows, "FEATURE_CHUNK_BYTES", 3 * 5 * 4)  # 3 rows per chunk: checks cross files
-    gal = load_gallery(folder, "images")
+    gal = load_input(folder, "images")
     feats = gal.features
     assert isinstance(feats, FeatureRows) and feats.shape == (11, 5) and len(feats) == 11
     assert all(isinstance(feats._array(i), np.memmap) for i in range(2))
@@ -411,11 +411,11 @@ def test_feature_rows_are_lazy_float32_and_chunked(tmp_path, monkeypatch):
 def test_changed_npy_changes_digest(tmp_path):
     rows = np.ones((4, 3), np.float32)
     folder = embedding_folder(tmp_path / "emb", rows, split=2)
-    before = load_gallery(folder, "images").digest()
+    before = load_input(folder, "images").digest()
     np.save(folder / "img_emb" / "img_emb_0.npy", rows[:2] * 2)
     st = os.stat(folder / "img_emb" / "img_emb_0.npy")
     os.utime(folder / "img_emb" / "img_emb_0.npy", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert load_gallery(folder, "images").digest() != before
+    assert load_input(folder, "images").digest() != before
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,16 +428,16 @@ def test_columns_are_utf8(tmp_path):
     odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
     with open(os.path.join(os.fsencode(root), b"caf\xe9.png"), "wb") as f:
         f.write(png_bytes(1))
-    gal = load_gallery(root, "images")
+    gal = load_input(root, "images")
     assert gal.names == ["a.png", odd]
     cols = gal.columns([0, 1])
     assert list(cols) == ["image_path"]
     assert cols["image_path"] == [str(root / "a.png"), str(root) + "/caf\ufffd.png"]
-    texts = load_gallery(["ok", "broken \ud83d emoji"], "texts")
+    texts = load_input(["ok", "broken \ud83d emoji"], "texts")
     (caption,) = texts.columns([1])["caption"]
     assert caption.encode("utf-8") and caption.startswith("broken \ufffd") and caption.endswith("\ufffd emoji")
     tar = write_tar(tmp_path / "s.tar", [("k.png", png_bytes(0))])
-    assert load_gallery(tar, "images").columns([0]) == {"image_path": [f"{tar}#k.png"]}
+    assert load_input(tar, "images").columns([0]) == {"image_path": [f"{tar}#k.png"]}
 
 
 def test_index_round_trip_for_every_input(tmp_path, pngs, monkeypatch):
@@ -462,7 +462,7 @@ def test_index_round_trip_for_every_input(tmp_path, pngs, monkeypatch):
         (feats, "images", None), (folder, "images", None),
     ]
     for i, (inputs, kind, column) in enumerate(cases):
-        gal = load_gallery(inputs, kind, column=column)
+        gal = load_input(inputs, kind, column=column)
         path = tmp_path / f"index-{i}.parquet"
         write_index(gal, path)
         back = read_index(path)
@@ -499,14 +499,14 @@ def test_a_damaged_or_cut_tar_is_refused_not_listed_short(tmp_path):
             info = tarfile.TarInfo(f"{i:04d}.txt")
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    assert len(load_gallery(str(full), "texts").names) == 5
+    assert len(load_input(str(full), "texts").names) == 5
     raw = bytearray(full.read_bytes())
     raw[3 * 1024 + 100:3 * 1024 + 108] = b"garbage!"  # the 4th member's header
     (tmp_path / "bad.tar").write_bytes(bytes(raw))
     (tmp_path / "cut.tar").write_bytes(full.read_bytes()[:3 * 1024])  # cut after the 3rd member
     for name in ("bad.tar", "cut.tar"):
         with pytest.raises(InputError, match=rf"{name}' is damaged or cut short at byte 3072, after member '0002.txt'"):
-            load_gallery(str(tmp_path / name), "texts")
+            load_input(str(tmp_path / name), "texts")
 
 
 def test_a_trickling_or_cut_download_is_an_item_error(monkeypatch):
@@ -555,7 +555,7 @@ def test_feature_rows_keep_few_files_open_and_refuse_masks(tmp_path, monkeypatch
     for k in range(10):
         np.save(folder / f"img_emb_{k:02d}.npy", rows[4 * k:4 * k + 4])
     monkeypatch.setattr(feature_rows, "OPEN_MAPS", 3)
-    feats = load_gallery(tmp_path / "emb", "images").features
+    feats = load_input(tmp_path / "emb", "images").features
     assert np.array_equal(feats[list(range(39, -1, -1))].numpy(), rows[::-1])
     assert np.array_equal(feats[0:40].numpy(), rows) and len(feats._maps) <= 3
     with pytest.raises(TypeError, match="boolean mask"):
@@ -569,8 +569,8 @@ def test_parquet_paths_listed_twice_are_named_by_row(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
     pq.write_table(pa.table({"image_path": ["a.png", "a.png", "b.png"]}), tmp_path / "dup.parquet")
     pq.write_table(pa.table({"image_path": ["a.png", "b.png"]}), tmp_path / "uniq.parquet")
-    assert load_gallery(str(tmp_path / "dup.parquet"), "images").names == ["1", "2", "3"]
-    assert load_gallery(str(tmp_path / "uniq.parquet"), "images").names == ["a.png", "b.png"]
+    assert load_input(str(tmp_path / "dup.parquet"), "images").names == ["1", "2", "3"]
+    assert load_input(str(tmp_path / "uniq.parquet"), "images").names == ["a.png", "b.png"]
 
 
 def test_packed_items_give_back_every_kind_of_item():

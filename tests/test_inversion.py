@@ -274,6 +274,7 @@ def test_engine_with_triton_kernels_under_the_interpreter(request, method, model
     fn = getattr(cg, method)
     a = fn(feats, model, steps=3, use_kernels=True, num_tokens=2)
     b = fn(feats, model, steps=3, use_kernels=False, num_tokens=2)
+    assert "kernels" in a.info["fast_path"] and not a.info.get("fallbacks"), a.info  # no fallback
     torch.testing.assert_close(a.features, b.features, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.losses, b.losses, atol=1e-5, rtol=0)
 

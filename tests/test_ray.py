@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import crossgap_fast as cg
-from crossgap_fast.pipeline.inputs import load_gallery
+from crossgap_fast.pipeline.inputs import load_input
 
 ray = pytest.importorskip("ray")
 cgray = pytest.importorskip("crossgap_fast.pipeline.ray_engine")
@@ -103,7 +103,7 @@ def test_features_match_one_process(ray_local, tiny, oti_config):
     _close(got["loss"], want_loss, 1e-5)
 
     written: dict[int, dict] = {}
-    cgray.run_ray(load_gallery(x, "images"), tiny, oti_config, kind="images",
+    cgray.run_ray(load_input(x, "images"), tiny, oti_config, kind="images",
                   shard_ranges=[(0, 4), (4, 8), (8, 10)], skip=set(), write_shard=written.__setitem__,
                   batch_size=4, actors=2, device="cpu", progress=False)
     assert sorted(written) == [0, 1, 2]
@@ -219,7 +219,7 @@ def test_bad_batches_and_settings(tiny, oti_config):
         cgray.EncodeBatches(tiny, "images", "cpu")({"index": np.arange(1), "features": np.ones((1, 32))})
     with pytest.raises(ValueError, match="columns features, text, not 'item'"):
         cgray.EncodeBatches(tiny, "texts", "cpu")({"index": np.arange(1), "item": np.array(["a.png"])})
-    texts = load_gallery(["a cat"], "texts")
+    texts = load_input(["a cat"], "texts")
     with pytest.raises(ValueError, match="a gallery of texts cannot run as kind='images'"):
         cgray.run_ray(texts, tiny, oti_config, kind="images", shard_ranges=[(0, 1)], skip=set(),
                       write_shard=lambda i, p: None, batch_size=1, actors=1, device="cpu")
@@ -261,7 +261,7 @@ def test_run_ray_writes_each_shard_once(ray_local, tiny, oti_config, tmp_path):
     for i in range(11):
         _png(root / f"{i:02d}.png", i)
     (root / "07.png").write_bytes(b"not a png")
-    gallery = load_gallery(str(root), "images")
+    gallery = load_input(str(root), "images")
     gallery.issues[9] = gallery.issues[10] = {"level": "error", "reason": "made unusable"}
     ranges = [(0, 3), (3, 6), (6, 9), (9, 11)]
     written: dict[int, dict] = {}
@@ -314,7 +314,7 @@ def test_run_ray_webdataset_members(ray_local, tiny, oti_config, tmp_path):
     """Tar members (locators, not paths) travel through Ray and are decoded in the actor,
     here with a model named as on the command line (same weights as ``tiny``)."""
     arrays = _webdataset(tmp_path / "shard.tar", 5, corrupt=1)
-    gallery = load_gallery(str(tmp_path / "shard.tar"), "images")
+    gallery = load_input(str(tmp_path / "shard.tar"), "images")
     written: dict[int, dict] = {}
     cgray.run_ray(gallery, ("crossgap-tiny", "random"), oti_config, kind="images", shard_ranges=[(0, 5)],
                   skip=set(), write_shard=written.__setitem__, batch_size=2, actors=1, device="cpu",
@@ -333,7 +333,7 @@ def test_run_ray_webdataset_members(ray_local, tiny, oti_config, tmp_path):
 def test_run_ray_nothing_left(tiny, oti_config):
     """Every shard finished already: no Ray, nothing written."""
     nothing: dict[int, dict] = {}
-    cgray.run_ray(load_gallery(torch.randn(7, 32), "images"), tiny, oti_config, kind="images",
+    cgray.run_ray(load_input(torch.randn(7, 32), "images"), tiny, oti_config, kind="images",
                   shard_ranges=[(0, 4), (4, 7)], skip={0, 1}, write_shard=nothing.__setitem__,
                   batch_size=3, actors=1, device="cpu", progress=False)
     assert nothing == {}
@@ -344,8 +344,8 @@ def test_run_ray_shards_without_usable_items(tiny, oti_config):
     model), for inversion and for encoding, without starting Ray."""
     x = torch.randn(6, tiny.embed_dim)
     x[3:] = float("nan")
-    features = load_gallery(x, "images")
-    texts = load_gallery(["a cat", "", " "], "texts")
+    features = load_input(x, "images")
+    texts = load_input(["a cat", "", " "], "texts")
     width = tiny.model.transformer.width
     for gallery, config in ((features, oti_config), (texts, None)):
         written: dict[int, dict] = {}
@@ -367,7 +367,7 @@ def test_run_ray_shards_without_usable_items(tiny, oti_config):
 
 def test_run_ray_actor_failure_is_one_line(ray_local, oti_config):
     """An actor that cannot build its model ends the run with one line naming the cause."""
-    gallery = load_gallery(torch.randn(3, 32), "images")
+    gallery = load_input(torch.randn(3, 32), "images")
     with pytest.raises(cgray.RayRunError, match=r"^the Ray run failed: ValueError: unknown model name "
                        r"'no-such-model'.*; 0 shard\(s\) written before are kept$") as info:
         cgray.run_ray(gallery, ("no-such-model", "random"), oti_config, kind="images", shard_ranges=[(0, 3)],

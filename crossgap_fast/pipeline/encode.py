@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from crossgap_fast.models import ClipModel
-from crossgap_fast.pipeline.inputs import Gallery, ImageDataset, collate_images
+from crossgap_fast.pipeline.inputs import InputItems, ImageDataset, collate_images
 
 #: Decoded images kept in flight ahead of the model (bytes of preprocessed tensors): the
 #: DataLoader workers keep decoding this far ahead while a shard is being optimised.
@@ -61,7 +61,7 @@ def encode_text_batch(cm: ClipModel, texts: list[str], dev: torch.device) -> Ten
     return cm.model.encode_text(tokens.to(dev)).float().cpu()
 
 
-def group_features(gallery: Gallery, groups: Iterable[tuple[Any, Sequence[int]]], cm: ClipModel,
+def group_features(gallery: InputItems, groups: Iterable[tuple[Any, Sequence[int]]], cm: ClipModel,
                    dev: torch.device, workers: int, encode_batch: int, timer: Timer, *,
                    look_ahead: int | None = None
                    ) -> Iterator[tuple[Any, list[int], Tensor, list[tuple[int, str]]]]:
@@ -90,7 +90,7 @@ def group_features(gallery: Gallery, groups: Iterable[tuple[Any, Sequence[int]]]
     yield from _image_groups(gallery, groups, good, cm, dev, workers, encode_batch, timer, look_ahead)
 
 
-def _image_groups(gallery: Gallery, groups, good, cm: ClipModel, dev, workers: int, encode_batch: int,
+def _image_groups(gallery: InputItems, groups, good, cm: ClipModel, dev, workers: int, encode_batch: int,
                   timer: Timer, look_ahead: int | None):
     plan: deque = deque()  # (key, batches), appended as the sampler reaches each group
     issued: deque = deque()  # batches handed to the decoders and not yet delivered

@@ -12,13 +12,13 @@ from torch import Tensor
 
 from crossgap_fast.inversion.inverter import Inverter
 from crossgap_fast.pipeline.calibration import Calibration
-from crossgap_fast.pipeline.inputs import Gallery
+from crossgap_fast.pipeline.inputs import InputItems
 from crossgap_fast.pipeline.store.folder import GalleryStore
 from crossgap_fast.pipeline.warm_run import warm_counts, warm_shard
 from crossgap_fast.progress import Progress
 
 
-def shard_payload(gallery: Gallery, idx: list[int], feats: Tensor, inverter: Inverter | None, *,
+def shard_payload(gallery: InputItems, idx: list[int], feats: Tensor, inverter: Inverter | None, *,
                   keep_loss_curve: bool, bar: Progress | None = None,
                   calibration: Calibration | None = None) -> dict:
     """The results of a shard's good items ``idx`` with input features ``feats`` as the store
@@ -58,7 +58,7 @@ def shard_payload(gallery: Gallery, idx: list[int], feats: Tensor, inverter: Inv
     return payload
 
 
-def write_results(store: GalleryStore, gallery: Gallery, index: int, lo: int, hi: int, idx: list[int],
+def write_results(store: GalleryStore, gallery: InputItems, index: int, lo: int, hi: int, idx: list[int],
                   payload: dict, load_errors: list[tuple[int, str]], run_values: dict, seconds: float) -> None:
     """Write shard ``index`` (items ``[lo, hi)``) with its entry: counts, the failed items and
     warnings of the input listing and of loading, this process's run values, warm-start counts."""

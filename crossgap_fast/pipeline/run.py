@@ -97,7 +97,7 @@ def invert_gallery(
     steps); ``kind="texts"``: OVI (text features -> pseudo patches and image features; default
     1000 steps). ``inputs``: an image folder or list file, a ``.txt`` / ``.jsonl`` / ``.csv``
     text file, a ``.npy`` / ``.pt`` file of (N, D) features, a Python list of paths / strings,
-    or an (N, D) tensor (see :func:`crossgap_fast.pipeline.inputs.load_gallery`).
+    or an (N, D) tensor (see :func:`crossgap_fast.pipeline.inputs.load_input`).
 
     ``shard_size`` items per shard; ``resume`` continues an interrupted run in ``out_dir``
     (refused if its settings differ), otherwise ``out_dir`` must be empty or absent.

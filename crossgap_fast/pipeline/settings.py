@@ -22,7 +22,7 @@ from crossgap_fast.inversion.config import InversionConfig, check_int
 from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS
 from crossgap_fast.models import ClipModel, model_name_id, pretrained_id
 from crossgap_fast.pipeline.encode import default_workers
-from crossgap_fast.pipeline.inputs import Gallery
+from crossgap_fast.pipeline.inputs import InputItems
 from crossgap_fast.pipeline.store import schema as fmt
 
 ENGINES = ("local", "ray")
@@ -167,7 +167,7 @@ def engine_record(config: InversionConfig, device: str) -> dict:
 
 
 def run_settings(kind: str, method: str, cm: ClipModel, config: InversionConfig | None, pipe: PipelineSettings,
-                 dev: torch.device, warm: tuple[int, int] | None, gallery: Gallery | None, source: str | None) -> dict:
+                 dev: torch.device, warm: tuple[int, int] | None, gallery: InputItems | None, source: str | None) -> dict:
     """The manifest's settings (see :data:`~crossgap_fast.pipeline.store.manifest.SETTINGS_KEYS`);
     ``total_items`` and ``input_digest`` only when the ``gallery`` was listed."""
     s = {

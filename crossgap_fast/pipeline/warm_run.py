@@ -16,7 +16,7 @@ from crossgap_fast.inversion.inverter import Inverter
 from crossgap_fast.models import ClipModel
 from crossgap_fast.pipeline import calibration as cal_mod
 from crossgap_fast.pipeline.encode import Timer, group_features
-from crossgap_fast.pipeline.inputs import Gallery
+from crossgap_fast.pipeline.inputs import InputItems
 from crossgap_fast.pipeline.leases import Leases
 from crossgap_fast.pipeline.settings import PipelineSettings
 from crossgap_fast.pipeline.store.folder import GalleryStore
@@ -24,7 +24,7 @@ from crossgap_fast.pipeline.tasks import wait_for
 from crossgap_fast.progress import Progress
 
 
-def calibrate(gallery: Gallery, store: GalleryStore, leases: Leases, inverter: Inverter,
+def calibrate(gallery: InputItems, store: GalleryStore, leases: Leases, inverter: Inverter,
               warm: tuple[int, int], cm: ClipModel, dev: torch.device, pipe: PipelineSettings, timer: Timer,
               show: bool) -> cal_mod.Calibration:
     """The worker that takes the "calibration" lease inverts the calibration items exactly

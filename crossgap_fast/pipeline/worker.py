@@ -21,7 +21,7 @@ from crossgap_fast.inversion.inverter import Inverter
 from crossgap_fast.models import ClipModel
 from crossgap_fast.pipeline.calibration import Calibration
 from crossgap_fast.pipeline.encode import Timer, group_features
-from crossgap_fast.pipeline.inputs import Gallery, load_gallery, read_index, write_index
+from crossgap_fast.pipeline.inputs import InputItems, load_input, read_index, write_index
 from crossgap_fast.pipeline.leases import Leases
 from crossgap_fast.pipeline.placement import Place
 from crossgap_fast.pipeline.results import shard_payload, warn_lost, write_results
@@ -100,20 +100,20 @@ def work(place: Place, inputs, store: GalleryStore, leases: Leases, cm: ClipMode
 
 def _open_gallery(place: Place, inputs, store: GalleryStore, leases: Leases, cm: ClipModel, dev: torch.device, *,
                   kind, method, inverter: Inverter | None, pipe: PipelineSettings, warm,
-                  values: dict) -> tuple[Gallery, bool]:
+                  values: dict) -> tuple[InputItems, bool]:
     """(the run's items, whether the run existed): the worker that sets the run up lists the
     input and writes the index and manifest; a joining worker checks its settings against the
     manifest and reads the index (a resume lists the input again and compares it)."""
     config = inverter.config if inverter is not None else None
     source = source_name(inputs)
 
-    def listed() -> Gallery:
-        gallery = load_gallery(inputs, kind, tokenizer=cm.tokenizer, context_length=cm.context_length,
+    def listed() -> InputItems:
+        gallery = load_input(inputs, kind, tokenizer=cm.tokenizer, context_length=cm.context_length,
                                column=pipe.column)
         check_input(gallery, cm, method)
         return gallery
 
-    def create() -> Gallery:
+    def create() -> InputItems:
         gallery = listed()
         settings = run_settings(kind, method, cm, config, pipe, dev, warm, gallery, source)
         extra = {
@@ -131,7 +131,7 @@ def _open_gallery(place: Place, inputs, store: GalleryStore, leases: Leases, cm:
         store.create(settings, extra)
         return gallery
 
-    def join(manifest: dict) -> Gallery:
+    def join(manifest: dict) -> InputItems:
         mine = run_settings(kind, method, cm, config, pipe, dev, warm, None, manifest.get("input"))
         store.check_settings(manifest, mine, [k for k in JOIN_KEYS if k != "input"])
         if pipe.resume and not pipe.worker and place.rank == 0:
@@ -151,7 +151,7 @@ def _open_gallery(place: Place, inputs, store: GalleryStore, leases: Leases, cm:
     return open_run(store, leases, joining=joining, create=create, join=join)
 
 
-def _local_passes(gallery: Gallery, claims: ShardClaims, store: GalleryStore, cm: ClipModel, dev: torch.device,
+def _local_passes(gallery: InputItems, claims: ShardClaims, store: GalleryStore, cm: ClipModel, dev: torch.device,
                   inverter: Inverter | None, calibration: Calibration | None, pipe: PipelineSettings, bar: Progress,
                   timer: Timer, values: dict, *, since: float) -> tuple[int, int]:
     """(items, shards) this process computed and wrote: it claims the free shards pass by
@@ -190,7 +190,7 @@ def _local_passes(gallery: Gallery, claims: ShardClaims, store: GalleryStore, cm
             bar.update(hi - lo - (len(idx) if inverter is not None else 0))
 
 
-def check_input(gallery: Gallery, cm: ClipModel, method: str) -> None:
+def check_input(gallery: InputItems, cm: ClipModel, method: str) -> None:
     if gallery.kind == "features":
         if method == "encode":
             raise InputError(f"input {gallery.source!r} already holds features: nothing to encode")
@@ -204,7 +204,7 @@ def check_input(gallery: Gallery, cm: ClipModel, method: str) -> None:
     refuse_unusable(gallery)
 
 
-def refuse_unusable(gallery: Gallery) -> None:
+def refuse_unusable(gallery: InputItems) -> None:
     """Stop before anything is written when the input checks already failed every item."""
     if gallery.usable() > 0:
         return
@@ -217,7 +217,7 @@ def refuse_unusable(gallery: Gallery) -> None:
     )
 
 
-def warn_listing(gallery: Gallery, store: GalleryStore, cm: ClipModel) -> None:
+def warn_listing(gallery: InputItems, store: GalleryStore, cm: ClipModel) -> None:
     """What the input listing found, said once by the worker that listed it."""
     long = [i for i, v in gallery.issues.items() if v["level"] == "warning"]
     if long:
@@ -241,7 +241,7 @@ def warn_listing(gallery: Gallery, store: GalleryStore, cm: ClipModel) -> None:
         )
 
 
-def run_on_ray(gallery: Gallery, cm: ClipModel, inverter: Inverter, store: GalleryStore, claims: ShardClaims,
+def run_on_ray(gallery: InputItems, cm: ClipModel, inverter: Inverter, store: GalleryStore, claims: ShardClaims,
                pipe: PipelineSettings, bar: Progress, values: dict) -> tuple[int, int]:
     """(items, shards) written: the shards no other worker holds, through Ray Data
     (:func:`crossgap_fast.pipeline.ray_engine.driver.run_ray`), claimed in windows of about

@@ -1,5 +1,5 @@
 """Precomputed features: ``.npy`` / ``.pt`` files, arrays, and clip-retrieval embedding folders,
-checked into a features :class:`~crossgap_fast.pipeline.inputs.items.Gallery`.
+checked into a features :class:`~crossgap_fast.pipeline.inputs.items.InputItems`.
 
 A row with NaN / infinite values or all zeros is an error item. An embedding folder
 (``img_emb/*.npy``, ``text_emb/*.npy``, optional ``metadata/*.parquet``) is used
@@ -22,7 +22,7 @@ from torch import Tensor
 from crossgap_fast.errors import InputError
 from crossgap_fast.models import unreadable_file_reason
 from crossgap_fast.pipeline.inputs.feature_rows import FeatureFile, FeatureRows, open_npy
-from crossgap_fast.pipeline.inputs.items import Gallery
+from crossgap_fast.pipeline.inputs.items import InputItems
 from crossgap_fast.pipeline.inputs.parquet import (
     parquet_columns,
     parquet_rows,
@@ -78,7 +78,7 @@ def _check_feature_array(x: Tensor, source: str) -> Tensor:
     return x.detach().float().cpu().contiguous()
 
 
-def features_gallery(x: Any, source: str, names: list[str] | None = None) -> Gallery:
+def features_items(x: Any, source: str, names: list[str] | None = None) -> InputItems:
     """A features gallery; rows with NaN / infinite values or all zeros are error items.
     Lazy rows are checked chunk by chunk (bounded memory)."""
     if isinstance(x, FeatureRows):
@@ -97,7 +97,7 @@ def features_gallery(x: Any, source: str, names: list[str] | None = None) -> Gal
         for i in (zero & finite).nonzero().flatten().tolist():
             issues[start + i] = {"level": "error", "reason": "all-zero feature (no direction to match)"}
     names = [str(i) for i in range(x.shape[0])] if names is None else names
-    return Gallery("features", source, names=names, features=x, issues=issues)
+    return InputItems("features", source, names=names, features=x, issues=issues)
 
 
 def is_embedding_folder(path: Path) -> bool:

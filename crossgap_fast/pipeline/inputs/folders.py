@@ -1,10 +1,10 @@
-"""Image folders and list files, and the :class:`~crossgap_fast.pipeline.inputs.items.Gallery`
+"""Image folders and list files, and the :class:`~crossgap_fast.pipeline.inputs.items.InputItems`
 of any image input.
 
 A folder is searched recursively (:func:`scan_images`: links followed, each folder once,
 hidden entries skipped); a list file holds one image path per line (:func:`read_image_list`).
 Names: an image's path relative to the input folder (POSIX separators), or as written in the
-list file. :func:`images_gallery` stamps every image item (a file, a tar member or a URL)
+list file. :func:`images_items` stamps every image item (a file, a tar member or a URL)
 with its size and modification time, which is how a changed input is noticed on resume.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from crossgap_fast.errors import InputError
-from crossgap_fast.pipeline.inputs.items import Gallery, ImageUrl, TarMember
+from crossgap_fast.pipeline.inputs.items import InputItems, ImageUrl, TarMember
 from crossgap_fast.pipeline.inputs.texts import TEXT_ENCODING
 
 IMAGE_EXTENSIONS = frozenset(
@@ -83,10 +83,10 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def images_gallery(source: str, names: list[str], items: list[Any], problems: list[dict] | None = None,
-                   issues: dict[int, dict] | None = None) -> Gallery:
+def images_items(source: str, names: list[str], items: list[Any], problems: list[dict] | None = None,
+                   issues: dict[int, dict] | None = None) -> InputItems:
     """A gallery of image files (or tar members, or URLs), stamped with each file's size and
-    modification time (see :class:`Gallery`); a path that is not a regular file (a FIFO
+    modification time (see :class:`InputItems`); a path that is not a regular file (a FIFO
     would block the reader) is an error item. ``issues``: errors already known."""
     stamps: list[tuple[int, ...] | None] = []
     issues = dict(issues or {})
@@ -107,7 +107,7 @@ def images_gallery(source: str, names: list[str], items: list[Any], problems: li
         stamps.append((st.st_size, st.st_mtime_ns))
         if not stat.S_ISREG(st.st_mode):
             issues[i] = {"level": "error", "reason": f"not a regular file ({file_kind(st.st_mode)})"}
-    return Gallery("images", source, names=names, items=items, issues=issues, stamps=stamps,
+    return InputItems("images", source, names=names, items=items, issues=issues, stamps=stamps,
                    problems=list(problems or []))
 
 

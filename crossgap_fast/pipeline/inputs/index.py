@@ -1,4 +1,4 @@
-"""The input index: a listed :class:`Gallery` in one parquet file.
+"""The input index: a listed :class:`InputItems` in one parquet file.
 
 The worker that sets a run up lists the input once and writes the index
 (:func:`write_index`); every other worker, and a resume, rebuilds the same gallery from it
@@ -18,7 +18,7 @@ from torch import Tensor
 from crossgap_fast.errors import InputError
 from crossgap_fast.files import atomic_write
 from crossgap_fast.pipeline.inputs.feature_rows import FeatureRows
-from crossgap_fast.pipeline.inputs.items import Gallery, ImageUrl, TarMember
+from crossgap_fast.pipeline.inputs.items import InputItems, ImageUrl, TarMember
 from crossgap_fast.pipeline.store.schema import utf8_safe
 
 INDEX_FORMAT = "crossgap-input-index"
@@ -29,7 +29,7 @@ INDEX_KEY = b"crossgap.input_index"
 _LOSSLESS = ("name", "item", "member")
 
 
-def write_index(gallery: Gallery, path: str | os.PathLike) -> None:
+def write_index(gallery: InputItems, path: str | os.PathLike) -> None:
     """Write ``gallery`` to the parquet file ``path`` (atomically), so that :func:`read_index`
     rebuilds it without listing the input again.
 
@@ -37,7 +37,7 @@ def write_index(gallery: Gallery, path: str | os.PathLike) -> None:
     ``item`` (path, tar path, URL or text), ``member`` / ``offset`` / ``size`` (tar members),
     ``stamp`` (list of ints), ``issue`` (JSON), and ``feature`` (float32 list of the row) for
     in-RAM features. Strings are valid UTF-8; a value that is not (a file name that is not
-    UTF-8) also has its exact bytes in ``<column>_raw`` (``os.fsencode`` bytes). Gallery-level
+    UTF-8) also has its exact bytes in ``<column>_raw`` (``os.fsencode`` bytes). Input-level
     fields (kind, source, problems, and the ``.npy`` files of lazy features: re-opened, not
     copied) are JSON under the schema metadata key :data:`INDEX_KEY`."""
     import pyarrow.parquet as pq
@@ -46,9 +46,9 @@ def write_index(gallery: Gallery, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: pq.write_table(table, f))
 
 
-def read_index(path: str | os.PathLike) -> Gallery:
-    """The :class:`Gallery` stored by :func:`write_index` (same names, items, stamps, issues,
-    problems and :meth:`Gallery.digest`)."""
+def read_index(path: str | os.PathLike) -> InputItems:
+    """The :class:`InputItems` stored by :func:`write_index` (same names, items, stamps, issues,
+    problems and :meth:`InputItems.digest`)."""
     import pyarrow.parquet as pq
 
     try:
@@ -78,11 +78,11 @@ def read_index(path: str | os.PathLike) -> Gallery:
     elif feats is not None:
         flat = table.column("feature").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         features = torch.from_numpy(flat.reshape(len(table), feats["dim"]).copy())
-    return Gallery(meta["kind"], meta["source"], names=cols["name"], items=items, features=features,
+    return InputItems(meta["kind"], meta["source"], names=cols["name"], items=items, features=features,
                    issues=issues, stamps=stamps, problems=meta["problems"])
 
 
-def _index_table(g: Gallery):
+def _index_table(g: InputItems):
     import pyarrow as pa
 
     n = len(g)

@@ -1,6 +1,6 @@
-"""The items of one input (:class:`Gallery`) and the locators of items that are no local file.
+"""The items of one input (:class:`InputItems`) and the locators of items that are no local file.
 
-A :class:`Gallery` is the ordered list of items of one input, with their names and the
+An :class:`InputItems` is the ordered list of items of one input, with their names and the
 problems already known before any model runs (an empty text, a text too long for the
 context, a non-finite feature row). Item order is fixed by the input (sorted paths for a
 folder, tar order for shards, row order for parquet, sorted files for an embedding folder),
@@ -40,7 +40,7 @@ class ImageUrl(NamedTuple):
 
 
 @dataclass
-class Gallery:
+class InputItems:
     """The items of one input, in order.
 
     ``kind``: "images" (``items`` are file paths, :class:`TarMember` or :class:`ImageUrl`

@@ -1,5 +1,5 @@
-"""Resolving an input: :func:`load_gallery` tells what kind of input it is given and returns
-its :class:`~crossgap_fast.pipeline.inputs.items.Gallery`.
+"""Resolving an input: :func:`load_input` tells what kind of input it is given and returns
+its :class:`~crossgap_fast.pipeline.inputs.items.InputItems`.
 
 Each kind is read by its own module: image folders and list files
 (:mod:`~crossgap_fast.pipeline.inputs.folders`), text files
@@ -23,7 +23,7 @@ from torch import Tensor
 from crossgap_fast.errors import InputError
 from crossgap_fast.pipeline.inputs.features import (
     FEATURE_EXTENSIONS,
-    features_gallery,
+    features_items,
     is_embedding_folder,
     list_embedding_folder,
     read_features,
@@ -31,32 +31,32 @@ from crossgap_fast.pipeline.inputs.features import (
 from crossgap_fast.pipeline.inputs.folders import (
     IMAGE_EXTENSIONS,
     file_kind,
-    images_gallery,
+    images_items,
     read_image_list,
     scan_images,
 )
-from crossgap_fast.pipeline.inputs.items import Gallery
-from crossgap_fast.pipeline.inputs.parquet import parquet_gallery
+from crossgap_fast.pipeline.inputs.items import InputItems
+from crossgap_fast.pipeline.inputs.parquet import parquet_items
 from crossgap_fast.pipeline.inputs.tars import (
     check_tar_path,
     expand_shards,
     is_compressed_tar,
     is_tar_pattern,
-    tar_gallery,
+    tar_items,
 )
 from crossgap_fast.pipeline.inputs.texts import read_texts
 from crossgap_fast.pipeline.inputs.urls import refuse_remote
 from crossgap_fast.towers.template import text_too_long
 
 
-def load_gallery(
+def load_input(
     inputs: Any,
     kind: str,
     *,
     tokenizer: Callable[[Sequence[str]], Tensor] | None = None,
     context_length: int | None = None,
     column: str | None = None,
-) -> Gallery:
+) -> InputItems:
     """Resolve ``inputs`` for ``kind`` ("images" or "texts").
 
     ``inputs``: a folder of images (searched recursively); a file listing image paths (one
@@ -78,9 +78,9 @@ def load_gallery(
         raise ValueError(f"kind must be 'images' or 'texts', got {kind!r}")
     if isinstance(inputs, (Tensor, np.ndarray)):
         _refuse_column(column, "a feature array")
-        return features_gallery(inputs, "features")
+        return features_items(inputs, "features")
     if isinstance(inputs, (str, os.PathLike)):
-        gallery = _path_gallery(os.fspath(inputs), kind, column)
+        gallery = _path_items(os.fspath(inputs), kind, column)
         if gallery.kind != "texts":
             return gallery
     elif isinstance(inputs, Sequence):
@@ -93,7 +93,7 @@ def load_gallery(
             bad = [i for i, p in enumerate(items) if not isinstance(p, (str, os.PathLike))]
             if bad:
                 raise InputError(f"the image list must hold file paths; entries {bad[:10]} are not")
-            return images_gallery("<list>", [str(p) for p in items], [str(p) for p in items])
+            return images_items("<list>", [str(p) for p in items], [str(p) for p in items])
         issues = {}
         texts: list[str | None] = []
         for i, t in enumerate(items):
@@ -102,7 +102,7 @@ def load_gallery(
                 texts.append(None)
             else:
                 texts.append(t)
-        gallery = Gallery("texts", "<list>", names=names, items=texts, issues=issues)
+        gallery = InputItems("texts", "<list>", names=names, items=texts, issues=issues)
     else:
         raise InputError(
             f"unsupported input of type {type(inputs).__name__}: pass a path, a list of image "
@@ -112,30 +112,30 @@ def load_gallery(
     return gallery
 
 
-def _path_gallery(text: str, kind: str, column: str | None) -> Gallery:
+def _path_items(text: str, kind: str, column: str | None) -> InputItems:
     """The gallery of a path input (a file, a folder, or a webdataset shard pattern)."""
     path = Path(text)
     if not path.exists():
         refuse_remote(text)
         if is_tar_pattern(text):
             _refuse_column(column, text)
-            return tar_gallery(text, expand_shards(text), kind)
+            return tar_items(text, expand_shards(text), kind)
         raise InputError(f"input {str(path)!r} does not exist")
     mode = path.stat().st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise InputError(f"input {str(path)!r} is {file_kind(mode)}, not a file or folder")
     if path.is_dir() and is_embedding_folder(path):
         rows, names = list_embedding_folder(path, kind, column)
-        return features_gallery(rows, text, names)
+        return features_items(rows, text, names)
     suffix = path.name.lower()
     if path.is_file() and suffix.endswith(".parquet"):
-        return parquet_gallery(path, kind, column)
+        return parquet_items(path, kind, column)
     _refuse_column(column, text)
     if path.is_file() and (suffix.endswith(".tar") or is_compressed_tar(suffix)):
         check_tar_path(text, text)
-        return tar_gallery(text, [text], kind)
+        return tar_items(text, [text], kind)
     if path.is_file() and path.suffix.lower() in FEATURE_EXTENSIONS:
-        return features_gallery(read_features(path), str(path))
+        return features_items(read_features(path), str(path))
     if kind == "images":
         if path.is_dir():
             rel, problems = scan_images(path)
@@ -145,14 +145,14 @@ def _path_gallery(text: str, kind: str, column: str | None) -> Gallery:
                     f"input folder {str(path)!r} has no image files "
                     f"({', '.join(sorted(IMAGE_EXTENSIONS))}){unread}"
                 )
-            return images_gallery(str(path), rel, [str(path / r) for r in rel], problems)
+            return images_items(str(path), rel, [str(path / r) for r in rel], problems)
         names, paths = read_image_list(path)
-        return images_gallery(str(path), names, paths)
+        return images_items(str(path), names, paths)
     if path.is_dir():
         raise InputError(f"input {str(path)!r} is a folder; texts come from a .txt, .jsonl, .json, .csv, "
                          ".parquet or .tar file, or a clip-retrieval embedding folder")
     names, texts, issues = read_texts(path)
-    return Gallery("texts", str(path), names=names, items=texts, issues=issues)
+    return InputItems("texts", str(path), names=names, items=texts, issues=issues)
 
 
 def _refuse_column(column: str | None, source: str) -> None:
@@ -161,7 +161,7 @@ def _refuse_column(column: str | None, source: str) -> None:
                          f"folder's metadata, not for {source!r}")
 
 
-def _check_texts(gallery: Gallery, tokenizer, context_length: int | None) -> None:
+def _check_texts(gallery: InputItems, tokenizer, context_length: int | None) -> None:
     ok = []
     for i, t in enumerate(gallery.items):
         if t is None:

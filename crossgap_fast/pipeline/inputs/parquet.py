@@ -1,4 +1,4 @@
-"""Parquet tables: reading columns, and the :class:`~crossgap_fast.pipeline.inputs.items.Gallery`
+"""Parquet tables: reading columns, and the :class:`~crossgap_fast.pipeline.inputs.items.InputItems`
 of a parquet input (image paths or URLs, or captions, one per row, in row order).
 
 Names: a row's ``id`` / ``key`` / ``name`` (else the image path or URL as written, or the
@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from crossgap_fast.errors import InputError
-from crossgap_fast.pipeline.inputs.folders import images_gallery
-from crossgap_fast.pipeline.inputs.items import Gallery, ImageUrl
+from crossgap_fast.pipeline.inputs.folders import images_items
+from crossgap_fast.pipeline.inputs.items import InputItems, ImageUrl
 from crossgap_fast.pipeline.inputs.texts import check_unique_ids, pick_column
 from crossgap_fast.pipeline.inputs.urls import URL_SCHEMES, is_remote
 
@@ -73,7 +73,7 @@ def require_column(path: str | os.PathLike, found: Sequence[str], column: str) -
     return column
 
 
-def parquet_gallery(path: Path, kind: str, column: str | None) -> Gallery:
+def parquet_items(path: Path, kind: str, column: str | None) -> InputItems:
     """Images: a path column (relative paths are relative to the file's folder) or a URL
     column (http/https, fetched when decoded); texts: a caption column. ``column`` picks
     it, else the first of :data:`IMAGE_PATH_COLUMNS` + :data:`IMAGE_URL_COLUMNS` /
@@ -112,7 +112,7 @@ def parquet_gallery(path: Path, kind: str, column: str | None) -> Gallery:
     else:
         names = [str(row) for row in range(1, len(values) + 1)]
     if kind == "texts":
-        return Gallery("texts", str(path), names=names, items=values, issues=issues)
+        return InputItems("texts", str(path), names=names, items=values, issues=issues)
     items: list[Any] = []
     for i, v in enumerate(values):
         if not v:
@@ -124,4 +124,4 @@ def parquet_gallery(path: Path, kind: str, column: str | None) -> Gallery:
             issues[i] = {"level": "error", "reason": "unsupported URL scheme (only http and https are fetched)"}
         else:
             items.append(v if os.path.isabs(v) else str(path.parent / v))
-    return images_gallery(str(path), names, items, issues=issues)
+    return images_items(str(path), names, items, issues=issues)

@@ -1,5 +1,5 @@
 """Webdataset tar shards: listing samples from the tar headers, reading members, and the
-:class:`~crossgap_fast.pipeline.inputs.items.Gallery` of a tar input.
+:class:`~crossgap_fast.pipeline.inputs.items.InputItems` of a tar input.
 
 A shard is listed from its headers only (``tarfile`` seeks over uncompressed member data);
 an image is a :class:`~crossgap_fast.pipeline.inputs.items.TarMember` locator, read later by
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from crossgap_fast.errors import InputError, ItemReadError
-from crossgap_fast.pipeline.inputs.folders import IMAGE_EXTENSIONS, images_gallery
-from crossgap_fast.pipeline.inputs.items import Gallery, TarMember
+from crossgap_fast.pipeline.inputs.folders import IMAGE_EXTENSIONS, images_items
+from crossgap_fast.pipeline.inputs.items import InputItems, TarMember
 from crossgap_fast.pipeline.inputs.texts import TEXT_ENCODING, json_text
 from crossgap_fast.pipeline.inputs.urls import is_remote, refuse_remote
 
@@ -232,7 +232,7 @@ def _is_image_suffix(suffix: str) -> bool:
     return "." + suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
 
 
-def tar_gallery(source: str, tars: list[str], kind: str) -> Gallery:
+def tar_items(source: str, tars: list[str], kind: str) -> InputItems:
     """Images: one item per sample with an image member (its first, in tar order), named by
     the sample key; texts: the sample's ``.txt``, else ``.caption``, else a ``.json`` with a
     "text" / "caption" field (one line terminator at the end of a text file is dropped).
@@ -249,7 +249,7 @@ def tar_gallery(source: str, tars: list[str], kind: str) -> Gallery:
         if not items:
             raise InputError(f"webdataset input {source!r} has no sample with an image member "
                              f"({', '.join(sorted(IMAGE_EXTENSIONS))}) in {len(tars)} shard(s)")
-        return images_gallery(source, names, items)
+        return images_items(source, names, items)
     picked: list[tuple[str, TarMember]] = []
     for sample in samples:
         suffix = next((x for x in TAR_TEXT_SUFFIXES if x in sample.members), None)
@@ -266,7 +266,7 @@ def tar_gallery(source: str, tars: list[str], kind: str) -> Gallery:
         texts.append(text)
         if reason is not None:
             issues[i] = {"level": "error", "reason": reason}
-    return Gallery("texts", source, names=names, items=texts, issues=issues)
+    return InputItems("texts", source, names=names, items=texts, issues=issues)
 
 
 def _member_text(suffix: str, data: bytes | Exception) -> tuple[str | None, str | None]:

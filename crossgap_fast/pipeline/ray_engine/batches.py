@@ -16,7 +16,7 @@ from crossgap_fast.inversion.config import InversionConfig, check_int
 from crossgap_fast.models import ClipModel, as_clip_model, frozen, load_named_model
 from crossgap_fast.pipeline.encode import encode_image_batch, encode_text_batch
 from crossgap_fast.pipeline.inputs import ImageDataset, unreadable_image
-from crossgap_fast.pipeline.inputs.features import features_gallery
+from crossgap_fast.pipeline.inputs.features import features_items
 from crossgap_fast.pipeline.placement import Place, resolve_device
 from crossgap_fast.pipeline.settings import method_of
 from crossgap_fast.towers.text import check_text_tower
@@ -140,7 +140,7 @@ class ModelBatches:
         if len(x) == 0:
             return
         # a feature input's own checks (non-finite, all-zero rows), with its reasons
-        issues = features_gallery(x, "the 'features' column").issues
+        issues = features_items(x, "the 'features' column").issues
         for i, issue in issues.items():
             errors[i] = issue["reason"]
         ok = [i for i in range(len(x)) if i not in issues]

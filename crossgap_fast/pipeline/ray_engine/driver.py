@@ -24,7 +24,7 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess test
 from crossgap_fast.defaults import DEFAULT_ENCODE_BATCH
 from crossgap_fast.errors import RayRunError
 from crossgap_fast.inversion.config import InversionConfig, check_int
-from crossgap_fast.pipeline.inputs import Gallery
+from crossgap_fast.pipeline.inputs import InputItems
 from crossgap_fast.pipeline.ray_engine.actors import EncodeBatches, InvertBatches
 from crossgap_fast.pipeline.ray_engine.batches import ModelSpec, build_model, token_shape
 from crossgap_fast.pipeline.ray_engine.shards import ShardBuffer, input_rows
@@ -72,7 +72,7 @@ def _error_summary(err: Exception) -> str:
 
 
 def run_ray(
-    gallery: Gallery,
+    gallery: InputItems,
     model: ModelSpec,
     config: InversionConfig | dict | None,
     *,

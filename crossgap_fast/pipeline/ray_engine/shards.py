@@ -10,14 +10,14 @@ import numpy as np
 import torch
 
 from crossgap_fast.errors import RayRunError
-from crossgap_fast.pipeline.inputs import Gallery
+from crossgap_fast.pipeline.inputs import InputItems
 from crossgap_fast.pipeline.ray_engine.batches import Item
 
 #: Output columns that go into a shard's payload as tensors.
 NUMERIC = ("features", "targets", "tokens", "loss", "loss_curve")
 
 
-def input_rows(gallery: Gallery, todo: list[tuple[int, int]]) -> list[dict]:
+def input_rows(gallery: InputItems, todo: list[tuple[int, int]]) -> list[dict]:
     """One row per usable item of the ``todo`` ranges: its index and the item.
 
     This lists the items in the driver's memory, which is fine up to a few million. At 100M
@@ -46,7 +46,7 @@ def input_rows(gallery: Gallery, todo: list[tuple[int, int]]) -> list[dict]:
 class ShardBuffer:
     """Rows of the shards still being filled; a shard leaves as soon as all its rows are in."""
 
-    def __init__(self, gallery: Gallery, todo: dict[int, tuple[int, int]], expected: dict[int, int],
+    def __init__(self, gallery: InputItems, todo: dict[int, tuple[int, int]], expected: dict[int, int],
                  write_shard: Callable[[int, dict], None], encode_only: bool, keep_loss_curve: bool):
         self.gallery = gallery
         self.shards = sorted(todo)
