@@ -61,7 +61,7 @@ DEFAULT_LEASE_SECONDS = 120.0
 DEFAULT_ENGINE = "local"
 #: Ray actors (one Inverter each) of the Ray engine.
 DEFAULT_RAY_ACTORS = 1
-#: What the store keeps of each item, and in which float dtype.
+#: What the store keeps of each item (every column it has), and in which float dtype.
 DEFAULT_STORE = ("features", "tokens", "targets", "losses")
 DEFAULT_DTYPE = "float32"
 #: Rows per batch of :func:`crossgap_fast.iter_inversions`.

@@ -76,5 +76,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

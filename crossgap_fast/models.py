@@ -23,7 +23,7 @@ from torch import nn
 
 from crossgap_fast.demo.assets import DEMO_MODEL, demo_checkpoint_path
 from crossgap_fast.errors import CheckpointError
-from crossgap_fast.files import file_sha256 as sha256_of_file
+from crossgap_fast.files import file_sha256
 from crossgap_fast.towers.text import text_tower
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -314,14 +314,14 @@ LOCAL_DIR_FILES = (".json", ".safetensors", ".bin", ".pth", ".pt", ".txt", ".mod
 _file_digests: dict[tuple[str, int, int], str] = {}
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def cached_file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, hashed once per (path, size, mtime) in this process
     (a run asks for its checkpoint's identity more than once; a rewritten file is hashed again)."""
     real = os.path.realpath(path)
     st = os.stat(real)
     key = (real, st.st_size, st.st_mtime_ns)
     if key not in _file_digests:
-        _file_digests[key] = sha256_of_file(real)
+        _file_digests[key] = file_sha256(real)
     return _file_digests[key]
 
 
@@ -334,7 +334,7 @@ def folder_sha256(folder: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     for p in sorted(root.iterdir(), key=lambda q: q.name):
         if p.suffix in LOCAL_DIR_FILES and p.is_file():
-            digest.update(f"{p.name}\0{file_sha256(p)}\n".encode("utf-8", "surrogateescape"))
+            digest.update(f"{p.name}\0{cached_file_sha256(p)}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -364,7 +364,7 @@ def pretrained_id(cm: ClipModel) -> str:
         return "random"
     p = os.fspath(p)
     if os.path.isfile(p):
-        return "sha256:" + file_sha256(p)
+        return "sha256:" + cached_file_sha256(p)
     if os.sep in p or os.path.exists(p):  # a tag never holds a separator
         raise FileNotFoundError(f"checkpoint {p!r} of the loaded model is no longer a file: "
                                 "its sha256 cannot be recorded")

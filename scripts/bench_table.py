@@ -37,9 +37,17 @@ def rows(report: dict) -> list[str]:
 
 
 if __name__ == "__main__":
+    usage = "usage: python scripts/bench_table.py BENCH.json [MORE.json ...]"
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print(usage)
+        sys.exit(0)
     if len(sys.argv) < 2:
-        sys.exit("usage: python scripts/bench_table.py BENCH.json [MORE.json ...]")
+        sys.exit(usage)
     for i, path in enumerate(sys.argv[1:]):
-        with open(path) as fh:
-            table = rows(json.load(fh))
+        try:
+            with open(path) as fh:
+                table = rows(json.load(fh))
+        except (OSError, ValueError) as err:
+            print(f"bench_table: cannot read {path!r}: {err}", file=sys.stderr)
+            sys.exit(2)
         print("\n".join(table if i == 0 else table[2:]))

@@ -32,7 +32,6 @@ def vitb32() -> cg.ClipModel:
     return _random_model("ViT-B-32")
 
 
-
 @pytest.fixture(autouse=True)
 def _seed_global_rng():
     """Test data drawn from the global RNG is the same whatever the test order."""

@@ -82,7 +82,7 @@ def test_inverter_reuses_compiled_shapes(gpu_model):
     for n in (100, 120, 128, 64):  # 128, 128, 128 and 64 after rounding to the chunk quantum
         res = inv.run(torch.randn(n, 512))
         assert res.info["fast_path"] == "compile+graph+kernels"
-    assert sorted(set(inv._compile_calls)) == [64, 128]
+    assert sorted(set(inv.fast._compile_calls)) == [64, 128]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -108,8 +108,8 @@ def test_checkpoint_is_hashed_once_and_again_when_rewritten(tmp_path, monkeypatc
     path = tmp_path / "w.pt"
     path.write_bytes(b"x" * 100)
     calls = []
-    real = hashlib.file_digest
-    monkeypatch.setattr(hashlib, "file_digest", lambda f, name: calls.append(name) or real(f, name))
+    real = models.file_sha256  # the uncached hash under the per-process cache
+    monkeypatch.setattr(models, "file_sha256", lambda p: calls.append(p) or real(p))
     cm = _with_pretrained(cg.load_model("crossgap-tiny"), str(path))
     a = models.pretrained_id(cm)
     assert models.pretrained_id(cm) == a and len(calls) == 1

@@ -405,13 +405,18 @@ def test_engine_ray_in_windows_of_shards(ray_local, tiny, tmp_path, monkeypatch)
     from crossgap_fast.pipeline import worker as gallery_mod
     from test_cli import recorded_shards
 
+    from crossgap_fast.pipeline.ray_engine import driver
+
     monkeypatch.setattr(gallery_mod, "RAY_WINDOW_ITEMS", 1)
+    windows = []
+    run_ray = driver.run_ray
+    monkeypatch.setattr(driver, "run_ray", lambda *a, **k: windows.append(1) or run_ray(*a, **k))
     feats = torch.randn(7, tiny.embed_dim, generator=torch.Generator().manual_seed(6))
     np.save(tmp_path / "f.npy", feats.numpy())
     kw = dict(steps=STEPS, shard_size=3, progress=False)
     cg.invert_gallery(str(tmp_path / "f.npy"), tmp_path / "local", tiny, **kw)
     summary = cg.invert_gallery(str(tmp_path / "f.npy"), tmp_path / "ray", tiny, engine="ray", **kw)
-    assert summary.complete and summary.shards_done == 3
+    assert summary.complete and summary.shards_done == 3 and len(windows) == 3  # one window per shard
     assert recorded_shards(tmp_path / "ray") == [0, 1, 2]
     a, b = cg.load_inversions(tmp_path / "local"), cg.load_inversions(tmp_path / "ray")
     assert a.names == b.names

@@ -114,6 +114,7 @@ def test_a_folder_that_is_no_run_exits_2_with_one_line(tmp_path, capsys, make, m
     assert cli.main(["status", str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("crossgap: error: ") and message in err and err.count("\n") == 1
+    assert "damaged manifest or shard entry" not in err  # said as it is, not wrapped again
     with pytest.raises(StatusError):
         read_status(folder)
 

@@ -30,7 +30,6 @@ from crossgap_fast.cli import evaluate, invert, tools
 from crossgap_fast.cli.messages import fail, format_warning, os_problem
 from crossgap_fast.demo.assets import DEMO_MODEL
 from crossgap_fast.models import HF_HUB, LOCAL_DIR, load_named_model
-from crossgap_fast.pipeline.status import add_status_parser
 
 #: The commands that load no model from ``--model`` / ``--pretrained`` themselves.
 _STANDALONE = {"demo": tools.demo, "selfcheck": tools.selfcheck, "status": tools.status, "export": tools.export}
@@ -47,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_parsers(top)
     evaluate.add_parser(top)
     tools.add_selfcheck_parser(top)
-    add_status_parser(top)
+    tools.add_status_parser(top)
     tools.add_export_parser(top)
     return parser
 

@@ -10,7 +10,14 @@ import argparse
 
 from crossgap_fast.cli.messages import fail, os_problem
 from crossgap_fast.cli.options import add_model_option, non_negative, positive
-from crossgap_fast.defaults import DEFAULT_PRETRAINED, DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS
+from crossgap_fast.defaults import (
+    DEFAULT_NUM_TOKENS,
+    DEFAULT_PRETRAINED,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    DEFAULT_TEMPLATE,
+    DEFAULT_WARM_STEPS,
+)
 from crossgap_fast.errors import GalleryError, UnsupportedModelError
 from crossgap_fast.eval.harness import evaluate_retrieval, evaluate_zeroshot
 from crossgap_fast.eval.reports import write_outputs
@@ -36,9 +43,9 @@ def add_parser(top) -> None:
             _add_retrieval_options(p)
         p.add_argument("--steps", type=positive, default=None,
                        help=f"inversion steps (default {DEFAULT_STEPS['oti']} for OTI, {DEFAULT_STEPS['ovi']} for OVI)")
-        p.add_argument("--num-tokens", type=positive, default=1, help="pseudo tokens / patches")
+        p.add_argument("--num-tokens", type=positive, default=DEFAULT_NUM_TOKENS, help="pseudo tokens / patches")
         p.add_argument("--template", default=DEFAULT_TEMPLATE, help="OTI text template")
-        p.add_argument("--seed", type=int, default=0, help="seed of the per-item random starts")
+        p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the per-item random starts")
         p.add_argument("--cache", default=None,
                        help="where encoded features and inversions are kept (default ~/.cache/crossgap)")
         p.add_argument("--out", default=None, help="also write report.json and report.png here")

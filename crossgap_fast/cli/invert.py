@@ -17,8 +17,10 @@ from crossgap_fast.defaults import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_LR,
     DEFAULT_MAX_FAILED_FRACTION,
+    DEFAULT_NUM_TOKENS,
     DEFAULT_PRETRAINED,
     DEFAULT_RAY_ACTORS,
+    DEFAULT_SEED,
     DEFAULT_SHARD_SIZE,
     DEFAULT_STEPS,
     DEFAULT_TEMPLATE,
@@ -31,7 +33,7 @@ from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.models import RANDOM_MODEL_SEED
 from crossgap_fast.pipeline.encode import default_workers
 from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
-from crossgap_fast.pipeline.settings import ENGINES
+from crossgap_fast.pipeline.settings import ENGINES, method_of
 from crossgap_fast.pipeline.store import schema as fmt
 
 _WHAT = {("invert", "images"): "OTI: images -> pseudo tokens and text features",
@@ -103,7 +105,7 @@ def _add_common_options(p: argparse.ArgumentParser, kind: str) -> None:
 
 def _add_inversion_options(p: argparse.ArgumentParser, kind: str) -> None:
     """The options of ``invert`` only: the optimiser, warm start, what to store, the engine."""
-    method = "oti" if kind == "images" else "ovi"
+    method = method_of(kind)
     p.add_argument("--steps", type=positive, default=None,
                    help=f"optimisation steps (default {DEFAULT_STEPS[method]}; with --warm-start "
                    f"{DEFAULT_WARM_STEPS[method]} from each predicted start)")
@@ -113,7 +115,7 @@ def _add_inversion_options(p: argparse.ArgumentParser, kind: str) -> None:
                    "prediction (N >= 32; default 0: off, every item exact)")
     p.add_argument("--calibration-steps", type=positive, default=None,
                    help=f"steps of the calibration items (default {DEFAULT_STEPS[method]})")
-    p.add_argument("--num-tokens", type=positive, default=1,
+    p.add_argument("--num-tokens", type=positive, default=DEFAULT_NUM_TOKENS,
                    help="pseudo tokens (images) / pseudo patches (texts) per item")
     if kind == "images":
         p.add_argument("--template", default=DEFAULT_TEMPLATE,
@@ -122,7 +124,7 @@ def _add_inversion_options(p: argparse.ArgumentParser, kind: str) -> None:
                    help="items optimised together (default: from the memory budget)")
     p.add_argument("--encode-batch-size", type=positive, default=DEFAULT_ENCODE_BATCH,
                    help=f"items per encoder call (default {DEFAULT_ENCODE_BATCH})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-item random starts")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the per-item random starts")
     p.add_argument("--lr", type=float, default=DEFAULT_LR,
                    help=f"AdamW learning rate (default {DEFAULT_LR:g})")
     p.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
@@ -173,7 +175,7 @@ def run(args: argparse.Namespace, model) -> int:
 def _inversion_config(args: argparse.Namespace) -> InversionConfig:
     """The inversion settings of ``invert``; a warm start without ``--steps`` takes the warm
     default."""
-    method = "oti" if args.kind == "images" else "ovi"
+    method = method_of(args.kind)
     steps = args.steps
     if steps is None and args.warm_start:
         steps = DEFAULT_WARM_STEPS[method]

@@ -8,18 +8,19 @@ only read an output directory.
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
 from crossgap_fast.cli.messages import fail, os_problem, printable
 from crossgap_fast.cli.options import add_model_option, positive
-from crossgap_fast.defaults import DEFAULT_STEPS
+from crossgap_fast.defaults import DEFAULT_FAILURES_SHOWN, DEFAULT_STEPS
 from crossgap_fast.demo.assets import DEMO_MODEL
 from crossgap_fast.demo.job import run_demo
 from crossgap_fast.errors import GalleryError, StatusError
 from crossgap_fast.inversion.selfcheck import parse_stages, run_selfcheck
 from crossgap_fast.models import load_named_model
-from crossgap_fast.pipeline.status import status_command
+from crossgap_fast.pipeline.status import read_status
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.pipeline.store.export import export_store
 
@@ -104,12 +105,31 @@ def selfcheck(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------- status
+def add_status_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``status`` to the ``crossgap`` sub-commands."""
+    p = subparsers.add_parser(
+        "status", help="progress of a gallery run: shards done / leased / pending, items/s, ETA, failures",
+        description="Report a gallery run's progress from its output directory (safe beside running "
+        "workers: reads only). Exit code 2 when OUTDIR is no crossgap output directory.")
+    p.add_argument("out_dir", metavar="OUTDIR", help="output directory of crossgap invert / encode")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--failures", type=int, default=DEFAULT_FAILURES_SHOWN,
+                   help=f"how many of the latest failures to list (default {DEFAULT_FAILURES_SHOWN}; 0: none)")
+    return p
+
+
 def status(args: argparse.Namespace) -> int:
     """Run ``status`` (reads the output directory only: no model)."""
     try:
-        return status_command(args)
-    except StatusError as err:
+        report = read_status(args.out_dir, failures=args.failures)
+    except StatusError as err:  # a missing folder or no manifest: said as it is
         return fail(str(err))
+    except OSError as err:
+        return fail(f"cannot read {args.out_dir!r}: {err.strerror or err}")
+    except (KeyError, TypeError, ValueError) as err:  # an entry or lease without what it must hold
+        return fail(f"{args.out_dir!r} holds a damaged manifest or shard entry ({type(err).__name__}: {err})")
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
+    return 0
 
 
 # ------------------------------------------------------------------------------------- export

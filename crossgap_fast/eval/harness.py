@@ -16,7 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from crossgap_fast.api import encode_images, encode_texts
-from crossgap_fast.defaults import DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS
+from crossgap_fast.defaults import DEFAULT_NUM_TOKENS, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS
 from crossgap_fast.eval.caches import cached_features, cached_inversion, dataset_cache_dir, inversion_tag
 from crossgap_fast.eval.datasets import ImageRetrievalSet, list_datasets, load_image_dataset, load_text_dataset
 from crossgap_fast.eval.reports import Report, image_retrieval_report, text_retrieval_report, zeroshot_report
@@ -95,7 +95,7 @@ def evaluate_retrieval(
     split: str = "paper",
     modes: Sequence[str] = ("intra", "oti", "ovi"),
     steps: int | None = None,
-    num_tokens: int = 1,
+    num_tokens: int = DEFAULT_NUM_TOKENS,
     template: str = DEFAULT_TEMPLATE,
     seed: int = DEFAULT_SEED,
     snapshot_steps: Sequence[int] | None = None,
@@ -164,7 +164,7 @@ def evaluate_zeroshot(
     *,
     split: str = "test",
     steps: int = DEFAULT_STEPS["oti"],
-    num_tokens: int = 1,
+    num_tokens: int = DEFAULT_NUM_TOKENS,
     template: str = DEFAULT_TEMPLATE,
     seed: int = DEFAULT_SEED,
     cache_dir: str | os.PathLike | None = None,

@@ -174,7 +174,7 @@ if HAS_TRITON_OP:
     _adamw_op = dispatch.register_op("adamw_step", _adamw, mutates_args={"param", "exp_avg", "exp_avg_sq"})
 
 
-def _contiguous(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *_: object) -> bool:
+def _contiguous(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> bool:
     return all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq))
 
 
@@ -192,6 +192,7 @@ def adamw_step_triton(
     weight_decay: float,
 ) -> None:
     """In-place AdamW step with the Triton kernel (custom op ``crossgap::adamw_step``)."""
+    dispatch.require_triton()
     _check(param, grad, exp_avg, exp_avg_sq)
     if not _contiguous(param, grad, exp_avg, exp_avg_sq):
         raise ValueError("the Triton AdamW kernel needs contiguous param/grad/exp_avg/exp_avg_sq")

@@ -374,6 +374,7 @@ if HAS_TRITON_OP:
 def prefix_attention_triton(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                             causal: bool = True, scale: Optional[float] = None) -> Tensor:
     """Triton path (custom op ``crossgap::prefix_attention``), differentiable w.r.t. q, k, v."""
+    dispatch.require_triton()
     pk, pv = _check(q, k, v, prefix_k, prefix_v, causal)
     return _pa_op(q, k, v, pk, pv, _scale(q, scale), bool(causal))[0]
 

@@ -185,6 +185,7 @@ if HAS_TRITON_OP:
 
 def cosine_loss_triton(pred: Tensor, target: Tensor) -> Tensor:
     """Triton path (custom op ``crossgap::cosine_loss``), differentiable w.r.t. ``pred``."""
+    dispatch.require_triton()
     _check(pred, target)
     return _cos_op(pred, target.detach())[0]
 

@@ -31,6 +31,7 @@ import torch
 
 try:  # pragma: no cover - depends on the environment
     import triton
+    import triton.language  # noqa: F401 (a broken install fails here, not in the op files)
 
     HAS_TRITON = True
 except Exception:  # ImportError, or a broken install
@@ -91,12 +92,18 @@ def use_kernels_for(use_kernels: Optional[bool], *tensors: Optional[torch.Tensor
             if t.is_floating_point() and t.dtype not in _FAST_DTYPES:
                 return False
         return True
-    if use_kernels and not HAS_TRITON_OP:
+    if use_kernels:
+        require_triton()
+    return bool(use_kernels)
+
+
+def require_triton() -> None:
+    """Raise ``RuntimeError`` unless the Triton ops are registered (every Triton path calls it)."""
+    if not HAS_TRITON_OP:
         raise RuntimeError(
             "use_kernels=True was requested but Triton (or torch.library.triton_op) "
             "is not available in this environment"
         )
-    return bool(use_kernels)
 
 
 def entry_point(
@@ -111,7 +118,7 @@ def entry_point(
     """The public function of an op: ``reference``'s parameters plus ``use_kernels``.
 
     ``tensors``: how many leading parameters the auto rule looks at. ``auto_condition``: the
-    op's own extra condition for the auto choice, called with the call's arguments. The Triton
+    op's own extra condition for the auto choice, called with those tensors. The Triton
     path is looked up by name in its module at every call, so a test can replace it there.
     """
     module = sys.modules[triton_path.__module__]
@@ -126,7 +133,7 @@ def entry_point(
                 on.append(kwargs[n])
         kernels = use_kernels_for(use_kernels, *on)
         if kernels and use_kernels is None and auto_condition is not None:
-            kernels = auto_condition(*args, **kwargs)
+            kernels = auto_condition(*on)
         if kernels:
             return getattr(module, path_name)(*args, **kwargs)
         return reference(*args, **kwargs)

@@ -314,6 +314,7 @@ def expand_pseudo_patches_triton(
     num_patches: int,
 ) -> Tensor:
     """Triton path (custom op ``crossgap::expand_pseudo_patches``), differentiable w.r.t. ``pseudo``."""
+    dispatch.require_triton()
     _check(pseudo, class_emb, pos_emb, ln_weight, ln_bias, num_patches)
     out, _, _ = _expand_op(pseudo, class_emb, pos_emb, ln_weight, ln_bias, float(eps), int(num_patches))
     return out

@@ -197,6 +197,7 @@ if HAS_TRITON_OP:
 
 def insert_pseudo_tokens_triton(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor) -> Tensor:
     """Triton path (custom op ``crossgap::insert_pseudo_tokens``), differentiable w.r.t. ``pseudo``."""
+    dispatch.require_triton()
     _check(token_emb, pos_emb, pseudo, positions)
     return _insert_op(token_emb, pos_emb, pseudo, positions.to(device=pseudo.device, dtype=torch.int64))
 

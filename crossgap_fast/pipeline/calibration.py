@@ -1,4 +1,6 @@
-"""The warm-start phase of a gallery run (``crossgap invert ... --warm-start N``).
+"""The calibration set of a warm-started gallery run (``crossgap invert ... --warm-start N``):
+which items, their exact inversion, and ``calibration.pt`` on disk. :mod:`.warm_run` runs the
+phases of such a run with it.
 
 1. ``N`` calibration items are chosen by a seeded hash of each item's index, so the choice does
    not depend on shards, ranks or the order the items are processed in.

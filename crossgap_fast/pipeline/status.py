@@ -12,8 +12,6 @@ file that a finishing worker has not removed yet.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import time
@@ -183,32 +181,3 @@ def read_status(out_dir: str | os.PathLike, *, now: float | None = None,
                 for i, r in sorted(live.items())],
         recent_failures=_failures(entries, failures),
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-def add_status_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``status`` to the ``crossgap`` sub-commands."""
-    p = subparsers.add_parser(
-        "status", help="progress of a gallery run: shards done / leased / pending, items/s, ETA, failures",
-        description="Report a gallery run's progress from its output directory (safe beside running "
-        "workers: reads only). Exit code 2 when OUTDIR is no crossgap output directory.")
-    p.add_argument("out_dir", metavar="OUTDIR", help="output directory of crossgap invert / encode")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--failures", type=int, default=DEFAULT_FAILURES_SHOWN,
-                   help=f"how many of the latest failures to list (default {DEFAULT_FAILURES_SHOWN}; 0: none)")
-    return p
-
-
-def status_command(args: argparse.Namespace) -> int:
-    """Run ``crossgap status``; raises :class:`StatusError` for the caller to report."""
-    try:
-        status = read_status(args.out_dir, failures=args.failures)
-    except OSError as err:
-        raise StatusError(f"cannot read {args.out_dir!r}: {err.strerror or err}") from err
-    except (KeyError, TypeError, ValueError) as err:  # an entry or lease without what it must hold
-        raise StatusError(f"{args.out_dir!r} holds a damaged manifest or shard entry "
-                          f"({type(err).__name__}: {err})") from err
-    print(json.dumps(status.to_json(), indent=2) if args.json else status.format())
-    return 0

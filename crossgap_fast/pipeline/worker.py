@@ -44,7 +44,7 @@ def work(place: Place, inputs, store: GalleryStore, leases: Leases, cm: ClipMode
     """This worker's part of the run in ``store``, until every shard is finished; returns the summary."""
     config = inverter.config if inverter is not None else None
     values = run_values(config, pipe.encode_batch_size, dev)
-    gallery, resumed = _open_gallery(place, inputs, store, leases, cm, dev, kind=kind, method=method,
+    gallery, resumed = _open_items(place, inputs, store, leases, cm, dev, kind=kind, method=method,
                                      inverter=inverter, pipe=pipe, warm=warm, values=values)
     store.open()
     if resumed and not pipe.worker:
@@ -98,9 +98,9 @@ def work(place: Place, inputs, store: GalleryStore, leases: Leases, cm: ClipMode
     )
 
 
-def _open_gallery(place: Place, inputs, store: GalleryStore, leases: Leases, cm: ClipModel, dev: torch.device, *,
-                  kind, method, inverter: Inverter | None, pipe: PipelineSettings, warm,
-                  values: dict) -> tuple[InputItems, bool]:
+def _open_items(place: Place, inputs, store: GalleryStore, leases: Leases, cm: ClipModel, dev: torch.device, *,
+                kind, method, inverter: Inverter | None, pipe: PipelineSettings, warm,
+                values: dict) -> tuple[InputItems, bool]:
     """(the run's items, whether the run existed): the worker that sets the run up lists the
     input and writes the index and manifest; a joining worker checks its settings against the
     manifest and reads the index (a resume lists the input again and compares it)."""
@@ -109,7 +109,7 @@ def _open_gallery(place: Place, inputs, store: GalleryStore, leases: Leases, cm:
 
     def listed() -> InputItems:
         gallery = load_input(inputs, kind, tokenizer=cm.tokenizer, context_length=cm.context_length,
-                               column=pipe.column)
+                             column=pipe.column)
         check_input(gallery, cm, method)
         return gallery
 

@@ -17,6 +17,7 @@ from crossgap_fast.towers.text import TextTemplate, TextTower, text_tower
 
 PLACEHOLDER = "£"  # a single BPE token in CLIP's vocabulary, as in the paper
 
+
 def placeholder_id(tokenizer: Callable[[Sequence[str]], Tensor], placeholder: str = PLACEHOLDER) -> int:
     """The id of the single token the placeholder word maps to.
 

@@ -15,7 +15,7 @@ from kernel_checks import DEV, compile_for_sm90, needs_compiled_kernels, needs_t
 
 # ------------------------------------------------------------------ CPU: torch reference
 @pytest.mark.parametrize("wd,betas", [(0.01, (0.9, 0.999)), (0.0, (0.3, 0.99))])
-def test_adamw_fallback_matches_torch_optim_bitwise(wd, betas):
+def test_adamw_reference_matches_torch_optim_bitwise(wd, betas):
     torch.manual_seed(0)
     p0 = torch.randn(4, 1, 37)
     ref = p0.clone().requires_grad_(True)
@@ -35,6 +35,24 @@ def test_adamw_fallback_matches_torch_optim_bitwise(wd, betas):
 
 @needs_triton
 @needs_compiled_kernels
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_adamw_auto_choice_checks_contiguity_with_keyword_arguments(monkeypatch, contiguous):
+    """In auto mode the op's own condition (contiguous tensors) decides, also when the scalars
+    come as keywords; the CUDA check is forced so that this runs on the CPU."""
+    from crossgap_fast.kernels import dispatch
+
+    taken = []
+    monkeypatch.setattr(dispatch, "use_kernels_for", lambda flag, *tensors: True)
+    monkeypatch.setattr(k_adamw, "adamw_step_triton", lambda *a, **k: taken.append("triton"))
+    base = torch.zeros(4, 6)
+    p = base if contiguous else base.t()
+    g, m, v = (torch.zeros_like(p) for _ in range(3))
+    if not contiguous:
+        g, m, v = (t.t().contiguous().t() for t in (g, m, v))
+    adamw_step(p, g, m, v, 1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    assert taken == (["triton"] if contiguous else [])
+
+
 def test_adamw_kernel_compiles_for_sm90(launches):
     """The kernel, with the exact arguments the launcher passes, compiles for an H100."""
     p = torch.empty(100, device="meta")

@@ -34,7 +34,7 @@ def _pa_leaves(B, H, Sq, Sk, P, hd, dtype, seed):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("B,H,Sq,Sk,P,hd", PA_SHAPES)
-def test_prefix_attention_fallback_matches_reference_fp32(B, H, Sq, Sk, P, hd, causal):
+def test_prefix_attention_reference_matches_reference_fp32(B, H, Sq, Sk, P, hd, causal):
     (q, k, v), pk, pv = _pa_leaves(B, H, Sq, Sk, P, hd, torch.float32, seed=B + Sk + P + hd)
     out = prefix_attention(q, k, v, pk, pv, causal, use_kernels=False)
     assert out.shape == (B, H, Sq, hd) and out.dtype == torch.float32
@@ -53,7 +53,7 @@ def test_prefix_attention_fallback_matches_reference_fp32(B, H, Sq, Sk, P, hd, c
 
 
 @pytest.mark.parametrize("B,H,Sq,Sk,P,hd", PA_SHAPES)
-def test_prefix_attention_fallback_bf16_rule(B, H, Sq, Sk, P, hd):
+def test_prefix_attention_reference_bf16_rule(B, H, Sq, Sk, P, hd):
     """bf16: error vs fp64 <= 2 x (SDPA over the concatenation in bf16) error + atol."""
     (q, k, v), pk, pv = _pa_leaves(B, H, Sq, Sk, P, hd, torch.bfloat16, seed=B * Sk + P)
     out = prefix_attention(q, k, v, pk, pv, use_kernels=False)
@@ -198,7 +198,7 @@ def test_prefix_attention_cuda_accuracy(dtype, atol, rtol, B, H, Sq, Sk, P, hd):
     leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
     ref = kr.sdpa_over_concat(*leaves64, pk.double(), pv.double())
     same = [t.detach().clone().requires_grad_(True) for t in leaves]
-    out_same = kr.sdpa_over_concat(*same, pk, pv)  # the previous path, in the same dtype
+    out_same = kr.sdpa_over_concat(*same, pk, pv)  # SDPA over the concatenated prefix, same dtype
     assert_rule(out, out_same, ref, atol, "prefix_attention fwd")
 
     gout = torch.randn(B, H, Sq, hd, device=DEV, dtype=torch.float64)

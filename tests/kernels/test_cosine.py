@@ -26,7 +26,7 @@ from kernel_checks import (
 # ------------------------------------------------------------------ CPU: torch reference
 @pytest.mark.parametrize("dtype,atol,rtol", FLOAT_CASES + [(torch.float16, 1e-3, 1e-3)])
 @pytest.mark.parametrize("B,E", [(3, 7), (5, 64), (2, 1023)])
-def test_cosine_fallback_matches_reference(dtype, atol, rtol, B, E):
+def test_cosine_reference_matches_reference(dtype, atol, rtol, B, E):
     pred, target = kr.make_cosine_inputs(B, E, dtype=dtype, seed=B + E)
     pred.requires_grad_(True)
     loss = cosine_loss(pred, target, use_kernels=False)

@@ -30,7 +30,7 @@ from kernel_checks import (
     "P,N,D,ln,bias",
     [(1, 7, 7, True, True), (2, 7, 64, True, False), (3, 7, 33, False, False), (9, 7, 16, True, True), (3, 49, 24, True, True)],
 )
-def test_expand_fallback_matches_reference(dtype, atol, rtol, P, N, D, ln, bias):
+def test_expand_reference_matches_reference(dtype, atol, rtol, P, N, D, ln, bias):
     B, eps = 3, 1e-5
     pseudo, cls, pos, w, b = kr.make_expand_inputs(B, P, N, D, ln=ln, bias=bias, dtype=dtype, seed=P * N + D)
     pseudo.requires_grad_(True)

@@ -26,7 +26,7 @@ from kernel_checks import (
 # ------------------------------------------------------------------ CPU: torch reference
 @pytest.mark.parametrize("dtype,atol,rtol", FLOAT_CASES)
 @pytest.mark.parametrize("B,S,R,D", [(3, 77, 1, 7), (3, 77, 3, 64), (2, 2, 1, 16), (4, 5, 3, 9)])
-def test_insert_fallback_matches_reference(dtype, atol, rtol, B, S, R, D):
+def test_insert_reference_matches_reference(dtype, atol, rtol, B, S, R, D):
     tok, pos, pseudo, positions = kr.make_insert_inputs(B, S, R, D, dtype=dtype, seed=S + R + D)
     pseudo.requires_grad_(True)
     out = insert_pseudo_tokens(tok, pos, pseudo, positions, use_kernels=False)

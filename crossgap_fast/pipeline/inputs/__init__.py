@@ -5,7 +5,7 @@ clip-retrieval embedding folders, listed once into an item index.
 items, in :mod:`.items`); one module per kind of input reads it (:mod:`.folders`,
 :mod:`.texts`, :mod:`.tars`, :mod:`.parquet`, :mod:`.features`, with the lazy rows of
 embedding folders in :mod:`.feature_rows` and URL fetching in :mod:`.urls`). :mod:`.index`
-stores a listed gallery for the other workers; :mod:`.decode` turns image items into tensors.
+stores the listed items for the other workers; :mod:`.decode` turns image items into tensors.
 """
 
 from crossgap_fast.pipeline.inputs.decode import ImageDataset, collate_images, load_image, unreadable_image

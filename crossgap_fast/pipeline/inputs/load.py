@@ -113,7 +113,7 @@ def load_input(
 
 
 def _path_items(text: str, kind: str, column: str | None) -> InputItems:
-    """The gallery of a path input (a file, a folder, or a webdataset shard pattern)."""
+    """The items of a path input (a file, a folder, or a webdataset shard pattern)."""
     path = Path(text)
     if not path.exists():
         refuse_remote(text)

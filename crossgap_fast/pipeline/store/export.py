@@ -17,7 +17,7 @@ from crossgap_fast.pipeline import calibration as cal_mod
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.pipeline.store.folder import GalleryStore
 from crossgap_fast.pipeline.store.manifest import INPUT_INDEX, SETTINGS_KEYS
-from crossgap_fast.pipeline.store.reader import _open, _pick_entry, _shard_tensors
+from crossgap_fast.pipeline.store.reader import open_store, pick_entry, shard_tensors
 from crossgap_fast.progress import Progress
 
 #: Manifest keys that describe a run's state, not its settings (made anew by the export).
@@ -35,7 +35,7 @@ def export_store(source: str | os.PathLike, target: str | os.PathLike, *,
     ``target`` in the current format; returns the new manifest. ``store``, ``dtype`` and
     ``normalize`` as for :func:`crossgap_fast.invert_gallery`; left out (None), each is the
     source's (every column it kept, its dtype, its normalisation)."""
-    src_root, manifest, candidates, _ = _open(source, allow_partial=True)
+    src_root, manifest, candidates, _ = open_store(source, allow_partial=True)
     kept = fmt.parse_store((manifest.get("output") or {}).get("store"), manifest["method"])
     columns = kept if store is None else fmt.parse_store(store, manifest["method"])
     lacking = [c for c in columns if c not in kept]
@@ -62,11 +62,11 @@ def export_store(source: str | os.PathLike, target: str | os.PathLike, *,
     try:
         out.create(settings, extra)
         for shard in sorted(candidates):
-            entry = _pick_entry(src_root, shard, candidates[shard], verify=True)
+            entry = pick_entry(src_root, shard, candidates[shard], verify=True)
             if manifest.get("version") == 1:
                 payload = torch.load(src_root / entry["file"], map_location="cpu", weights_only=True)
             else:
-                payload = _shard_tensors(src_root, entry)
+                payload = shard_tensors(src_root, entry)
                 payload["columns"] = _item_columns(src_root, entry)
             missing = [c for c in columns if payload.get(c) is None]
             if missing:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crossgap_fast.defaults import DEFAULT_READ_BATCH as DEFAULT_BATCH
+from crossgap_fast.defaults import DEFAULT_READ_BATCH
 from crossgap_fast.errors import CorruptStoreError, GalleryError
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.pipeline.store.entries import entry_mismatch, shard_candidates
@@ -59,7 +59,9 @@ class Inversions:
         return len(self.names)
 
 
-def _open(out_dir: str | os.PathLike, allow_partial: bool) -> tuple[Path, dict, dict[int, list[dict]], bool]:
+def open_store(out_dir: str | os.PathLike, allow_partial: bool) -> tuple[Path, dict, dict[int, list[dict]], bool]:
+    """(root, manifest, each shard's candidate entries, whether the run is complete) of a store
+    to read; a missing, foreign or (unless ``allow_partial``) unfinished store is refused."""
     root = Path(out_dir)
     path = root / MANIFEST
     if not path.is_file():
@@ -75,7 +77,7 @@ def _open(out_dir: str | os.PathLike, allow_partial: bool) -> tuple[Path, dict, 
     return root, manifest, candidates, complete
 
 
-def _pick_entry(root: Path, shard: int, options: list[dict], verify: bool) -> dict:
+def pick_entry(root: Path, shard: int, options: list[dict], verify: bool) -> dict:
     """The entry whose files are on disk as recorded; CorruptStoreError naming the file."""
     why = ""
     for e in options:
@@ -94,13 +96,13 @@ def load_inversions(out_dir: str | os.PathLike, *, allow_partial: bool = False, 
     ``verify`` checks every file against the sha256 in its manifest entry. For stores too
     large for memory use :func:`iter_inversions`.
     """
-    root, manifest, candidates, complete = _open(out_dir, allow_partial)
-    entries = [_pick_entry(root, s, candidates[s], verify) for s in sorted(candidates)]
+    root, manifest, candidates, complete = open_store(out_dir, allow_partial)
+    entries = [pick_entry(root, s, candidates[s], verify) for s in sorted(candidates)]
     if manifest.get("version") == 1:
         parts = [torch.load(io.BytesIO((root / e["file"]).read_bytes()), map_location="cpu", weights_only=True)
                  for e in entries]
     else:
-        parts = [_shard_tensors(root, e) for e in entries]
+        parts = [shard_tensors(root, e) for e in entries]
     errors = list(manifest.get("input_problems") or []) + [r for e in entries for r in e.get("errors", [])]
     width = int(manifest.get("embed_dim") or 0)
     inverted = manifest.get("method") != "encode"
@@ -131,7 +133,7 @@ def load_inversions(out_dir: str | os.PathLike, *, allow_partial: bool = False, 
     )
 
 
-def _shard_tensors(root: Path, entry: dict) -> dict:
+def shard_tensors(root: Path, entry: dict) -> dict:
     """One version-2 shard as the tensors :class:`Inversions` holds."""
     cols = fmt.column_files(entry)
     table = fmt.read_metadata(root, cols[fmt.METADATA])
@@ -153,7 +155,7 @@ def iter_inversions(
     out_dir: str | os.PathLike,
     columns: Sequence[str] = ("features",),
     *,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int = DEFAULT_READ_BATCH,
     metadata_columns: Sequence[str] | None = None,
     allow_partial: bool = False,
     verify: bool = False,
@@ -173,12 +175,12 @@ def iter_inversions(
     bad = [c for c in columns if c not in ARRAY_COLUMNS]
     if bad:
         raise ValueError(f"columns must be some of {', '.join(ARRAY_COLUMNS)}, got {bad}")
-    root, manifest, candidates, _ = _open(out_dir, allow_partial)
+    root, manifest, candidates, _ = open_store(out_dir, allow_partial)
     pending_arrays: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     pending_meta: list = []
     held = 0
     for shard in sorted(candidates):
-        entry = _pick_entry(root, shard, candidates[shard], verify)
+        entry = pick_entry(root, shard, candidates[shard], verify)
         arrays, table = _shard_views(root, manifest, entry, columns, metadata_columns)
         n, lo = table.num_rows, 0
         while lo < n:

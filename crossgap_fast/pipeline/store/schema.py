@@ -29,7 +29,7 @@ import numpy as np
 from crossgap_fast.defaults import DEFAULT_DTYPE, DEFAULT_STORE
 
 #: What ``--store`` can keep (losses are the metadata's ``loss`` column).
-STORE_COLUMNS = ("features", "tokens", "targets", "losses")
+STORE_COLUMNS = DEFAULT_STORE  # the default keeps every column there is
 #: Feature dtypes ``--dtype`` accepts.
 DTYPES = ("float32", "float16")
 METADATA = "metadata"
