@@ -127,13 +127,14 @@ def entry_point(
     names = tuple(signature.parameters)[:tensors]
 
     def op(*args: Any, use_kernels: Optional[bool] = None, **kwargs: Any) -> R:
-        on = list(args[:tensors])
-        for n in names[len(on):]:
-            if n in kwargs:
-                on.append(kwargs[n])
-        kernels = use_kernels_for(use_kernels, *on)
-        if kernels and use_kernels is None and auto_condition is not None:
-            kernels = auto_condition(*on)
+        if use_kernels is None:  # only the auto rule looks at the tensors
+            on = list(args[:tensors])
+            for n in names[len(on):]:
+                if n in kwargs:
+                    on.append(kwargs[n])
+            kernels = use_kernels_for(None, *on) and (auto_condition is None or auto_condition(*on))
+        else:
+            kernels = use_kernels_for(use_kernels)
         if kernels:
             return getattr(module, path_name)(*args, **kwargs)
         return reference(*args, **kwargs)
