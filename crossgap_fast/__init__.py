@@ -15,6 +15,7 @@ from crossgap_fast.errors import (
     CheckpointError,
     ConfigError,
     CorruptStoreError,
+    DeviceFailure,
     FastPathError,
     GalleryError,
     InputError,
@@ -27,6 +28,7 @@ from crossgap_fast.eval.harness import evaluate_retrieval, evaluate_zeroshot
 from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.inversion.inputs import initial_tokens
 from crossgap_fast.inversion.inverter import Inverter
+from crossgap_fast.inversion.step_cache import clear as clear_compiled_steps
 from crossgap_fast.inversion.warm_start import WarmStart, fit_warm_start, load_warm_start
 from crossgap_fast.models import ClipModel, load_model
 from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
@@ -38,6 +40,7 @@ __all__ = [
     "ClipModel",
     "ConfigError",
     "CorruptStoreError",
+    "DeviceFailure",
     "FastPathError",
     "GalleryError",
     "InputError",
@@ -51,6 +54,7 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "WarmStart",
+    "clear_compiled_steps",
     "encode_gallery",
     "encode_images",
     "encode_texts",

@@ -24,6 +24,12 @@ class FastPathError(RuntimeError):
     """A fast stage failed and ``selfcheck="strict"`` forbids falling back."""
 
 
+class DeviceFailure(RuntimeError):
+    """The GPU failed in a way that leaves it unusable for the rest of the process (an illegal
+    memory access, a device-side assert): nothing can fall back on it. Results finished
+    before it are kept; ``crossgap selfcheck`` finds the stage that fails."""
+
+
 # -------------------------------------------------------------------------- the pipeline layer
 class GalleryError(Exception):
     """A gallery run cannot go on: a bad input, a refused output directory, ...

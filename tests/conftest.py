@@ -33,6 +33,17 @@ def vitb32() -> cg.ClipModel:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_compiled_steps():
+    """Each test builds (and compiles) its own steps: the process-wide cache would otherwise
+    hand one test the step another built, past the failure it injects."""
+    from crossgap_fast.inversion import step_cache
+
+    step_cache.clear()
+    yield
+    step_cache.clear()
+
+
+@pytest.fixture(autouse=True)
 def _seed_global_rng():
     """Test data drawn from the global RNG is the same whatever the test order."""
     torch.manual_seed(1234)
@@ -46,3 +57,25 @@ def _triton_interpreter(request, monkeypatch):
         from triton_interpreter import interpret_cpu_launches
 
         interpret_cpu_launches(monkeypatch)
+
+
+@pytest.fixture
+def fake_graph(monkeypatch):
+    """CUDA graphs on the CPU, through a stand-in runner (tests/fast_path_fakes.py)."""
+    from fast_path_fakes import FakeGraph
+
+    from crossgap_fast.inversion import engine
+
+    monkeypatch.setitem(engine.GRAPH_RUNNERS, "cpu", FakeGraph)
+    monkeypatch.setattr(FakeGraph, "mode", "ok")
+    monkeypatch.setattr(FakeGraph, "fail_at_replay", None)
+    return FakeGraph
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """The Triton entry points replaced by their torch versions; a test then breaks one."""
+    from fast_path_fakes import use_torch_kernels
+
+    use_torch_kernels(monkeypatch)
+    return monkeypatch

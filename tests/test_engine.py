@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crossgap_fast.inversion import engine
+from crossgap_fast.inversion import chunks, engine
 from crossgap_fast.kernels import adamw_step
 
 
@@ -28,11 +28,10 @@ def test_device_step_adamw_matches_torch_optim_adamw(wd):
     assert not torch.allclose(p, p0)
 
 
-def test_default_batch_size_respects_the_budget():
-    assert engine.default_batch_size(10_000, 1000, budget_bytes=1000 * 100) == 100
-    assert engine.default_batch_size(7, 1000, budget_bytes=1000 * 100) == 7
-    assert engine.default_batch_size(10, 10**9, budget_bytes=1) == 1
-    assert engine.default_batch_size(10**9, 1, budget_bytes=1e12) == engine.MAX_CHUNK
+def test_max_chunk_respects_the_budget():
+    assert chunks.max_chunk(1000, budget_bytes=1000 * 100) == 100
+    assert chunks.max_chunk(10**9, budget_bytes=1) == 1
+    assert chunks.max_chunk(1, budget_bytes=1e12) == chunks.MAX_CHUNK
 
 
 def _saved_bytes_per_sample(fwd, b: int, r: int, d: int) -> float:
@@ -72,30 +71,60 @@ def test_memory_estimate_bounds_what_autograd_keeps(vitb32, template, shared, mo
     tpl = inv.template
     rows = int(fwd.rows)
     copied = 0 if shared else tpl.prefix_len
-    estimate = engine.activation_bytes_per_sample(rows, rows + tpl.prefix_len, 512, 8, 12, 4, copied)
+    estimate = chunks.activation_bytes_per_sample(rows, rows + tpl.prefix_len, 512, 8, 12, 4, copied)
     assert measured <= estimate, (measured, estimate)
     assert estimate <= 8 * measured  # conservative, not absurd
 
 
 def test_fifty_thousand_samples_at_a_48000_budget_run_as_two_balanced_chunks():
-    plan = engine.plan_chunks(50_000, 48_000, static=True)
+    plan = chunks.plan_chunks(50_000, 48_000, static=True)
     assert len(plan.sizes) == 2 and sum(plan.sizes) == 50_000
     assert plan.padded <= 25_024 and plan.padded % 64 == 0
     assert plan.padding < 64 * len(plan.sizes)
 
 
+@pytest.mark.parametrize("n", [70, 100, 1000, 4095, 10_000])
+@pytest.mark.parametrize("budget", ["large", "exactly n"])
+def test_a_run_that_fits_the_budget_is_one_chunk(n, budget):
+    """A capacity of exactly N used to be rounded down to a multiple of 64 first: N = 70 ran
+    as 2 x 64, 1000 as 2 x 512, 4095 as 2 x 2048, twice the sequential steps."""
+    capacity = 65_536 if budget == "large" else n
+    static = chunks.plan_chunks(n, capacity, static=True)
+    assert static.sizes == (n,)
+    assert n <= static.padded <= capacity
+    if budget == "large":
+        assert static.padded % 64 == 0 and static.padded < 1.25 * n + 64
+    assert chunks.plan_chunks(n, capacity, static=False) == chunks.ChunkPlan((n,), 0)
+
+
+def test_single_chunks_snap_to_a_few_shapes():
+    """A library user's varying batch sizes reuse a few compiled shapes: four per octave."""
+    # 4097 samples: 65 quanta of 64 -> 5 x 16 quanta (shapes m * 2**e quanta with m in 4..7)
+    assert [chunks.bucket(n) for n in (1, 64, 65, 200, 257, 1000, 4096, 4097, 10_000)] == [
+        64, 64, 128, 256, 320, 1024, 4096, 5120, 10_240]
+    shapes = {chunks.bucket(n) for n in range(1, 65_537)}
+    assert len(shapes) <= 40 and all(s % 64 == 0 for s in shapes)
+    assert all(chunks.bucket(n) >= n for n in range(1, 5000))
+    assert max((chunks.bucket(n) - n) / n for n in range(257, 65_537)) < 0.25
+
+
 @pytest.mark.parametrize("n,capacity,static", [
     (1, 1, True), (1, 4096, True), (63, 64, True), (65, 64, True), (4097, 4096, True),
     (100_003, 65_536, True), (10, 3, False), (10, 3, True), (7, 100, False), (12_345, 1000, False),
+    (5000, 4095, True),
 ])
 def test_chunk_plans_cover_every_sample_within_the_capacity(n, capacity, static):
-    plan = engine.plan_chunks(n, capacity, static)
+    plan = chunks.plan_chunks(n, capacity, static)
     assert sum(plan.sizes) == n
     assert max(plan.sizes) - min(plan.sizes) <= 1  # balanced
-    assert len(plan.sizes) == -(-n // max(1, capacity - (capacity % 64 if static and capacity >= 64 else 0)))
+    if n <= capacity:
+        assert len(plan.sizes) == 1
+    else:
+        usable = capacity - (capacity % 64 if static and capacity >= 64 else 0)
+        assert len(plan.sizes) == -(-n // usable)
     if static:
         assert all(s <= plan.padded <= capacity for s in plan.sizes)
-        if capacity >= 64:
+        if capacity >= 64 and n > capacity:
             assert plan.padded % 64 == 0 and plan.padded - max(plan.sizes) < 64
     else:
         assert plan.padded == 0 and max(plan.sizes) <= capacity
@@ -125,3 +154,94 @@ def test_cuda_graph_needs_a_cuda_model(tiny):  # no graph runner is registered f
 
     with pytest.raises(ValueError, match="cuda_graph=True needs"):
         cg.oti(torch.randn(2, 32), tiny, steps=1, cuda_graph=True)
+
+
+# ---------------------------------------------------------------- what a step really holds
+def _step_peak_bytes(inv, b: int) -> int:
+    """Peak bytes the CPU allocator holds during one eager step of ``b`` samples (the profiler's
+    allocation records, in order), over what was held before it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fast = inv.fast
+    st = engine.Stepper(fast.shared.loss_fn, b, inv.token_shape, inv.embed_dim, fast.adamw(), inv.device, False)
+    st.load(torch.randn(b, *inv.token_shape) * 0.02, torch.randn(b, inv.embed_dim))
+    st.step()  # first-call allocations (caches, lazy buffers) stay out of the measurement
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        st.step()
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("model,method", [("vitb32", "oti"), ("vitb32", "ovi"), ("tiny", "oti"),
+                                          ("tiny", "ovi"), ("bidir", "oti")])
+def test_memory_estimate_is_within_1_5x_of_a_steps_peak(request, model, method, precision):
+    """The chunk size comes from this estimate: too high wastes the GPU (the old one was 4x
+    over), too low runs out of memory. Measured as the growth of a step's peak per sample."""
+    from crossgap_fast.inversion.inverter import Inverter
+
+    inv = Inverter(request.getfixturevalue(model), method=method, precision=precision)
+    small, large = (8, 24) if (model, method) == ("vitb32", "ovi") else (16, 64)
+    per_sample = (_step_peak_bytes(inv, large) - _step_peak_bytes(inv, small)) / (large - small)
+    estimate = inv.fast.activation_bytes()
+    assert 0.95 * per_sample <= estimate <= 1.5 * per_sample, (estimate, per_sample)
+
+
+# ---------------------------------------------------------------- capture discipline (no GPU here)
+def test_capture_warms_up_and_captures_on_one_stream_with_its_memory_released(monkeypatch):
+    """CUDA calls replaced by recorders: warm-up and capture on the one side stream of the
+    device, the allocator's cached blocks released in between, the shared pool passed, and
+    another thread's CUDA calls unable to invalidate the capture."""
+    calls: list = []
+
+    class Stream:
+        def __init__(self, device):
+            calls.append(("new stream", device))
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            calls.append("replay")
+
+    class Ctx:
+        def __init__(self, *name):
+            self.name = name
+
+        def __enter__(self):
+            calls.append(("enter", *self.name))
+
+        def __exit__(self, *exc):
+            calls.append(("exit", self.name[0]))
+
+    cuda = torch.cuda
+    monkeypatch.setattr(engine, "_SIDE_STREAMS", {})
+    monkeypatch.setattr(cuda, "Stream", Stream)
+    monkeypatch.setattr(cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(cuda, "current_stream", lambda device=None: Stream("current"))
+    monkeypatch.setattr(cuda, "device", lambda d: Ctx("device"))
+    monkeypatch.setattr(cuda, "stream", lambda s: Ctx("stream", id(s)))
+    monkeypatch.setattr(cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    seen = {}
+
+    def graph(g, pool=None, stream=None, capture_error_mode="global"):
+        seen.update(pool=pool, stream=id(stream), mode=capture_error_mode)
+        return Ctx("capture")
+
+    monkeypatch.setattr(cuda, "graph", graph)
+    device = torch.device("cuda", 0)
+    for _ in range(2):  # a second capture on the same device reuses the stream
+        runner = engine.CudaGraphRunner(device)
+        runner.capture(lambda: calls.append("step"), warmup=1, pool="the shared pool")
+    streams = [c for c in calls if isinstance(c, tuple) and c[0] == "new stream" and c[1] != "current"]
+    assert streams == [("new stream", device)]
+    warm_stream = next(c[2] for c in calls if isinstance(c, tuple) and c[:2] == ("enter", "stream"))
+    assert seen == {"pool": "the shared pool", "stream": warm_stream, "mode": "thread_local"}
+    first = calls[: calls.index(("exit", "capture")) + 1]
+    assert first.index("empty_cache") > first.index("step")  # warm-up, then release, then capture
+    assert first.index(("enter", "capture")) > first.index("empty_cache")

@@ -12,64 +12,12 @@ import torch
 import crossgap_fast as cg
 from crossgap_fast.errors import ConfigError, FastPathError
 from crossgap_fast.inversion import engine
-from crossgap_fast.inversion import fast_path as fast_path_mod
+from crossgap_fast.inversion import step_cache
 from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.inversion.fast_path import GuardedPath
 from crossgap_fast.inversion.inverter import Inverter
-from crossgap_fast.kernels import adamw as adamw_mod, attention as pa_mod, cosine as cosine_mod
-from crossgap_fast.kernels import pseudo_patches as patches_mod, pseudo_tokens as tokens_mod
-
-
-def _plain(model, feats, method="oti", **kw):
-    """The plain eager path (no compile, no graph, no kernels): what every fallback must give."""
-    fn = getattr(cg, method)
-    return fn(feats, model, compile=False, cuda_graph=False, use_kernels=False, **kw)
-
-
-def _assert_same(a: cg.InversionResult, b: cg.InversionResult, atol: float = 0.0) -> None:
-    torch.testing.assert_close(a.features, b.features, atol=atol, rtol=0)
-    torch.testing.assert_close(a.tokens, b.tokens, atol=atol, rtol=0)
-    torch.testing.assert_close(a.losses, b.losses, atol=atol, rtol=0)
-
-
-class FakeGraph:
-    """A stand-in CUDA-graph runner for the CPU: works, fails to capture, or replays nothing."""
-
-    mode = "ok"
-    fail_at_replay: int | None = None
-
-    def __init__(self, device):
-        self.replays = 0
-
-    def capture(self, step, warmup):
-        if self.mode == "raise":
-            raise RuntimeError("injected capture failure")
-        for _ in range(warmup):
-            step()
-        step()  # "recorded"
-        self.step = step
-
-    def replay(self):
-        self.replays += 1
-        if self.fail_at_replay is not None and self.replays == self.fail_at_replay:
-            raise RuntimeError("injected replay failure")
-        if self.mode != "empty":
-            self.step()
-
-
-@pytest.fixture
-def fake_graph(monkeypatch):
-    monkeypatch.setitem(engine.GRAPH_RUNNERS, "cpu", FakeGraph)
-    monkeypatch.setattr(FakeGraph, "mode", "ok")
-    monkeypatch.setattr(FakeGraph, "fail_at_replay", None)
-    return FakeGraph
-
-
-def _fallback_warning(record, stage: str) -> str:
-    texts = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
-    hits = [t for t in texts if f"the {stage} stage failed" in t]
-    assert hits, texts
-    return hits[0]
+from crossgap_fast.kernels import adamw as adamw_mod, cosine as cosine_mod
+from fast_path_fakes import assert_same as _assert_same, fallback_warning as _fallback_warning, plain as _plain
 
 
 # ---------------------------------------------------------------- reuse
@@ -106,7 +54,7 @@ def test_compile_raising_falls_back_to_eager(tiny, monkeypatch):
             raise RuntimeError("injected compile failure")
         return run
 
-    monkeypatch.setattr(fast_path_mod, "_compile", broken)
+    monkeypatch.setattr(step_cache, "_compile", broken)
     feats = torch.randn(5, 32)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -119,7 +67,7 @@ def test_compile_raising_falls_back_to_eager(tiny, monkeypatch):
 
 def test_step_that_dynamo_never_compiled_is_detected(tiny, monkeypatch):
     """A silent fallback to eager (e.g. the recompile limit) must not be reported as compiled."""
-    monkeypatch.setattr(fast_path_mod, "_compile", lambda fn, backend: fn)
+    monkeypatch.setattr(step_cache, "_compile", lambda fn, backend: fn)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         res = cg.ovi(torch.randn(3, 32), tiny, steps=3, compile=True)
@@ -190,18 +138,6 @@ def test_compile_and_graph_together(tiny, fake_graph):
 
 
 # ---------------------------------------------------------------- kernels and the self-check
-@pytest.fixture
-def torch_kernels(monkeypatch):
-    """Triton entry points replaced by the torch versions (correct and quick on the CPU); a test
-    then breaks one of them."""
-    monkeypatch.setattr(tokens_mod, "insert_pseudo_tokens_triton", tokens_mod.insert_pseudo_tokens_torch)
-    monkeypatch.setattr(cosine_mod, "cosine_loss_triton", cosine_mod.cosine_loss_torch)
-    monkeypatch.setattr(adamw_mod, "adamw_step_triton", adamw_mod.adamw_step_torch)
-    monkeypatch.setattr(pa_mod, "prefix_attention_triton", pa_mod.prefix_attention_torch)
-    monkeypatch.setattr(patches_mod, "expand_pseudo_patches_triton", patches_mod.expand_pseudo_patches_torch)
-    return monkeypatch
-
-
 def _wrong_cosine(pred, target):
     return cosine_mod.cosine_loss_torch(pred, target) * 0.9
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from crossgap_fast.cli.messages import fail, os_problem, printable
+from crossgap_fast.cli.messages import EXIT_DEVICE, fail, os_problem, printable
 from crossgap_fast.cli.options import add_model_option, fraction, non_negative, positive
 from crossgap_fast.defaults import (
     DEFAULT_ENCODE_BATCH,
@@ -28,7 +28,7 @@ from crossgap_fast.defaults import (
     DEFAULT_WEIGHT_DECAY,
 )
 from crossgap_fast.demo.assets import DEMO_MODEL
-from crossgap_fast.errors import GalleryError, UnsupportedModelError
+from crossgap_fast.errors import DeviceFailure, GalleryError, UnsupportedModelError
 from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.models import RANDOM_MODEL_SEED
 from crossgap_fast.pipeline.encode import default_workers
@@ -161,6 +161,8 @@ def run(args: argparse.Namespace, model) -> int:
             summary = encode_gallery(args.input, args.out, model, encode_batch_size=args.batch_size, **common)
     except (GalleryError, UnsupportedModelError) as err:
         return fail(str(err))
+    except DeviceFailure as err:  # the finished shards are recorded: --resume redoes only the rest
+        return fail(f"{err}; finished shards in {args.out!r} are kept: rerun with --resume", EXIT_DEVICE)
     except ValueError as err:  # bad settings (steps, template, ...), found before any work
         return fail(f"invalid settings: {err}")
     except OSError as err:  # reading an input; the store reports its own write failures

@@ -12,6 +12,11 @@ import os
 import sys
 
 
+#: Exit code when the GPU failed mid-run (an illegal memory access, a device-side assert): not
+#: the input's fault, and nothing could fall back in the process; finished work is kept.
+EXIT_DEVICE = 3
+
+
 def rank_label() -> str:
     """" (rank R of W)" under a launcher's ranks: each rank reports for itself."""
     world = os.environ.get("WORLD_SIZE", "1")

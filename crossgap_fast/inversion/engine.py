@@ -16,7 +16,6 @@ which :class:`FastPath` runs; this module knows nothing of towers or templates.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,17 +24,8 @@ from torch import Tensor
 
 from crossgap_fast.kernels import adamw_step
 
-#: Chunks whose shape is compiled or captured are a multiple of this many samples, so that a
-#: run of any size reuses a handful of shapes and pads fewer than this many samples per chunk.
-CHUNK_QUANTUM = 64
-#: Largest chunk the engine chooses by itself.
-MAX_CHUNK = 65536
 #: Steps run before a capture (and to compile): allocations and autotuning happen here.
 WARMUP_STEPS = 3
-#: Share of the free device memory the activations may take.
-MEMORY_SHARE = 0.6
-#: Budget on the CPU, where nothing reports free memory usefully.
-CPU_BUDGET = 2 * 2**30
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -90,15 +80,39 @@ class FastPath:
         return next(s for s in STAGES if getattr(self, s))
 
 
+def one_line(error: BaseException | str) -> str:
+    """An error as one line: ``Type: first line of the message`` (and the line after, when the
+    first only announces it, as dynamo's "backend='inductor' raised:" does)."""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()] or [""]
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 class StageFailure(Exception):
-    """A fast stage failed (raised, was not applied, or disagreed with the plain step)."""
+    """Fast stages failed (raised, were not applied, or disagreed with the plain step).
+
+    ``stage``: the stage to give up, or several joined by "+" when a self-check found more
+    than one of them disagreeing on its own."""
 
     def __init__(self, stage: str, error: BaseException | str):
         self.stage = stage
         self.error = error
         #: the error in one line, for warnings and ``info["fallbacks"]``
-        self.text = error if isinstance(error, str) else f"{type(error).__name__}: {error}".splitlines()[0]
+        self.text = one_line(error)
         super().__init__(f"{stage}: {self.text}")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(self.stage.split("+"))
+
+
+class ChunkTooLarge(Exception):
+    """The device ran out of memory on a chunk of ``size`` samples: retry smaller, same stages."""
+
+    def __init__(self, size: int, error: BaseException):
+        self.size = size
+        self.error = error
+        super().__init__(f"out of memory at {size} samples per chunk: {one_line(error)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,23 +123,29 @@ class CudaGraphRunner:
 
     The capture runs under ``torch.cuda.device(device)`` on a stream of that device: without
     it, a model on ``cuda:1`` while the current device is 0 is captured on device 0's stream,
-    the graph is empty and every replay silently does nothing.
+    the graph is empty and every replay silently does nothing. Warm-up and capture share one
+    side stream per device (the caching allocator keeps blocks per stream: two streams would
+    hold the warm-up's activations twice), the cached blocks are released before the capture
+    (the graph's private pool cannot reuse them), and graphs that never run at the same time
+    share ``pool``. ``capture_error_mode="thread_local"``: another thread's CUDA calls (a
+    data loader pinning memory) cannot invalidate the capture.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def capture(self, step: Callable[[], None], warmup: int) -> None:
+    def capture(self, step: Callable[[], None], warmup: int, pool=None) -> None:
         with torch.cuda.device(self.device):
-            stream = torch.cuda.Stream(self.device)
+            stream = side_stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(warmup):
                     step()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 step()
             torch.cuda.synchronize(self.device)
         self.graph = graph
@@ -135,6 +155,25 @@ class CudaGraphRunner:
             self.graph.replay()
 
 
+_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The one side stream of ``device`` on which steps are warmed up and captured."""
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
+
+def new_graph_pool(device: torch.device):
+    """A memory pool for the graphs of one shared step (None where graphs are not CUDA's)."""
+    if device.type != "cuda":
+        return None
+    with torch.cuda.device(device):
+        return torch.cuda.graph_pool_handle()
+
+
 #: Graph runners by device type. Tests register a stand-in for "cpu" to inject capture
 #: failures and empty graphs; a device type without a runner cannot use ``cuda_graph``.
 GRAPH_RUNNERS: dict[str, type] = {"cuda": CudaGraphRunner}
@@ -142,78 +181,6 @@ GRAPH_RUNNERS: dict[str, type] = {"cuda": CudaGraphRunner}
 
 def graph_supported(device: torch.device) -> bool:
     return device.type in GRAPH_RUNNERS
-
-
-# --------------------------------------------------------------------------------------------
-# Memory and chunks
-# --------------------------------------------------------------------------------------------
-def activation_bytes_per_sample(
-    rows: int, attended: int, width: int, heads: int, layers: int, elem_bytes: int, copied_kv_rows: int = 0
-) -> int:
-    """A conservative estimate of one sample's activation memory for forward + backward.
-
-    ``rows`` per-sample rows through each block, each attending over ``attended`` keys;
-    ``copied_kv_rows`` shared keys/values the block copies into every sample (the prefix, when
-    the attention concatenates it). Per row and layer, the saved tensors of a pre-LN block with
-    a 4x MLP are about 20 widths; doubled for the gradients and temporaries. The attention
-    probabilities are kept in fp32.
-    """
-    per_row = 40 * width * elem_bytes + 2 * 4 * heads * attended
-    per_layer = rows * per_row + 2 * 2 * copied_kv_rows * width * elem_bytes
-    return max(1, layers * per_layer)
-
-
-def device_budget(device: torch.device, budget: float | None = None) -> float:
-    """Bytes the activations may take: ``budget`` if given; on CUDA a share of the free memory
-    including what the caching allocator holds reserved but unused; on the CPU a fixed 2 GiB."""
-    if budget is not None:
-        return float(budget)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        reserve = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return MEMORY_SHARE * (free + max(0, reserve))
-    return float(CPU_BUDGET)
-
-
-def default_batch_size(n: int, per_sample_bytes: int, budget_bytes: float) -> int:
-    """How many of ``n`` samples fit in ``budget_bytes`` (at least 1, at most ``MAX_CHUNK``)."""
-    return max(1, min(n, int(budget_bytes // max(1, per_sample_bytes)), MAX_CHUNK))
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """``sizes`` real samples per chunk (balanced: they differ by at most one), each run at
-    ``padded`` samples when shapes are static (else at its own size)."""
-
-    sizes: tuple[int, ...]
-    padded: int
-
-    @property
-    def padding(self) -> int:
-        return sum(self.padded - s for s in self.sizes) if self.padded else 0
-
-
-def plan_chunks(n: int, capacity: int, static: bool, quantum: int = CHUNK_QUANTUM) -> ChunkPlan:
-    """Split ``n`` samples into as few chunks as ``capacity`` allows, all of one size.
-
-    With ``static`` shapes the chunk size is rounded up to a multiple of ``quantum`` (when the
-    capacity allows one), so the compiled / captured shape is stable across runs and the padding
-    stays below ``quantum`` samples per chunk; e.g. 50,000 samples at a 48,000 budget run as two
-    chunks of 25,024, not as 48,000 + a last chunk padded to 48,000.
-    """
-    if n < 1 or capacity < 1:
-        raise ValueError(f"need n >= 1 and capacity >= 1, got n={n}, capacity={capacity}")
-    if static and capacity >= quantum:
-        capacity -= capacity % quantum
-    count = math.ceil(n / capacity)
-    base, extra = divmod(n, count)
-    sizes = tuple(base + (i < extra) for i in range(count))
-    if not static:
-        return ChunkPlan(sizes, 0)
-    padded = max(sizes)
-    if capacity >= quantum:
-        padded = min(capacity, math.ceil(padded / quantum) * quantum)
-    return ChunkPlan(sizes, padded)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,6 +226,8 @@ class Stepper:
         self.t = torch.zeros((), dtype=torch.float64, device=device)  # AdamW step count
         self.k = capacity
         self.graph = None
+        #: the self-check's record once this shape passed it (None: not checked yet)
+        self.check: dict | None = None
 
     # state ------------------------------------------------------------------------------
     def load(self, init: Tensor, target: Tensor) -> None:
@@ -316,12 +285,13 @@ class Stepper:
         finally:
             self.restore(saved)
 
-    def capture(self, runner_cls: type) -> None:
-        """Record the step as a graph and check that replaying it changes the state."""
+    def capture(self, runner_cls: type, warmup: int = WARMUP_STEPS, pool=None) -> None:
+        """Record the step as a graph (after ``warmup`` steps; 0 when a compile warm-up already
+        ran them) and check that replaying it changes the state."""
         saved = self.state()
         runner = runner_cls(self.device)
         try:
-            runner.capture(self.step, WARMUP_STEPS)
+            runner.capture(self.step, warmup, pool)
         finally:
             self.restore(saved)
         try:

@@ -1,79 +1,45 @@
 """The fast path of one Inverter, with its safety net: :class:`GuardedPath`.
 
-It builds what the chosen :class:`~crossgap_fast.inversion.engine.FastPath` runs (the tower's fast
-forward, the loss, compiled with ``torch.compile``, and steppers captured as CUDA graphs) and
-guards each stage where it can go wrong:
+It takes what the chosen :class:`~crossgap_fast.inversion.engine.FastPath` runs from the
+process-wide :mod:`~crossgap_fast.inversion.step_cache` (the tower's fast forward, the loss
+compiled with ``torch.compile``, steppers captured as CUDA graphs), so every Inverter of a
+model and setting shares one compile, and guards each stage where it can go wrong:
 
 * compile warm-up raising, or dynamo not compiling at all (checked by a recording backend);
 * capture raising, or the captured graph doing nothing (a replay must change the state);
-* any exception from a fast step;
-* the self-check: once per Inverter, the first chunk's first steps are compared with the plain
-  eager step at the same precision on a few samples (finite, losses and update directions
-  within the tolerances of :data:`SELFCHECK_TOLERANCES`).
+* any exception from a fast step, sorted by cause (:mod:`~crossgap_fast.inversion.faults`):
+  out of memory halves the chunk and keeps every stage; a sticky device error ends the run
+  (:class:`~crossgap_fast.errors.DeviceFailure`); anything else is the failure of the stage it
+  came from;
+* the self-check: once per compiled or captured shape in the process, the first steps of the
+  first chunk are compared with the plain eager step at the same precision, on samples from
+  the first and the last tile of every kernel, and the fp32 feature forward with the plain
+  one. On a disagreement each stage is tried alone against the plain step, and only the
+  stages that disagree on their own are given up.
 
 A failing stage is given up (:meth:`GuardedPath.fall_back`: a ``RuntimeWarning`` naming the stage
-and the error, or :class:`FastPathError` in ``strict`` mode) and the remaining path is built; the
-Inverter redoes the chunk on it.
+and the error, or :class:`FastPathError` in ``strict`` mode) and the rest of the path is used;
+the Inverter redoes the chunk on it. The process remembers what was given up for a model and
+setting, so the next Inverter starts where this one ended instead of failing again.
 """
 
 from __future__ import annotations
 
 import time
-import types
 import warnings
-from collections import OrderedDict
-from contextlib import nullcontext
-from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from crossgap_fast.errors import ConfigError, FastPathError
-from crossgap_fast.inversion import engine
+from crossgap_fast.errors import ConfigError, DeviceFailure, FastPathError
+from crossgap_fast.inversion import chunks, engine, faults, step_cache, step_check
 from crossgap_fast.inversion.config import InversionConfig
-from crossgap_fast.inversion.engine import FastPath, StageFailure, Stepper
-from crossgap_fast.kernels import cosine_loss, triton_available
-from crossgap_fast.models import ClipModel, frozen
-from crossgap_fast.towers.text import PrefixCachedText, TextTemplate, text_forward
-from crossgap_fast.towers.vision import vision_forward
-
-#: Samples and steps the self-check compares.
-SELFCHECK_SAMPLES = 4
-SELFCHECK_STEPS = 3
-#: Per autocast dtype: the largest loss difference and the smallest cosine between the token
-#: updates of the fast and the plain step after ``SELFCHECK_STEPS`` steps. In fp32 the two differ
-#: by reordered sums only. In bf16 / fp16 Adam's first steps move each element by about ``lr``
-#: in the direction of its gradient's sign, so elements whose gradient is within rounding of
-#: zero can flip (about 1% of them, measured on CPU bf16): the cosine stays near 0.98, while a
-#: wrong kernel or an empty graph gives about 0.
-SELFCHECK_TOLERANCES = {
-    None: (1e-4, 0.999),
-    torch.float16: (1e-2, 0.95),
-    torch.bfloat16: (2e-2, 0.9),
-}
-#: Steppers (with their compiled shapes and graphs) kept per Inverter.
-MAX_STEPPERS = 2
-#: Dynamo compiles one entry per chunk shape; a few shapes per Inverter, with headroom.
-RECOMPILE_LIMIT = 64
-
-
-# --------------------------------------------------------------------------------------------
-# Compilation that can be verified
-# --------------------------------------------------------------------------------------------
-def _fresh_function(fn: Callable) -> Callable:
-    """``fn`` with a code object of its own: dynamo keeps its cache on the code object, so
-    every Inverter starts with an empty cache instead of adding entries to one shared by all."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                              fn.__closure__)
-
-
-def _compile(fn: Callable, backend: Callable) -> Callable:
-    """``torch.compile`` with static shapes and no graph breaks (a break must fail loudly)."""
-    import torch._dynamo
-
-    if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
-        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-    return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
+from crossgap_fast.inversion.engine import ChunkTooLarge, FastPath, StageFailure, Stepper
+from crossgap_fast.kernels import triton_available
+from crossgap_fast.models import ClipModel
+from crossgap_fast.towers import text as text_mod
+from crossgap_fast.towers.text import PrefixCachedText, TextTemplate
+from crossgap_fast.towers.vision import TimmPseudoPatchVision
 
 
 def requested_path(config: InversionConfig, device: torch.device) -> FastPath:
@@ -90,16 +56,13 @@ def requested_path(config: InversionConfig, device: torch.device) -> FastPath:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# The guarded fast path
-# --------------------------------------------------------------------------------------------
 class GuardedPath:
     """What the fast backend of one Inverter runs, and what it gave up on the way.
 
-    ``path``: the stages now in use; ``forward`` / ``feature_forward``: the tower's fast forward
-    for the loss (on weights cast once under autocast) and for the returned features (fp32);
-    ``fallbacks``: the stages given up so far; ``selfcheck``: the last self-check's record.
-    Built for the stages ``config`` asks for (:func:`requested_path`).
+    ``path``: the stages now in use; ``shared``: their :class:`~.step_cache.SharedStep`;
+    ``forward`` / ``feature_forward``: its tower forwards for the loss and for the returned
+    features (fp32); ``fallbacks``: the stages given up so far; ``selfcheck``: the last
+    self-check's record; ``timings``: seconds spent compiling, capturing and self-checking.
     """
 
     def __init__(self, model: ClipModel, config: InversionConfig, template: TextTemplate | None,
@@ -114,208 +77,226 @@ class GuardedPath:
         self.mode = mode
         self.fallbacks: list[dict] = []
         self.selfcheck: dict = {"mode": mode, "status": "not run"}
-        self._steppers: OrderedDict[int, Stepper] = OrderedDict()
-        self._compiled_sizes: set[int] = set()
-        self._compile_calls: list[int] = []
-        self.use(requested_path(config, self.device))
+        self.timings = {"compile_s": 0.0, "capture_s": 0.0, "selfcheck_s": 0.0}
+        self.oom_retries = 0
+        self.entry = step_cache.model_steps(model.model)
+        #: read once: the text forward's attention, as the benchmarks switch it
+        self._shared_prefix = text_mod.SHARED_PREFIX_ATTENTION
+        self.use(self._inherited(requested_path(config, self.device)))
 
     # building ---------------------------------------------------------------------------
-    def build_forward(self, kernels: bool, cast: bool = False) -> nn.Module:
-        """The fast tower forward; ``cast``: with the frozen matmul weights cast once to the
-        autocast dtype (usable under autocast only)."""
-        m = self.model.model
-        dtype = self.amp if cast else None
-        with frozen(m):
-            if self.config.method == "oti":
-                return text_forward(m, self.template, use_kernels=kernels, weight_dtype=dtype)
-            return vision_forward(m, use_kernels=kernels, weight_dtype=dtype)
+    def _family(self) -> tuple:
+        c = self.config
+        return (self.device, c.method, c.num_tokens, c.template, self.amp, self._shared_prefix)
+
+    def _key(self, path: FastPath) -> step_cache.StepKey:
+        c = self.config
+        return step_cache.StepKey(self.device, c.method, c.num_tokens, c.template, self.amp,
+                                  cast=self.amp is not None and not path.plain, compile=path.compile,
+                                  kernels=path.kernels, shared_prefix=self._shared_prefix)
+
+    def step_for(self, path: FastPath) -> step_cache.SharedStep:
+        return step_cache.shared_step(self.model.model, self._key(path), self.template, self.token_shape)
 
     def use(self, path: FastPath) -> None:
-        """Build what ``path`` runs: the forward, the (compiled) loss, the pending self-check."""
+        """Run ``path`` from now on (its shared step is built on first use in the process)."""
         self.path = path
-        self._steppers.clear()
-        # Weights cast once on the fast path under autocast; the plain path (the last resort,
-        # never self-checked) keeps autocast's own casts.
-        cast = self.amp is not None and not path.plain
-        self.forward = self.build_forward(path.kernels, cast)
-        # final features and snapshots are computed in fp32, outside autocast
-        self.feature_forward = self.build_forward(path.kernels) if cast else self.forward
-        self._loss_fn = self._make_loss_fn()
-        self.selfcheck_pending = self.mode != "off" and not path.plain
+        self.shared = self.step_for(path)
+        self.forward = self.shared.forward
+        self.feature_forward = self.shared.feature_forward
 
-    def _make_loss_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
-        forward, amp, kernels, dev = self.forward, self.amp, self.path.kernels, self.device.type
+    def _inherited(self, path: FastPath) -> FastPath:
+        """``path`` less the stages this process already gave up for this model and setting."""
+        while (self._family(), path) in self.entry.fallbacks:
+            new, record = self.entry.fallbacks[(self._family(), path)]
+            if self.mode == "strict":
+                raise FastPathError(f"fast path {path.name} failed earlier in this process at "
+                                    f"{record['stage']}: {record['error']} (CROSSGAP_SELFCHECK=strict)")
+            warnings.warn(_fallback_text(path, record["stage"].split("+"), record["error"], new, earlier=True),
+                          RuntimeWarning, stacklevel=5)
+            self.fallbacks.append(dict(record, earlier=True))
+            path = new
+        return path
 
-        def loss(p: Tensor, target: Tensor) -> Tensor:
-            # No autocast cast cache: a cast cached during CUDA-graph capture is freed when the
-            # region exits while the graph still reads it.
-            ctx = torch.autocast(dev, dtype=amp, cache_enabled=False) if amp is not None else nullcontext()
-            with ctx:
-                feats = forward(p)
-            return cosine_loss(feats, target, use_kernels=kernels)
-
-        if not self.path.compile:
-            return loss
-        calls = self._compile_calls
-        inductor = None
-
-        def recording_backend(gm, example_inputs):
-            nonlocal inductor
-            # Positive evidence that the step really runs compiled: dynamo calls the backend
-            # once per compiled shape; a silent fallback to eager never reaches it.
-            calls.extend(int(t.shape[0]) for t in example_inputs
-                         if isinstance(t, Tensor) and t.ndim == 3 and tuple(t.shape[1:]) == self.token_shape)
-            if inductor is None:
-                from torch._dynamo.backends.registry import lookup_backend
-
-                inductor = lookup_backend("inductor")
-            return inductor(gm, example_inputs)
-
-        return _compile(_fresh_function(loss), recording_backend)
-
-    def capacity(self, n: int) -> int:
-        """Samples per chunk for a run of ``n``: the configured batch size, or as many as the
-        memory budget holds with this forward's activations."""
+    def capacity(self) -> int:
+        """Samples per chunk: the configured batch size, or as many as the memory budget holds
+        with this forward's activations; never more than an out-of-memory error allowed."""
+        shared = self.shared
         if self.config.batch_size is not None:
-            return self.config.batch_size
+            cap = self.config.batch_size
+        else:
+            if shared.capacity is None:
+                per = self.activation_bytes()
+                shared.capacity = chunks.max_chunk(per, chunks.device_budget(self.device, self.config.memory_budget))
+            cap = shared.capacity
+        return min(cap, shared.max_chunk) if shared.max_chunk is not None else cap
+
+    def activation_bytes(self) -> int:
+        """:func:`~.chunks.activation_bytes_per_sample` of this path's forward."""
         fwd = self.forward
         block = fwd.blocks[0]
         heads = int(getattr(getattr(block, "attn", None), "num_heads", 1))
         rows = int(fwd.rows)
         attended, copied = rows, 0
+        # on CUDA, SDPA and the Triton prefix attention keep no probabilities; the prefix
+        # attention's torch reference (no kernels) does, as does every attention on the CPU
+        math_attention = self.device.type != "cuda"
         if isinstance(fwd, PrefixCachedText):
             attended = rows + self.template.prefix_len
-            copied = 0 if getattr(fwd, "shared_prefix", False) else self.template.prefix_len
-        per = engine.activation_bytes_per_sample(
-            rows, attended, self.token_shape[1], heads, len(fwd.blocks), 2 if self.amp else 4, copied)
-        return engine.default_batch_size(n, per, engine.device_budget(self.device, self.config.memory_budget))
+            copied = 0 if fwd.shared_prefix else self.template.prefix_len
+            math_attention |= fwd.shared_prefix and not self.path.kernels
+        return chunks.activation_bytes_per_sample(
+            rows, attended, self.token_shape[1], heads, len(fwd.blocks), 2 if self.amp else 4, copied,
+            pooled_last=not isinstance(fwd, TimmPseudoPatchVision), saves_probs=math_attention)
 
     # steppers ---------------------------------------------------------------------------
     def stepper(self, size: int, init: Tensor, target: Tensor) -> Stepper:
         """A prepared stepper for chunks of ``size`` (static shapes) or up to ``size`` samples,
-        loaded with ``init`` / ``target``. Raises :class:`StageFailure` when a stage fails."""
-        path = self.path
-        st = self._steppers.get(size) if path.static_shapes else next(
-            (s for s in self._steppers.values() if s.capacity >= size), None)
-        if st is None:
-            if not path.static_shapes:
-                self._steppers.clear()
-            st = Stepper(self._loss_fn, size, self.token_shape, self.embed_dim, self._adamw(),
-                         self.device, path.kernels)
-            st.load(init, target)
-            self._prepare(st)  # warm-up and capture put the loaded state back
-            self._steppers[size] = st
-            while len(self._steppers) > MAX_STEPPERS:
-                self._steppers.popitem(last=False)
+        loaded with ``init`` / ``target``. Raises :class:`StageFailure`, :class:`ChunkTooLarge`
+        or :class:`DeviceFailure` when building it fails."""
+        path, shared, opt = self.path, self.shared, self.adamw()
+        if path.static_shapes:
+            key = (size, path.graph, opt)
+            st = shared.steppers.get(key)
         else:
-            self._steppers.move_to_end(st.capacity)  # keyed by the capacity it was built for
+            key, st = next(((k, s) for k, s in shared.steppers.items()
+                            if not k[1] and k[2] == opt and s.capacity >= size), ((size, False, opt), None))
+        if st is None:
+            st = self.new_stepper(path, shared, size)
             st.load(init, target)
+            self.prepare(st, path, shared)  # warm-up and capture put the loaded state back
+            shared.steppers[key] = st
+            while len(shared.steppers) > step_cache.MAX_STEPPERS:
+                shared.steppers.popitem(last=False)
+        else:
+            shared.steppers.move_to_end(key)
+            st.load(init, target)
+            if st.check is not None:
+                self.selfcheck = dict(st.check)
         return st
 
-    def _adamw(self) -> engine.AdamWSettings:
+    def new_stepper(self, path: FastPath, shared: step_cache.SharedStep, size: int) -> Stepper:
+        try:
+            return Stepper(shared.loss_fn, size, self.token_shape, self.embed_dim, self.adamw(),
+                           self.device, path.kernels)
+        except Exception as err:
+            raise self.failure(err, "step", size, path) from err
+
+    def adamw(self) -> engine.AdamWSettings:
         c = self.config
         return engine.AdamWSettings(c.lr, c.betas, c.eps, c.weight_decay, 1.0 / c.loss_batch)
 
-    def _prepare(self, st: Stepper) -> None:
+    def prepare(self, st: Stepper, path: FastPath, shared: step_cache.SharedStep) -> None:
         """Compile (warm-up), capture and check, each stage under its own guard."""
-        path = self.path
         if path.compile:
-            before = len(self._compile_calls)
+            before, t0 = len(shared.compile_calls), time.perf_counter()
             try:
-                if path.graph and self.device.type == "cuda":  # on a side stream, as a capture wants
-                    with torch.cuda.device(self.device), torch.cuda.stream(torch.cuda.Stream(self.device)):
+                if path.graph and self.device.type == "cuda":  # on the stream the capture uses
+                    with torch.cuda.device(self.device), torch.cuda.stream(engine.side_stream(self.device)):
                         st.warm_up()
                     torch.cuda.synchronize(self.device)
                 else:
                     st.warm_up()
             except Exception as err:
-                raise StageFailure("compile", err) from err
-            if st.capacity not in self._compiled_sizes:
-                if st.capacity not in self._compile_calls[before:]:
+                raise self.failure(err, "compile", st.capacity, path) from err
+            finally:
+                self.spent("compile", time.perf_counter() - t0, shared)
+            if st.capacity not in shared.compiled_sizes:
+                if st.capacity not in shared.compile_calls[before:]:
                     raise StageFailure("compile", "dynamo did not compile the step (it ran "
                                        "eagerly; recompile limit reached?)")
-                self._compiled_sizes.add(st.capacity)
+                shared.compiled_sizes.add(st.capacity)
         elif path.kernels:
             try:
                 st.warm_up(1)
             except Exception as err:
-                raise StageFailure("kernels", err) from err
+                raise self.failure(err, "kernels", st.capacity, path) from err
         if path.graph:
+            t0 = time.perf_counter()
             try:
-                st.capture(engine.GRAPH_RUNNERS[self.device.type])
+                st.capture(engine.GRAPH_RUNNERS[self.device.type], 1 if path.compile else engine.WARMUP_STEPS,
+                           shared.graph_pool())
             except StageFailure:
                 raise
             except Exception as err:
-                raise StageFailure("graph", err) from err
+                raise self.failure(err, "capture", st.capacity, path) from err
+            finally:
+                self.spent("capture", time.perf_counter() - t0, shared)
+
+    def spent(self, what: str, seconds: float, shared: step_cache.SharedStep) -> None:
+        self.timings[f"{what}_s"] += seconds
+        shared.seconds[what] += seconds
 
     def run_step(self, st: Stepper) -> None:
-        """One step of ``st``; an exception from a fast stage becomes that stage's failure."""
+        """One step of ``st``; an exception becomes what its cause calls for."""
         try:
             st.run_step()
         except Exception as err:
-            if self.path.plain:
+            out = self.failure(err, "replay" if self.path.graph else "step", st.capacity)
+            if out is err:
                 raise
-            stage = "graph" if self.path.graph else "compile" if self.path.compile else "kernels"
-            raise StageFailure(stage, err) from err
+            raise out from err
 
-    # giving up a stage ------------------------------------------------------------------
+    def failure(self, err: BaseException, phase: str, size: int, path: FastPath | None = None) -> BaseException:
+        """What ``err`` (raised while ``phase`` ran on ``path``) calls for: a smaller chunk, the
+        end of the run, a stage given up, or (on the plain path) the error itself."""
+        path = self.path if path is None else path
+        if faults.is_sticky_device_error(err):
+            return DeviceFailure(
+                f"{self.device} failed during the {path.name} step ({engine.one_line(err)}); the device "
+                f"cannot be used again in this process. Results finished before it are kept; run "
+                f"`crossgap selfcheck --device {self.device.type}` to find the stage that fails")
+        if faults.is_out_of_memory(err):
+            return ChunkTooLarge(size, err)
+        if path.plain:
+            return err
+        return StageFailure(faults.blame(err, path, phase), err)
+
+    def shrink(self, oom: ChunkTooLarge) -> int:
+        """Halve the chunk after an out-of-memory error (every stage kept); the new capacity."""
+        if oom.size <= 1:
+            raise oom.error
+        cap = oom.size // 2
+        shared = self.shared
+        shared.max_chunk = cap if shared.max_chunk is None else min(shared.max_chunk, cap)
+        for key in [k for k, s in shared.steppers.items() if s.capacity > cap]:
+            del shared.steppers[key]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.oom_retries += 1
+        warnings.warn(f"crossgap: out of memory at {oom.size} samples per chunk on {self.device}; "
+                      f"retrying with {cap} (the {self.path.name} path is kept)", RuntimeWarning, stacklevel=4)
+        return cap
+
+    # giving up stages -------------------------------------------------------------------
     def fall_back(self, failure: StageFailure) -> None:
-        """Give up the failed stage (warn, or raise in strict mode) and build the rest."""
+        """Give up the failed stages (warn, or raise in strict mode) and use the rest."""
         old = self.path
-        stage = failure.stage if getattr(old, failure.stage, False) else old.first_stage()
+        stages = [s for s in failure.stages if getattr(old, s, False)] or [old.first_stage()]
         if self.mode == "strict":
             raise FastPathError(f"fast path {old.name} failed at {failure} "
                                 "(CROSSGAP_SELFCHECK=strict: no fallback)") from failure
-        new = old.without(stage)
-        warnings.warn(
-            f"crossgap: fast path {old.name}: the {stage} stage failed ({failure.text}); falling "
-            f"back to {new.name} (results stay correct)", RuntimeWarning, stacklevel=4,
-        )
-        self.fallbacks.append({"stage": stage, "from": old.name, "to": new.name, "error": failure.text})
+        new = old
+        for stage in stages:
+            new = new.without(stage)
+        warnings.warn(_fallback_text(old, stages, failure.text, new), RuntimeWarning, stacklevel=4)
+        record = {"stage": "+".join(stages), "from": old.name, "to": new.name, "error": failure.text}
+        self.fallbacks.append(record)
+        self.entry.fallbacks[(self._family(), old)] = (new, record)
         self.use(new)
 
     # the self-check ---------------------------------------------------------------------
+    def needs_check(self, st: Stepper) -> bool:
+        return self.mode != "off" and not self.path.plain and st.check is None
+
     def check(self, st: Stepper, init: Tensor, target: Tensor, fast_losses: Tensor) -> None:
-        """Compare the fast path's first steps with the plain eager step on a few samples."""
-        began = time.perf_counter()
-        k = min(SELFCHECK_SAMPLES, init.shape[0])
-        steps = fast_losses.shape[1]
-        plain_forward = self.build_forward(False)
-        amp, dev = self.amp, self.device.type
+        """Compare the fast path's first steps and feature forward with the plain eager ones
+        (:func:`~crossgap_fast.inversion.step_check.check`); raises :class:`StageFailure`."""
+        step_check.check(self, st, init, target, fast_losses)
 
-        def plain_loss(p: Tensor, t: Tensor) -> Tensor:
-            ctx = torch.autocast(dev, dtype=amp, cache_enabled=False) if amp is not None else nullcontext()
-            with ctx:
-                feats = plain_forward(p)
-            return cosine_loss(feats, t, use_kernels=False)
+def _fallback_text(old: FastPath, stages: list[str], error: str, new: FastPath, earlier: bool = False) -> str:
+    what = " and ".join(stages) + (" stages" if len(stages) > 1 else " stage")
+    when = " earlier in this process" if earlier else ""
+    return (f"crossgap: fast path {old.name}: the {what} failed{when} ({error}); falling back to "
+            f"{new.name} (results stay correct)")
 
-        plain = Stepper(plain_loss, k, self.token_shape, self.embed_dim, self._adamw(), self.device, False)
-        plain.load(init[:k], target[:k])
-        plain_losses = []
-        for _ in range(steps):
-            plain.step()
-            plain_losses.append(plain.loss.clone())
-        plain_l = torch.stack(plain_losses, dim=1).float()
-        fast_l = fast_losses[:k].float()
-        p0 = init[:k].flatten(1).float()
-        d_fast = st.tokens[:k].detach().flatten(1).float() - p0
-        d_plain = plain.tokens.detach().flatten(1).float() - p0
-        finite = bool(torch.isfinite(fast_l).all() and torch.isfinite(d_fast).all())
-        loss_diff = float((fast_l - plain_l).abs().max()) if finite else float("inf")
-        cos = torch.nn.functional.cosine_similarity(d_fast.double(), d_plain.double(), dim=1, eps=1e-30)
-        min_cos = float(cos.min()) if finite else float("nan")
-        atol, min_ok = SELFCHECK_TOLERANCES[amp]
-        passed = finite and loss_diff <= atol and min_cos >= min_ok
-        self.selfcheck = {
-            "mode": self.mode, "status": "passed" if passed else "failed", "path": self.path.name,
-            "samples": k, "steps": steps, "max_loss_diff": loss_diff, "min_update_cos": min_cos,
-            "tolerance": {"max_loss_diff": atol, "min_update_cos": min_ok},
-            "seconds": time.perf_counter() - began,
-        }
-        if not passed:
-            why = ("non-finite values" if not finite else
-                   f"max loss difference {loss_diff:.3g} (tolerance {atol:g}), min update cosine "
-                   f"{min_cos:.4f} (tolerance {min_ok:g})")
-            raise StageFailure(self.path.first_stage(),
-                               f"self-check against the plain eager step failed: {why}")
-        self.selfcheck_pending = False

@@ -17,6 +17,7 @@ default) or ``strict`` (any failure raises :class:`~crossgap_fast.errors.FastPat
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -26,12 +27,13 @@ from torch import Tensor, nn
 
 from crossgap_fast.defaults import REFERENCE_BATCH
 from crossgap_fast.errors import ConfigError
-from crossgap_fast.inversion import engine, reference
+from crossgap_fast.inversion import chunks, engine, reference, step_cache
 from crossgap_fast.inversion.config import InversionConfig
-from crossgap_fast.inversion.engine import FastPath, StageFailure
-from crossgap_fast.inversion.fast_path import SELFCHECK_STEPS, GuardedPath
+from crossgap_fast.inversion.engine import ChunkTooLarge, FastPath, StageFailure
+from crossgap_fast.inversion.fast_path import GuardedPath
+from crossgap_fast.inversion.step_check import SELFCHECK_STEPS
 from crossgap_fast.inversion.inputs import as_start, as_targets
-from crossgap_fast.models import ClipModel, as_clip_model, frozen, model_identity
+from crossgap_fast.models import ClipModel, as_clip_model, frozen
 from crossgap_fast.progress import Progress, as_progress
 from crossgap_fast.towers.template import make_template
 from crossgap_fast.towers.text import TextTemplate, check_text_tower
@@ -94,10 +96,11 @@ class Inverter:
         self.token_shape = (config.num_tokens, width)
         self.embed_dim = self.model.embed_dim
         #: name, pretrained tag or checkpoint file, weight fingerprint (recorded in every result)
-        self.identity = model_identity(self.model)
+        self.identity = step_cache.identity(self.model)
         self.amp = engine.autocast_dtype(config.precision, self.device)
         #: the fast backend's stages and guards (None for the reference backend)
         self.fast: GuardedPath | None = None
+        self._fallbacks_reported = 0
         if config.backend == "fast":
             self.fast = GuardedPath(self.model, config, self.template, self.token_shape, self.embed_dim,
                                     self.amp, self.mode)
@@ -122,7 +125,9 @@ class Inverter:
                       "num_tokens": cfg.num_tokens,
                       "template": cfg.template}
         desc = cfg.method.upper()
-        with frozen(self.model.model):
+        # steppers and graphs are shared by every Inverter of the model: one run at a time
+        lock = self.fast.entry.lock if self.fast is not None else nullcontext()
+        with lock, frozen(self.model.model):
             if cfg.backend == "reference":
                 out = self._run_reference(targets, start, progress, info)
             else:
@@ -151,13 +156,14 @@ class Inverter:
         snapshots = {k: torch.empty(n, self.embed_dim) for k in cfg.snapshot_steps}
         bar, owned = as_progress(progress, n, desc)
         began = time.perf_counter()
-        fallbacks_before = len(fast.fallbacks)
-        capacity = fast.capacity(n)
-        chunks = padding = 0
+        retries_before = fast.oom_retries
+        timings_before = dict(fast.timings)
+        compiles_before = self._compiles()
+        n_chunks = padding = 0
         pos = 0
         sizes_run: list[int] = []
         while pos < n:
-            plan = engine.plan_chunks(n - pos, capacity, fast.path.static_shapes)
+            plan = chunks.plan_chunks(n - pos, fast.capacity(), fast.path.static_shapes)
             for size in plan.sizes:
                 lo, hi = pos, pos + size
                 try:
@@ -166,21 +172,33 @@ class Inverter:
                 except StageFailure as failure:
                     fast.fall_back(failure)
                     break  # plan the rest again for the remaining path
+                except ChunkTooLarge as oom:
+                    fast.shrink(oom)
+                    break  # plan the rest again at half the chunk
                 pos = hi
-                chunks += 1
+                n_chunks += 1
                 padding += (plan.padded - size) if plan.padded else 0
                 sizes_run.append(plan.padded or size)
         if owned:
             bar.close()
         path = fast.path
+        seconds = time.perf_counter() - began
+        spent = {k: v - timings_before[k] for k, v in fast.timings.items()}
         info.update(
-            batch_size=max(sizes_run), chunks=chunks, padding=padding,
+            batch_size=max(sizes_run), chunks=n_chunks, padding=padding,
             fast_path=path.name, compiled=path.compile, cuda_graph=path.graph,
-            kernels=path.kernels, fallbacks=fast.fallbacks[fallbacks_before:],
-            selfcheck=dict(fast.selfcheck), seconds=time.perf_counter() - began,
+            kernels=path.kernels, fallbacks=fast.fallbacks[self._fallbacks_reported:],
+            oom_retries=fast.oom_retries - retries_before, selfcheck=dict(fast.selfcheck),
+            seconds=seconds, **spent, steady_s=max(0.0, seconds - sum(spent.values())),
+            compiles=self._compiles() - compiles_before,
             device=str(self.device), precision=str(self.amp or torch.float32),
         )
+        self._fallbacks_reported = len(fast.fallbacks)  # the first run also reports those inherited
         return features, tokens, losses, snapshots
+
+    def _compiles(self) -> int:
+        """Shapes dynamo compiled for this model so far in the process (all its shared steps)."""
+        return sum(len(s.compile_calls) for s in self.fast.entry.steps.values())
 
     def _run_chunk(self, lo: int, hi: int, size: int, start: Tensor, targets: Tensor, features: Tensor,
                    tokens: Tensor, losses: Tensor, snapshots: dict[int, Tensor], bar: Progress) -> None:
@@ -201,7 +219,7 @@ class Inverter:
                 with torch.no_grad():
                     snap_buf[:, snap_at[done]] = fast.feature_forward(st.tokens.detach().clone()).float()
 
-        check_at = min(SELFCHECK_STEPS, steps) if fast.selfcheck_pending else None
+        check_at = min(SELFCHECK_STEPS, steps) if fast.needs_check(st) else None
         report_every = max(1, steps // 10)
         reported = 0.0
         try:
@@ -216,16 +234,22 @@ class Inverter:
                     # Host-side only: the bar advances as steps are queued, never waits on the device.
                     bar.update(k * report_every / steps)
                     reported += k * report_every / steps
-        except StageFailure:
-            bar.update(-reported)  # the chunk is redone on the fallback path
-            raise
-        with torch.no_grad():
-            p = st.tokens.detach()[:k]
-            features[lo:hi] = fast.feature_forward(p.clone()).float().cpu()
-            tokens[lo:hi] = p.cpu()
-            losses[lo:hi] = loss_buf[:k].cpu()
-            for step, j in snap_at.items():
-                snapshots[step][lo:hi] = snap_buf[:k, j].cpu()
+            with torch.no_grad():
+                p = st.tokens.detach()[:k]
+                c_features = fast.feature_forward(p.clone()).float().cpu()
+                c_tokens, c_losses = p.cpu(), loss_buf[:k].cpu()  # a device error surfaces here at the latest
+                c_snaps = {step: snap_buf[:k, j].cpu() for step, j in snap_at.items()}
+        except Exception as err:
+            bar.update(-reported)  # the chunk is redone (smaller, or on the fallback path) or the run ends
+            if isinstance(err, (StageFailure, ChunkTooLarge)):
+                raise
+            out = fast.failure(err, "step", size)
+            if out is err:
+                raise
+            raise out from err
+        features[lo:hi], tokens[lo:hi], losses[lo:hi] = c_features, c_tokens, c_losses
+        for step, c in c_snaps.items():
+            snapshots[step][lo:hi] = c
         bar.update(k - reported)
 
     # facts ------------------------------------------------------------------------------

@@ -208,6 +208,29 @@ def _text_casts(tower: TextTower, blocks: Sequence[nn.Module], dtype: torch.dtyp
     )
 
 
+class _TextParts(nn.Module):
+    """The modules and tensors of a text tower, without the model that holds them.
+
+    On ``CLIP`` the text modules live on the model itself; a fast forward that registered the
+    whole model would keep it alive from the process-wide step cache (which holds models only
+    weakly). These are the same objects, shared, not copies.
+    """
+
+    def __init__(self, owner: nn.Module):
+        super().__init__()
+        self.token_embedding = owner.token_embedding
+        self.transformer = owner.transformer
+        self.ln_final = owner.ln_final
+        for name in ("positional_embedding", "text_projection", "attn_mask"):
+            value = getattr(owner, name, None)
+            if isinstance(value, nn.Parameter):
+                self.register_parameter(name, value)
+            elif isinstance(value, Tensor):
+                self.register_buffer(name, value, persistent=False)
+            else:  # an nn.Linear projection, or None
+                setattr(self, name, value)
+
+
 class _TextAdapter(nn.Module):
     """What both fast text forwards hold: the tower's view, its blocks and the cast weights."""
 
@@ -219,8 +242,8 @@ class _TextAdapter(nn.Module):
     ):
         super().__init__()
         tower = text_tower(model)
-        self.tower = tower
-        self.text = tower.owner  # registered, so .to() and state follow the frozen weights
+        self.text = _TextParts(tower.owner)  # registered, so .to() and state follow the frozen weights
+        tower = self.tower = TextTower(self.text, tower.pool_type, tower.eos_id)
         self.blocks = list(tower.transformer.resblocks)
         self.use_kernels = use_kernels
         self.cast = _text_casts(tower, self.blocks, weight_dtype)

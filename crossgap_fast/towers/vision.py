@@ -125,7 +125,10 @@ def timm_vision_forward(model: nn.Module, pseudo: Tensor) -> Tensor:
     """OVI's image tower for open_clip's timm ViTs (SigLIP, MobileCLIP): timm's own forward with
     the patch embedding's output replaced by the stretched pseudo patches, so prefix tokens,
     positional embedding, pooling (class token, mean or attention pool) and head are timm's."""
-    visual = model.visual
+    return _timm_forward(model.visual, pseudo)
+
+
+def _timm_forward(visual: nn.Module, pseudo: Tensor) -> Tensor:
     trunk = visual.trunk
     n = trunk.patch_embed.num_patches
     x = pseudo[:, patch_source_index(n, pseudo.shape[1], pseudo.device)]
@@ -151,8 +154,7 @@ class PseudoPatchVision(nn.Module):
 
     def __init__(self, model: nn.Module, use_kernels: bool | None = None, weight_dtype: torch.dtype | None = None):
         super().__init__()
-        self.model = model
-        self.visual = model.visual
+        self.visual = model.visual  # not the model: the step cache must not keep it alive
         self.use_kernels = use_kernels
         self.num_patches = self.visual.grid_size[0] * self.visual.grid_size[1]
         self.rows = self.num_patches + 1  # per-sample rows through each block
@@ -194,13 +196,13 @@ class TimmPseudoPatchVision(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        self.visual = model.visual  # not the model: the step cache must not keep it alive
         trunk = model.visual.trunk
         self.blocks = list(trunk.blocks)
         self.rows = int(trunk.patch_embed.num_patches) + int(trunk.num_prefix_tokens)
 
     def forward(self, pseudo: Tensor) -> Tensor:
-        return timm_vision_forward(self.model, pseudo)
+        return _timm_forward(self.visual, pseudo)
 
 
 def vision_forward(
