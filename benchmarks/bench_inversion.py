@@ -1,13 +1,21 @@
-"""OTI / OVI throughput, fast vs reference, in one run (samples x steps per second).
+"""OTI / OVI throughput, fast vs reference, in one run (samples x steps per second), in steady state.
+
+Every timed call runs an Inverter that was built and warmed before the timing (compiled,
+captured, self-checked: gpt-fast's convention); what that first call cost is recorded beside
+the rate (``setup_*`` in ``extra_info``). A timed call that builds an Inverter fails
+(benchmarks/timing.py), also under ``--benchmark-disable``.
 
 CPU: ViT-B-32 (random weights), OTI 32 samples x 5 steps, OVI 8 samples x 3 steps, and OTI on
 a ViT-B-32 whose text tower is bidirectional (SigLIP's layout: no cut, full 77-row sequence).
 OTI also runs ``fast-concat``: the fast path before shared-prefix attention (every sample gets
 a copy of the template prefix's keys/values, then SDPA), so both ratios print in one run.
-GPU (when present): 64 and 4096 samples; fp32, and bf16 compiled with a CUDA graph with and
-without the Triton kernels, bf16 eager, and (OTI) bf16 with the concatenating attention.
-Under ``--benchmark-disable`` the tiny models are used so the file stays a quick smoke test of
-the same code.
+GPU (when present): the default path at N = 4096 for ViT-B-32 and ViT-L-14
+(``test_gpu_steady_state``), and a comparison of paths on ViT-B-32 at 64 and 4096 samples
+(``test_gpu_inversion``): fp32, and bf16 compiled with a CUDA graph with and without the
+Triton kernels, bf16 eager, and (OTI) bf16 with the concatenating attention.
+``test_repeated_oti_calls`` times ten one-shot ``cg.oti()`` calls against one compile plus ten
+steady-state calls. Under ``--benchmark-disable`` the tiny models are used so the file stays a
+quick smoke test of the same code.
 
 Every record carries the matmul FLOPs and the bytes moved per sample-step of its path
 (:func:`step_cost`), so a timed run also reports achieved TFLOP/s, GB/s and, on a GPU whose
@@ -16,7 +24,9 @@ peak is known (:data:`PEAKS`), the fraction of the peak.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -28,6 +38,7 @@ from crossgap_fast.towers import text as text_mod
 from crossgap_fast.towers.blocks import block_matmuls
 from crossgap_fast.towers.template import make_template
 from crossgap_fast.towers.text import check_text_tower, text_tower
+from timing import NOTES, first_call
 from crossgap_fast.towers.vision import check_vision_tower
 
 CUDA = torch.cuda.is_available()
@@ -166,10 +177,15 @@ def cpu_bidir_model(request):
     return cm
 
 
-@pytest.fixture(scope="module")
-def gpu_model():
-    torch.manual_seed(0)
-    return cg.load_model("ViT-B-32", device="cuda")
+_GPU_MODELS: dict[str, cg.ClipModel] = {}
+
+
+def gpu_model(name: str = "ViT-B-32") -> cg.ClipModel:
+    """A randomly initialised model on the GPU, loaded once per process."""
+    if name not in _GPU_MODELS:
+        torch.manual_seed(0)
+        _GPU_MODELS[name] = cg.load_model(name, pretrained=None, device="cuda")
+    return _GPU_MODELS[name]
 
 
 def _problem(model: cg.ClipModel, n: int, method: str):
@@ -196,18 +212,44 @@ CPU_CASES = [
 def test_cpu_inversion(request, monkeypatch, measure, method, n, steps, provider):
     model = request.getfixturevalue("cpu_bidir_model" if method == "oti-bidir" else "cpu_model")
     feats, init = _problem(model, n, method)
-    fn = getattr(cg, method.split("-")[0])
     backend = "reference" if provider == "reference" else "fast"
     _use_provider_path(monkeypatch, provider)
+    inv = cg.Inverter(model, method=method.split("-")[0], steps=steps, backend=backend)
+    setup = first_call(inv, feats, init=init)
     path = provider if method == "oti" else backend
     cost = step_cost(model, method.split("-")[0], path, batch=min(n, 64), elem_bytes=4)
     res = measure(
-        lambda: fn(feats, model, steps=steps, init=init, backend=backend),
+        lambda: inv.run(feats, init=init),
         group=f"cpu {method} {model.name} n={n} steps={steps}",
         provider=provider, work=n * steps, unit="sample_steps", rounds=2,
-        flops=cost["flops"], nbytes=cost["bytes"],
+        flops=cost["flops"], nbytes=cost["bytes"], setup=setup,
     )
     assert res.losses.shape == (n, steps) and torch.isfinite(res.features).all()
+
+
+#: Paper steps per method: a sample-step rate divided by these is inverted items per second.
+PAPER_STEPS = {"oti": 150, "ovi": 1000}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model_name", ["ViT-B-32", "ViT-L-14"])
+@pytest.mark.parametrize("method,steps", [("oti", 20), ("ovi", 10)])
+def test_gpu_steady_state(measure, benchmark, model_name, method, steps):
+    """The default path (bf16, compiled, captured, Triton ops) at N = 4096, after the warm-up:
+    what a long gallery run sustains. The first call's compile and capture are reported apart."""
+    model = gpu_model(model_name)
+    n = 4096
+    feats, init = _problem(model, n, method)
+    inv = cg.Inverter(model, method=method, steps=steps)
+    setup = first_call(inv, feats, init=init)
+    res = measure(lambda: inv.run(feats, init=init), group=f"gpu steady {method} {model_name} n={n}",
+                  provider=f"default ({setup['fast_path']})", work=n * steps, unit="sample_steps",
+                  rounds=3, sync=True, setup=setup)
+    rate = benchmark.extra_info.get("sample_steps_per_s")
+    if rate is not None:
+        benchmark.extra_info["items_per_s_at_paper_steps"] = rate / PAPER_STEPS[method]
+    benchmark.extra_info.update(batch_size=res.info["batch_size"], chunks=res.info["chunks"])
+    assert torch.isfinite(res.features).all()
 
 
 @pytest.mark.cuda
@@ -217,13 +259,13 @@ def test_cpu_inversion(request, monkeypatch, measure, method, n, steps, provider
 )
 @pytest.mark.parametrize("n", [64, 4096])
 @pytest.mark.parametrize("method,steps", [("oti", 20), ("ovi", 10)])
-def test_gpu_inversion(monkeypatch, measure, gpu_model, method, steps, n, provider):
+def test_gpu_inversion(monkeypatch, measure, method, steps, n, provider):
     if provider.endswith("-concat") and method != "oti":
         pytest.skip("the concatenating attention is a text-tower path (OTI only)")
     if provider == "reference" and n > 64:
         steps = 2  # the reference at 4096 samples is slow; the rate is per sample-step
-    feats, init = _problem(gpu_model, n, method)
-    fn = getattr(cg, method)
+    model = gpu_model()
+    feats, init = _problem(model, n, method)
     batch = n if method == "oti" else min(n, 1024)
     kw: dict = {"backend": "reference"} if provider == "reference" else {
         "precision": "fp32" if provider == "fast-fp32" else "bf16",
@@ -234,13 +276,103 @@ def test_gpu_inversion(monkeypatch, measure, gpu_model, method, steps, n, provid
         "batch_size": batch,
     }
     _use_provider_path(monkeypatch, provider)
+    inv = cg.Inverter(model, method=method, steps=steps, **kw)
+    setup = first_call(inv, feats, init=init)
     path = "reference" if provider == "reference" else ("fast-concat" if provider.endswith("-concat") else "fast")
-    cost = step_cost(gpu_model, method, path, batch=min(n, 64) if provider == "reference" else batch,
+    cost = step_cost(model, method, path, batch=min(n, 64) if provider == "reference" else batch,
                      elem_bytes=4 if provider == "fast-fp32" else 2)
     res = measure(
-        lambda: fn(feats, gpu_model, steps=steps, init=init, **kw),
+        lambda: inv.run(feats, init=init),
         group=f"gpu {method} ViT-B-32 n={n}", provider=provider, work=n * steps,
-        unit="sample_steps", rounds=3, sync=True,
+        unit="sample_steps", rounds=3, sync=True, setup=setup,
         flops=cost["flops"], nbytes=cost["bytes"], peak=peak(provider),
     )
     assert torch.isfinite(res.features).all()
+
+
+# --------------------------------------------------------------------------------------------
+# One-shot calls, as a library user makes them
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_repeated_oti_calls(request, benchmark, device):
+    """Ten ``cg.oti()`` calls with one model and setting against one compile plus ten
+    steady-state calls: the calls share one compiled step, so the ratio should be near 1
+    (it was about 10 x compile / (compile + 10 calls) when every call compiled). Both
+    timings start from an emptied step cache in a process that has compiled once before."""
+    disabled = request.config.getoption("benchmark_disable", False)
+    if device == "cuda":
+        model = gpu_model()
+    else:
+        torch.manual_seed(0)
+        model = cg.load_model("crossgap-tiny" if disabled else "ViT-B-32", pretrained=None)
+    kw = dict(steps=5, compile=True)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, model.embed_dim, generator=gen) for n in range(40, 60, 2)]  # one bucket
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def calls(xs):
+        for x in xs:
+            cg.oti(x, model, **kw)
+        sync()
+
+    # every compile a real one: inductor's on-disk caches would make a second compile of the
+    # same graph cheaper than the first and the two timings incomparable
+    import torch._functorch.config as aot_config
+    import torch._inductor.config as inductor_config
+
+    request.addfinalizer(lambda caches=(inductor_config.fx_graph_cache, aot_config.enable_autograd_cache): (
+        setattr(inductor_config, "fx_graph_cache", caches[0]), setattr(aot_config, "enable_autograd_cache", caches[1])))
+    inductor_config.fx_graph_cache = False
+    aot_config.enable_autograd_cache = False
+    calls(batches[:1])  # the process's first compile loads the compiler and builds its helpers: untimed
+    cg.clear_compiled_steps()
+    t0 = time.perf_counter()
+    calls(batches[:1])
+    first = time.perf_counter() - t0  # one compile + one call
+    steady = []
+    for x in batches:
+        t0 = time.perf_counter()
+        calls([x])
+        steady.append(time.perf_counter() - t0)
+    one = sorted(steady)[len(steady) // 2]
+    compile_s = max(0.0, first - one)
+    cg.clear_compiled_steps()
+    seconds: list[float] = []
+
+    def ten_calls():
+        t0 = time.perf_counter()
+        calls(batches)
+        seconds.append(time.perf_counter() - t0)
+
+    benchmark.group = f"repeated oti() calls {device}"
+    benchmark.pedantic(ten_calls, setup=cg.clear_compiled_steps, rounds=1, iterations=1)
+    ratio = seconds[-1] / (compile_s + len(batches) * one)
+    benchmark.extra_info.update(model=model.name, device=str(model.device), ten_calls_s=seconds[-1],
+                                compile_s=compile_s, steady_call_s=one,
+                                ratio_to_one_compile_plus_ten_calls=ratio)
+    NOTES.append(f"repeated oti() calls, {device} {model.name}: 10 calls {seconds[-1]:.2f} s; one compile "
+                 f"{compile_s:.2f} s + 10 x {one * 1e3:.1f} ms steady; ratio {ratio:.2f}")
+    assert len(seconds) == 1
+
+
+def test_a_timed_call_that_builds_an_inverter_is_refused(request, tmp_path):
+    """The guard the ``measure`` fixture applies: it sees an Inverter built in the timed call
+    (a benchmark that times ``cg.oti`` would measure compilation) and fails the benchmark."""
+    import subprocess
+    import sys
+
+    bench = tmp_path / "bench_builds.py"
+    bench.write_text(
+        "import torch, crossgap_fast as cg\n"
+        "def test_builds(measure):\n"
+        "    torch.manual_seed(0)\n"
+        "    m = cg.load_model('crossgap-tiny', pretrained=None)\n"
+        "    measure(lambda: cg.oti(torch.randn(2, 32), m, steps=1), group='g', provider='p', work=2, unit='x')\n"
+    )
+    (tmp_path / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                           "-o", f"pythonpath={Path(__file__).parent}", "-o", "python_files=bench_*.py",
+                           str(bench)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "the timed call built 1 Inverter(s)" in proc.stdout
+

@@ -9,6 +9,7 @@ from typing import Callable
 
 import pytest
 import torch
+from timing import NOTES, inverter_builds
 
 _THROUGHPUT: dict[str, dict[str, float]] = defaultdict(dict)
 _ACHIEVED: dict[str, dict[str, str]] = defaultdict(dict)  # TFLOP/s (and % of peak) per record
@@ -40,13 +41,15 @@ def measure(benchmark):
 
     ``group`` and ``provider`` name the comparison row and column, ``work`` is the amount of
     work per call (samples x steps), ``unit`` its name. ``flops`` / ``nbytes``: per unit of
-    work, when known; ``peak``: the device's (TFLOP/s, TB/s) for this provider.
+    work, when known; ``peak``: the device's (TFLOP/s, TB/s) for this provider; ``setup``:
+    what the untimed first call cost (:func:`timing.first_call`). A timed call that builds an
+    Inverter fails the benchmark: it would time compilation, not throughput.
     """
 
     def run(fn: Callable[[], object], *, group: str, provider: str, work: float, unit: str,
             rounds: int = 3, warmup_rounds: int = 1, sync: bool = False,
             flops: float | None = None, nbytes: float | None = None,
-            peak: tuple[float, float] | None = None):
+            peak: tuple[float, float] | None = None, setup: dict | None = None):
         def timed():
             out = fn()
             if sync:
@@ -55,8 +58,14 @@ def measure(benchmark):
 
         benchmark.group = group
         started = time.perf_counter()
-        out = benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+        with inverter_builds() as built:
+            out = benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+        if built:
+            pytest.fail(f"{group} / {provider}: the timed call built {len(built)} Inverter(s); build and "
+                        "warm it before timing (benchmarks/timing.py), or the timing measures compilation")
         benchmark.extra_info.update(environment())
+        if setup:  # what the untimed first call cost: compile, capture, self-check
+            benchmark.extra_info.update({f"setup_{k}": v for k, v in setup.items()})
         benchmark.extra_info.update(provider=provider, work=work, unit=unit)
         if flops is not None:
             benchmark.extra_info.update({f"flops_per_{unit}": flops, f"bytes_per_{unit}": nbytes})
@@ -82,9 +91,13 @@ def measure(benchmark):
 
 
 def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    if NOTES:
+        tr.section("notes from the benchmarks")
+        for line in NOTES:
+            tr.write_line(line)
     if not _THROUGHPUT:
         return
-    tr = terminalreporter
     tr.section("throughput and speed-up over the reference (one run)")
     for group, rows in sorted(_THROUGHPUT.items()):
         ref = rows.get("reference")
