@@ -14,9 +14,10 @@ CPU so that ``pytest benchmarks/bench_kernels.py --benchmark-disable`` runs in s
 (us) and the effective GB/s. On CUDA the timed call ends with ``torch.cuda.synchronize()``.
 
 Shared-prefix attention (ViT-B-32's text blocks: H=8, hd=64, prefix P=4 of "a photo of {}",
-2 own rows, or 1 query row in the last block) has its own providers: ``sdpa-cat`` (the previous
-path: a per-sample copy of the prefix keys/values, then SDPA), ``torch`` (the reference),
-``compile`` and ``triton`` (CUDA). Its records also hold the FLOPs per call and TFLOP/s.
+2 own rows, or 1 query row in the last block) is timed as the block calls it,
+``prefix_attention_qkv`` on the fused qkv projection, and has its own providers: ``sdpa-cat``
+(the previous path: a per-sample copy of the prefix keys/values, then SDPA), ``torch`` (the
+reference), ``compile`` and ``triton`` (CUDA). Its records also hold the FLOPs per call and TFLOP/s.
 
 Run: ``pytest benchmarks/bench_kernels.py`` (add ``--benchmark-disable`` for a smoke run).
 ``kernel_refs`` is ``tests/kernels/kernel_refs.py``, on pytest's ``pythonpath``.
@@ -29,7 +30,7 @@ import torch
 
 from crossgap_fast.kernels import dispatch
 from crossgap_fast.kernels.adamw import adamw_step_torch, adamw_step_triton
-from crossgap_fast.kernels.attention import prefix_attention_torch, prefix_attention_triton
+from crossgap_fast.kernels.attention import prefix_attention_qkv_torch, prefix_attention_qkv_triton, split_qkv
 from crossgap_fast.kernels.cosine import cosine_loss_torch, cosine_loss_triton
 from crossgap_fast.kernels.pseudo_patches import expand_pseudo_patches_torch, expand_pseudo_patches_triton
 from crossgap_fast.kernels.pseudo_tokens import insert_pseudo_tokens_torch, insert_pseudo_tokens_triton
@@ -213,25 +214,27 @@ def test_bench_adamw_step(benchmark, provider):
 # ------------------------------------------------------------------ OTI: shared-prefix attention
 def _bench_prefix_attention(benchmark, provider, dtype, B, Sq):
     H, Sk, P, hd = 8, 2, 4, 64
-    # q, k, v as the text block makes them: head-split views of one (B, S, 3D) projection
+    # as the text block calls it: on its fused (B, S, 3D) qkv projection, the last Sq rows querying
     qkv = torch.randn(B, Sk, 3 * H * hd, device=DEV, dtype=dtype, requires_grad=True)
-    q, k, v = (t.view(B, Sk, H, hd).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-    q = q[:, :, Sk - Sq:]
     prefix_k = torch.randn(H, P, hd, device=DEV, dtype=dtype)
     prefix_v = torch.randn(H, P, hd, device=DEV, dtype=dtype)
     gout = torch.randn(B, H, Sq, hd, device=DEV, dtype=dtype)
     if provider == "sdpa-cat":
-        f = sdpa_over_concat  # the previous path: a per-sample copy of the prefix, then SDPA
+        def f(qkv, pk, pv, heads, queries):  # the previous path: a per-sample copy of the prefix, then SDPA
+            q, k, v = split_qkv(qkv, heads)
+            return sdpa_over_concat(q[:, :, Sk - queries:], k, v, pk, pv)
     else:
-        f = _pick(provider, prefix_attention_torch, prefix_attention_triton)
+        f = _pick(provider, prefix_attention_qkv_torch, prefix_attention_qkv_triton)
 
     def fwd_bwd():
-        out = f(q, k, v, prefix_k, prefix_v)
+        out = f(qkv, prefix_k, prefix_v, H, Sq)
         return torch.autograd.grad(out, qkv, gout)[0]
 
     es = torch.finfo(dtype).bits // 8
-    # least traffic: q, k, v read forward and backward, out and dout, dq/dk/dv, the prefix once
-    nbytes = es * (B * H * hd * (5 * Sq + 6 * Sk) + 2 * H * P * hd) + 4 * 2 * B * H * Sq
+    # least traffic: forward q, k, v read and out written; backward q, k, v, out and dout read,
+    # and the (B, Sk, 3D) gradient written (dq for every own row: zeros where none queries);
+    # the prefix once
+    nbytes = es * (B * H * hd * (5 * Sq + 7 * Sk) + 2 * H * P * hd) + 4 * 2 * B * H * Sq
     flops = 3 * 4 * B * H * hd * (Sq * P + Sq * (Sq + 1) // 2 + Sq * (Sk - Sq))  # fwd 2 matmuls, bwd 4
     _info(benchmark, "prefix_attention", provider, dtype, (B, H, Sq, Sk, P, hd), nbytes)
     g = _run(benchmark, fwd_bwd, nbytes, flops)

@@ -63,4 +63,5 @@ def use_torch_kernels(monkeypatch) -> None:
     monkeypatch.setattr(cosine_mod, "cosine_loss_triton", cosine_mod.cosine_loss_torch)
     monkeypatch.setattr(adamw_mod, "adamw_step_triton", adamw_mod.adamw_step_torch)
     monkeypatch.setattr(pa_mod, "prefix_attention_triton", pa_mod.prefix_attention_torch)
+    monkeypatch.setattr(pa_mod, "prefix_attention_qkv_triton", pa_mod.prefix_attention_qkv_torch)
     monkeypatch.setattr(patches_mod, "expand_pseudo_patches_triton", patches_mod.expand_pseudo_patches_torch)

@@ -63,6 +63,7 @@ def test_a_stage_that_disagrees_fails_the_check(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(tokens_mod, "insert_pseudo_tokens_triton", tokens_mod.insert_pseudo_tokens_torch)
     monkeypatch.setattr(adamw_mod, "adamw_step_triton", adamw_mod.adamw_step_torch)
     monkeypatch.setattr(pa_mod, "prefix_attention_triton", pa_mod.prefix_attention_torch)
+    monkeypatch.setattr(pa_mod, "prefix_attention_qkv_triton", pa_mod.prefix_attention_qkv_torch)
     monkeypatch.setattr(patches_mod, "expand_pseudo_patches_triton", patches_mod.expand_pseudo_patches_torch)
     monkeypatch.setattr(cosine_mod, "cosine_loss_triton",
                         lambda pred, target: cosine_mod.cosine_loss_torch(pred, target) + 0.05)

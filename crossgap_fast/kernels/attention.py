@@ -20,15 +20,23 @@ with ``scale = hd ** -0.5`` by default. This equals ``F.scaled_dot_product_atten
 rows causally, bottom-right aligned), but no per-sample copy of the prefix is made: the prefix
 scores of all B * Sq rows are one matmul per head.
 
+``prefix_attention_qkv(qkv, prefix_k, prefix_v, heads, queries=None, causal=True, scale=None)``
+is the same attention on the fused projection a transformer block computes: ``qkv`` (B, S,
+3 * heads * hd), q, k and v side by side along the last dimension, each heads x hd (the layout of
+``nn.MultiheadAttention``'s ``in_proj``), any strides; the last ``queries`` rows (all S when
+None) query. Its gradient is one tensor shaped like ``qkv``, written by the kernels in place
+of three per-head gradients that autograd would transpose, copy and concatenate back.
+
 Torch reference: :func:`prefix_attention_torch`, differentiable by autograd; the few own-key
 products of a sample are formed elementwise (a bmm over B * H tiny matrices costs more on CPU)
 up to :data:`ELEMENTWISE_PAIRS`, by matmul beyond.
-Triton path: custom op ``torch.ops.crossgap.prefix_attention`` (returns ``(out, lse)``, the fp32
-log-sum-exp of each row saved for the backward) with autograd registered; the backward is the
-custom op ``torch.ops.crossgap.prefix_attention_backward``. The forward kernel runs an online
-softmax over the prefix (``tl.dot`` tiles) and then over the sample's own keys (one key at a
-time, since neighbouring rows belong to different samples), accumulating in fp32. The backward
-recomputes the probabilities from the saved log-sum-exp; gradients go to q, k and v only.
+Triton path: custom ops ``torch.ops.crossgap.prefix_attention`` and ``prefix_attention_qkv``
+(both return ``(out, lse)``, the fp32 log-sum-exp of each row saved for the backward) with
+autograd registered; their backwards are the custom ops ``..._backward``. The forward kernel
+runs an online softmax over the prefix (``tl.dot`` tiles) and then over the sample's own keys
+(one key at a time, since neighbouring rows belong to different samples), accumulating in fp32.
+The backward kernels (:mod:`crossgap_fast.kernels.attention_bwd`) recompute the probabilities
+from the saved log-sum-exp; gradients go to q, k and v only.
 """
 
 from __future__ import annotations
@@ -39,9 +47,10 @@ import torch
 from torch import Tensor
 
 from crossgap_fast.kernels import dispatch, launch
+from crossgap_fast.kernels.attention_bwd import launch_backward
 from crossgap_fast.kernels.dispatch import HAS_TRITON_OP
 
-__all__ = ["prefix_attention"]
+__all__ = ["prefix_attention", "prefix_attention_qkv", "split_qkv"]
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
@@ -77,6 +86,28 @@ def _scale(q: Tensor, scale: Optional[float]) -> float:
     return float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
 
 
+def split_qkv(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The (B, H, S, hd) views of q, k and v in a fused (B, S, 3 * heads * hd) projection."""
+    b, s, width = qkv.shape
+    q, k, v = qkv.unflatten(-1, (3, heads, width // (3 * heads))).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+def _check_qkv(qkv: Tensor, heads: int, queries: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate the fused projection; return the q (its last ``queries`` rows), k and v views."""
+    if qkv.dim() != 3 or heads < 1 or qkv.shape[2] % (3 * heads) or qkv.shape[2] == 0:
+        raise ValueError(
+            f"prefix_attention_qkv: qkv must be (B, S, 3 * heads * hd) with heads={heads}, "
+            f"got {tuple(qkv.shape)}"
+        )
+    s = qkv.shape[1]
+    n = s if queries is None else int(queries)
+    if not 1 <= n <= max(s, 1):
+        raise ValueError(f"prefix_attention_qkv: queries={queries} must be in [1, {s}] (the rows of qkv)")
+    q, k, v = split_qkv(qkv, heads)
+    return q[:, :, s - n:], k, v
+
+
 # --------------------------------------------------------------------------- torch reference
 #: Up to this many (query row, own key) pairs per sample and head, the own-key products are
 #: formed elementwise: a batched matmul of B * H tiny matrices costs more than the products.
@@ -109,27 +140,21 @@ def prefix_attention_torch(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, pr
     return out.transpose(0, 1)
 
 
+def prefix_attention_qkv_torch(qkv: Tensor, prefix_k: Tensor, prefix_v: Tensor, heads: int,
+                               queries: Optional[int] = None, causal: bool = True,
+                               scale: Optional[float] = None) -> Tensor:
+    """Plain-torch implementation on the fused projection (differentiable w.r.t. ``qkv``)."""
+    q, k, v = _check_qkv(qkv, heads, queries)
+    return prefix_attention_torch(q, k, v, prefix_k, prefix_v, causal, scale)
+
+
 # --------------------------------------------------------------------------- Triton kernels
 if HAS_TRITON_OP:
     import triton
     import triton.language as tl
 
+    from crossgap_fast.kernels.attention_bwd import head_rows, load_head_rows32, prefix_tile_t
     from crossgap_fast.kernels.launch import tile_offsets
-
-    @triton.jit
-    def _rows(ptr, offs_b, h, i, offs_d, s_b, s_h, s_s, s_d):
-        """Addresses of row ``i`` of head ``h`` for the block's samples, (BLOCK_B, BLOCK_D)."""
-        return ptr + offs_b[:, None] * s_b + h * s_h + i * s_s + offs_d[None, :] * s_d
-
-    @triton.jit
-    def _load_row32(ptr, offs_b, h, i, offs_d, mask, s_b, s_h, s_s, s_d):
-        """Row ``i`` of head ``h`` for the block's samples, loaded as fp32."""
-        return tl.load(_rows(ptr, offs_b, h, i, offs_d, s_b, s_h, s_s, s_d), mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _prefix_tile_t(ptr, h, offs_p, offs_d, mask_dp, s_h, s_p, s_d):
-        """Prefix rows ``offs_p`` of head ``h``, transposed by the addressing: (BLOCK_D, BLOCK_P)."""
-        return tl.load(ptr + h * s_h + offs_p[None, :] * s_p + offs_d[:, None] * s_d, mask=mask_dp, other=0.0)
 
     @triton.jit
     def _pa_fwd_kernel(
@@ -152,7 +177,7 @@ if HAS_TRITON_OP:
         h = tl.program_id(1).to(tl.int64)
         i = tl.program_id(2).to(tl.int64)
         offs_b, offs_d, mask_b, mask_d, mask_bd = tile_offsets(tl.program_id(0), B, HD, BLOCK_B, BLOCK_D)
-        q = tl.load(_rows(q_ptr, offs_b, h, i, offs_d, s_q_b, s_q_h, s_q_s, s_q_d), mask=mask_bd, other=0.0)
+        q = tl.load(head_rows(q_ptr, offs_b, h, i, offs_d, s_q_b, s_q_h, s_q_s, s_q_d), mask=mask_bd, other=0.0)
         q32 = q.to(tl.float32)
         m = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -161,7 +186,7 @@ if HAS_TRITON_OP:
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
             mask_p = offs_p < P
-            kt = _prefix_tile_t(pk_ptr, h, offs_p, offs_d, mask_d[:, None] & mask_p[None, :], s_pk_h, s_pk_p, s_pk_d)
+            kt = prefix_tile_t(pk_ptr, h, offs_p, offs_d, mask_d[:, None] & mask_p[None, :], s_pk_h, s_pk_p, s_pk_d)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
             s = tl.where(mask_p[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -179,120 +204,19 @@ if HAS_TRITON_OP:
         if CAUSAL:
             n_keys = i + SK - SQ + 1
         for j in range(0, n_keys):
-            kj = _load_row32(k_ptr, offs_b, h, j, offs_d, mask_bd, s_k_b, s_k_h, s_k_s, s_k_d)
+            kj = load_head_rows32(k_ptr, offs_b, h, j, offs_d, mask_bd, s_k_b, s_k_h, s_k_s, s_k_d)
             s = tl.sum(q32 * kj, axis=1) * scale
             m_new = tl.maximum(m, s)
             alpha = tl.exp(m - m_new)
             pr = tl.exp(s - m_new)
             l = l * alpha + pr
-            vj = _load_row32(v_ptr, offs_b, h, j, offs_d, mask_bd, s_v_b, s_v_h, s_v_s, s_v_d)
+            vj = load_head_rows32(v_ptr, offs_b, h, j, offs_d, mask_bd, s_v_b, s_v_h, s_v_s, s_v_d)
             acc = acc * alpha[:, None] + pr[:, None] * vj
             m = m_new
         out = acc / l[:, None]
-        tl.store(_rows(o_ptr, offs_b, h, i, offs_d, s_o_b, s_o_h, s_o_s, s_o_d), out.to(o_ptr.dtype.element_ty),
+        tl.store(head_rows(o_ptr, offs_b, h, i, offs_d, s_o_b, s_o_h, s_o_s, s_o_d), out.to(o_ptr.dtype.element_ty),
                  mask=mask_bd)
         tl.store(lse_ptr + offs_b * s_l_b + h * s_l_h + i * s_l_s, m + tl.log(l), mask=mask_b)
-
-    @triton.jit
-    def _pa_row_stats(
-        q_ptr, do_ptr, o_ptr, lse_ptr, offs_b, offs_d, mask_b, mask_bd, h, i,
-        s_q_b, s_q_h, s_q_s, s_q_d,
-        s_o_b, s_o_h, s_o_s, s_o_d,
-        s_do_b, s_do_h, s_do_s, s_do_d,
-        s_l_b, s_l_h, s_l_s,
-    ):
-        """Row i's query, output gradient, log-sum-exp and delta = <dO, O> (fp32)."""
-        q = tl.load(_rows(q_ptr, offs_b, h, i, offs_d, s_q_b, s_q_h, s_q_s, s_q_d), mask=mask_bd, other=0.0)
-        do = tl.load(_rows(do_ptr, offs_b, h, i, offs_d, s_do_b, s_do_h, s_do_s, s_do_d), mask=mask_bd, other=0.0)
-        o = _load_row32(o_ptr, offs_b, h, i, offs_d, mask_bd, s_o_b, s_o_h, s_o_s, s_o_d)
-        lse = tl.load(lse_ptr + offs_b * s_l_b + h * s_l_h + i * s_l_s, mask=mask_b, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o, axis=1)
-        return q, do, lse, delta
-
-    @triton.jit
-    def _pa_bwd_kernel(
-        do_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, o_ptr, lse_ptr,
-        dq_ptr, dk_ptr, dv_ptr,
-        B, P, SQ, SK, HD, scale,
-        s_do_b, s_do_h, s_do_s, s_do_d,
-        s_q_b, s_q_h, s_q_s, s_q_d,
-        s_k_b, s_k_h, s_k_s, s_k_d,
-        s_v_b, s_v_h, s_v_s, s_v_d,
-        s_pk_h, s_pk_p, s_pk_d,
-        s_pv_h, s_pv_p, s_pv_d,
-        s_o_b, s_o_h, s_o_s, s_o_d,
-        s_l_b, s_l_h, s_l_s,
-        s_dq_b, s_dq_h, s_dq_s, s_dq_d,
-        s_dk_b, s_dk_h, s_dk_s, s_dk_d,
-        s_dv_b, s_dv_h, s_dv_s, s_dv_d,
-        CAUSAL: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr,
-        BLOCK_P: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        # program (samples block, head h): every row and own key of these samples, so the
-        # own-key gradients need no atomics. p = exp(s - lse), ds = p * (<dO, v> - delta).
-        h = tl.program_id(1).to(tl.int64)
-        offs_b, offs_d, mask_b, mask_d, mask_bd = tile_offsets(tl.program_id(0), B, HD, BLOCK_B, BLOCK_D)
-        shift = SK - SQ  # row i sees own keys j <= i + shift (when causal)
-        # dq, one query row at a time
-        for i in range(0, SQ):
-            q, do, lse, delta = _pa_row_stats(
-                q_ptr, do_ptr, o_ptr, lse_ptr, offs_b, offs_d, mask_b, mask_bd, h, i,
-                s_q_b, s_q_h, s_q_s, s_q_d, s_o_b, s_o_h, s_o_s, s_o_d,
-                s_do_b, s_do_h, s_do_s, s_do_d, s_l_b, s_l_h, s_l_s,
-            )
-            q32 = q.to(tl.float32)
-            do32 = do.to(tl.float32)
-            dq = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-            for p0 in range(0, P, BLOCK_P):
-                offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-                mask_p = offs_p < P
-                mask_dp = mask_d[:, None] & mask_p[None, :]
-                kt = _prefix_tile_t(pk_ptr, h, offs_p, offs_d, mask_dp, s_pk_h, s_pk_p, s_pk_d)
-                vt = _prefix_tile_t(pv_ptr, h, offs_p, offs_d, mask_dp, s_pv_h, s_pv_p, s_pv_d)
-                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
-                pr = tl.where(mask_p[None, :], tl.exp(s - lse[:, None]), 0.0)
-                dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-                ds = pr * (dp - delta[:, None])
-                dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
-            n_keys = SK
-            if CAUSAL:
-                n_keys = i + shift + 1
-            for j in range(0, n_keys):
-                kj = _load_row32(k_ptr, offs_b, h, j, offs_d, mask_bd, s_k_b, s_k_h, s_k_s, s_k_d)
-                vj = _load_row32(v_ptr, offs_b, h, j, offs_d, mask_bd, s_v_b, s_v_h, s_v_s, s_v_d)
-                pr = tl.exp(tl.sum(q32 * kj, axis=1) * scale - lse)
-                ds = pr * (tl.sum(do32 * vj, axis=1) - delta)
-                dq += ds[:, None] * kj
-            tl.store(_rows(dq_ptr, offs_b, h, i, offs_d, s_dq_b, s_dq_h, s_dq_s, s_dq_d),
-                     (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask_bd)
-        # dk, dv, one own key at a time, over the rows that see it
-        for j in range(0, SK):
-            kj = _load_row32(k_ptr, offs_b, h, j, offs_d, mask_bd, s_k_b, s_k_h, s_k_s, s_k_d)
-            vj = _load_row32(v_ptr, offs_b, h, j, offs_d, mask_bd, s_v_b, s_v_h, s_v_s, s_v_d)
-            dk = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-            first = j * 0
-            if CAUSAL:
-                first = tl.maximum(j - shift, 0)
-            for i in range(first, SQ):
-                q, do, lse, delta = _pa_row_stats(
-                    q_ptr, do_ptr, o_ptr, lse_ptr, offs_b, offs_d, mask_b, mask_bd, h, i,
-                    s_q_b, s_q_h, s_q_s, s_q_d, s_o_b, s_o_h, s_o_s, s_o_d,
-                    s_do_b, s_do_h, s_do_s, s_do_d, s_l_b, s_l_h, s_l_s,
-                )
-                q32 = q.to(tl.float32)
-                do32 = do.to(tl.float32)
-                pr = tl.exp(tl.sum(q32 * kj, axis=1) * scale - lse)
-                ds = pr * (tl.sum(do32 * vj, axis=1) - delta)
-                dv += pr[:, None] * do32
-                dk += ds[:, None] * q32
-            tl.store(_rows(dk_ptr, offs_b, h, j, offs_d, s_dk_b, s_dk_h, s_dk_s, s_dk_d),
-                     (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask_bd)
-            tl.store(_rows(dv_ptr, offs_b, h, j, offs_d, s_dv_b, s_dv_h, s_dv_s, s_dv_d),
-                     dv.to(dv_ptr.dtype.element_ty), mask=mask_bd)
 
 
 # --------------------------------------------------------------------------- launchers, ops
@@ -329,29 +253,44 @@ def _pa_fwd(
 def _pa_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     out: Tensor, lse: Tensor, scale: float, causal: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
+    """(dq, dkv): dk and dv stacked, autograd takes them apart as views."""
     B, H, SQ, HD = q.shape
-    SK, P = k.shape[2], prefix_k.shape[1]
-    dq = torch.empty((B, H, SQ, HD), device=q.device, dtype=q.dtype)
-    dk = torch.empty((B, H, SK, HD), device=q.device, dtype=k.dtype)
-    dv = torch.empty((B, H, SK, HD), device=q.device, dtype=v.dtype)
-    if B == 0 or HD == 0:
-        return dq, dk, dv
-    block_b, block_p, block_d, precision = _pa_blocks(HD, q.dtype)
-    launch.launcher(_pa_bwd_kernel, q)[(launch.cdiv(B, block_b), H)](
-        grad_out, q, k, v, prefix_k, prefix_v, out, lse,
-        dq, dk, dv,
-        B, P, SQ, SK, HD, float(scale),
-        *launch.strides(grad_out, q, k, v, prefix_k, prefix_v, out, lse, dq, dk, dv),
-        CAUSAL=bool(causal), DOT_PRECISION=precision,
-        BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
-    )
-    return dq, dk, dv
+    SK = k.shape[2]
+    # (B, S, H, hd) in memory, like the output: a caller that split heads merges them with a view
+    dq = torch.empty((B, SQ, H, HD), device=q.device, dtype=q.dtype)
+    dkv = torch.empty((2, B, SK, H, HD), device=q.device, dtype=q.dtype)
+    dq_t, dk_t = dq.transpose(1, 2), dkv[0].transpose(1, 2)
+    launch_backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, (dq, SQ, dq_t.stride()),
+                    (dkv, 0, dkv.stride(0), dk_t.stride()), scale, causal, _pa_blocks(HD, q.dtype)[3])
+    return dq_t, dkv.transpose(2, 3)
+
+
+def _pa_qkv_fwd(qkv: Tensor, prefix_k: Tensor, prefix_v: Tensor, heads: int, queries: int, scale: float,
+                causal: bool) -> tuple[Tensor, Tensor]:
+    q, k, v = split_qkv(qkv, heads)
+    return _pa_fwd(q[:, :, k.shape[2] - queries:], k, v, prefix_k, prefix_v, scale, causal)
+
+
+def _pa_qkv_bwd(grad_out: Tensor, qkv: Tensor, prefix_k: Tensor, prefix_v: Tensor, out: Tensor, lse: Tensor,
+                heads: int, queries: int, scale: float, causal: bool) -> Tensor:
+    q, k, v = split_qkv(qkv, heads)
+    S = k.shape[2]
+    # one buffer in the projection's (contiguous) layout: what the projection's backward reads;
+    # dq keeps the rows without a query (zeros), dk and dv sit one and two thirds in
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    strides = split_qkv(dqkv, heads)[0].stride()
+    part = qkv.shape[2] // 3 * dqkv.stride(2)
+    launch_backward(grad_out, q[:, :, S - queries:], k, v, prefix_k, prefix_v, out, lse, (dqkv, S, strides),
+                    (dqkv, part, 2 * part, strides), scale, causal, _pa_blocks(q.shape[3], q.dtype)[3])
+    return dqkv
 
 
 if HAS_TRITON_OP:
     _pa_op = dispatch.register_op("prefix_attention", _pa_fwd)
     _pa_bwd_op = dispatch.register_op("prefix_attention_backward", _pa_bwd)
+    _pa_qkv_op = dispatch.register_op("prefix_attention_qkv", _pa_qkv_fwd)
+    _pa_qkv_bwd_op = dispatch.register_op("prefix_attention_qkv_backward", _pa_qkv_bwd)
 
     def _pa_setup_context(ctx, inputs, output):
         q, k, v, prefix_k, prefix_v, scale, causal = inputs
@@ -365,10 +304,23 @@ if HAS_TRITON_OP:
         if not any(need[:3]):
             return (None,) * 7
         # saved: q, k, v, prefix_k, prefix_v, out, lse, in the backward op's order
-        dq, dk, dv = _pa_bwd_op(grad_out, *ctx.saved_tensors, ctx.scale, ctx.causal)
-        return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, *(None,) * 4
+        dq, dkv = _pa_bwd_op(grad_out, *ctx.saved_tensors, ctx.scale, ctx.causal)
+        return dq if need[0] else None, dkv[0] if need[1] else None, dkv[1] if need[2] else None, *(None,) * 4
 
     _pa_op.register_autograd(_pa_backward, setup_context=_pa_setup_context)
+
+    def _pa_qkv_setup_context(ctx, inputs, output):
+        qkv, prefix_k, prefix_v, *ctx.args = inputs  # heads, queries, scale, causal
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(qkv, prefix_k, prefix_v, out, lse)
+
+    def _pa_qkv_backward(ctx, grad_out, _grad_lse):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        return _pa_qkv_bwd_op(grad_out, *ctx.saved_tensors, *ctx.args), *(None,) * 6
+
+    _pa_qkv_op.register_autograd(_pa_qkv_backward, setup_context=_pa_qkv_setup_context)
 
 
 def prefix_attention_triton(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
@@ -379,7 +331,21 @@ def prefix_attention_triton(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, p
     return _pa_op(q, k, v, pk, pv, _scale(q, scale), bool(causal))[0]
 
 
+def prefix_attention_qkv_triton(qkv: Tensor, prefix_k: Tensor, prefix_v: Tensor, heads: int,
+                                queries: Optional[int] = None, causal: bool = True,
+                                scale: Optional[float] = None) -> Tensor:
+    """Triton path (custom op ``crossgap::prefix_attention_qkv``), differentiable w.r.t. ``qkv``."""
+    dispatch.require_triton()
+    q, k, v = _check_qkv(qkv, heads, queries)
+    pk, pv = _check(q, k, v, prefix_k, prefix_v, causal)
+    return _pa_qkv_op(qkv, pk, pv, int(heads), q.shape[2], _scale(q, scale), bool(causal))[0]
+
+
 prefix_attention = dispatch.entry_point(
     "prefix_attention", prefix_attention_torch, prefix_attention_triton, tensors=5,
     doc="Attention of each sample's rows over a shared prefix plus its own rows (see the module doc).",
+)
+prefix_attention_qkv = dispatch.entry_point(
+    "prefix_attention_qkv", prefix_attention_qkv_torch, prefix_attention_qkv_triton, tensors=3,
+    doc="``prefix_attention`` on a block's fused qkv projection, with one gradient for it (see the module doc).",
 )

@@ -17,7 +17,8 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
 from crossgap_fast.errors import UnsupportedModelError
-from crossgap_fast.kernels import prefix_attention
+from crossgap_fast.kernels import prefix_attention_qkv
+from crossgap_fast.kernels.attention import split_qkv
 
 
 def check_blocks(blocks: Sequence[nn.Module], tower: str) -> None:
@@ -110,7 +111,7 @@ def block_forward(
     """One open_clip ``ResidualAttentionBlock`` on ``x`` (B, S, D).
 
     ``prefix_kv``: per-head keys/values (H, P, hd) of positions before ``x`` that every sample
-    shares. By default they go to :func:`prefix_attention`: every row sees the whole prefix
+    shares. By default they go to :func:`prefix_attention_qkv`: every row sees the whole prefix
     and its own rows causally, with no per-sample copy of the prefix. ``concat_prefix=True``
     is the concatenating path (the benchmarks' baseline): a copy of the prefix is concatenated
     to each sample's keys/values and SDPA applies ``attn_mask``, boolean (S, P + S), True where
@@ -119,16 +120,14 @@ def block_forward(
     ``query_rows``: only these rows' outputs are needed (the pooled row in the last block), so
     only their queries, output projection and MLP are computed; keys/values still use all rows.
     With the shared prefix it must be a tail slice (``slice(-n, None)``).
-    ``use_kernels``: the Triton switch of :func:`prefix_attention`. ``weights``: the eight
+    ``use_kernels``: the Triton switch of :func:`prefix_attention_qkv`. ``weights``: the eight
     :data:`MATMUL_NAMES` operands to use instead of the block's own (the cast copies of
     :class:`CastMatmuls`).
     """
     qkv_w, qkv_b, out_w, out_b, fc_w, fc_b, proj_w, proj_b = weights if weights is not None else block_matmuls(block)
     heads = block.attn.num_heads
-    q, k, v = F.linear(block.ln_1(x), qkv_w, qkv_b).chunk(3, dim=-1)
-    q, k, v = (split_heads(t, heads) for t in (q, k, v))
+    qkv = F.linear(block.ln_1(x), qkv_w, qkv_b)
     if query_rows is not None:
-        q = q[:, :, query_rows]
         x = x[:, query_rows]
     if prefix_kv is not None and not concat_prefix:
         if attn_mask is not None or (query_rows is not None and not _is_tail(query_rows)):
@@ -136,8 +135,12 @@ def block_forward(
                 "block_forward: the shared-prefix path takes no attn_mask (it is causal) and "
                 f"only a tail slice of query rows, got attn_mask={attn_mask is not None}, query_rows={query_rows}"
             )
-        o = prefix_attention(q, k, v, *prefix_kv, causal=True, use_kernels=use_kernels)
+        # on the fused projection: its gradient comes back as one tensor, not three to merge
+        o = prefix_attention_qkv(qkv, *prefix_kv, heads, x.shape[1], causal=True, use_kernels=use_kernels)
     else:
+        q, k, v = split_qkv(qkv, heads)
+        if query_rows is not None:
+            q = q[:, :, query_rows]
         if prefix_kv is not None:
             pk, pv = prefix_kv
             b = x.shape[0]

@@ -178,7 +178,7 @@ def full_text_forward(model: nn.Module, tokens: Tensor, positions: Tensor, pseud
 # Engineered forwards (fast)
 # --------------------------------------------------------------------------------------------
 #: Attention of the prefix-cached text path: True runs
-#: :func:`~crossgap_fast.kernels.prefix_attention` against the shared prefix keys/values; False
+#: :func:`~crossgap_fast.kernels.prefix_attention_qkv` against the shared prefix keys/values; False
 #: concatenates a copy of them to every sample's own and calls SDPA (the slower path, kept
 #: reachable as the benchmarks' baseline; read when a forward is built).
 SHARED_PREFIX_ATTENTION = True

@@ -12,6 +12,8 @@ where ``ref32`` is the reference evaluated in fp64 on the *same* low-precision i
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -62,38 +64,75 @@ def cosine_loss_into(pred, target, hist_column, **kw):
     return loss
 
 
-_TORCH2TRITON = {
-    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-    torch.int64: "i64", torch.int32: "i32", torch.float64: "fp64",
+#: The H100 target every kernel is compiled for (Triton picks sm_90a for it).
+SM90 = 90
+
+
+def _specialize(kernel, backend, args, kwargs):
+    """(options, signature, constexprs, attrs) as Triton's JIT derives them from a launch's
+    arguments: pointer alignment and integers divisible by 16 become hints, an integer equal to
+    1 a constant (a unit stride, for example). Compiled without these, a kernel could get other
+    registers than on the GPU."""
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    return kernel._pack_args(backend, kwargs, bound, specialization, options)
+
+
+def compile_for_sm90(launches) -> list:
+    """Full Triton compilation (TTIR -> TTGIR -> LLVM -> PTX -> cubin) of each recorded
+    ``(kernel, args, kwargs)`` launch for an H100, specialised on the launcher's arguments as
+    the JIT would; returns the compiled kernels in launch order."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    target = GPUTarget("cuda", SM90, 32)
+    backend = make_backend(target)
+    compiled = []
+    for kernel, args, kwargs in launches:
+        options, signature, constexprs, attrs = _specialize(kernel, backend, args, dict(kwargs))
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        out = triton.compile(src, target=target, options=options.__dict__)
+        assert out.asm.get("cubin"), kernel.fn.__name__
+        compiled.append(out)
+    return compiled
+
+
+_PTXAS_USAGE = {
+    "regs": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
 }
 
 
-def compile_for_sm90(launches) -> None:
-    """Full Triton compilation (TTIR -> TTGIR -> LLVM -> PTX -> cubin) of each recorded
-    ``(kernel, args, kwargs)`` launch, with the arguments the launcher passed, for an H100."""
+def ptxas_usage(compiled) -> dict:
+    """Registers, spill bytes and stack frame of one compiled kernel, from ``ptxas -v`` run on
+    its PTX the way Triton runs ptxas (its own binary and flags: the log it prints when asked).
+    Without a GPU, ``compiled.n_regs`` / ``n_spills`` stay unset (they come from loading)."""
+    import contextlib
+    import io
+
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import make_backend
 
-    for kernel, args, kwargs in launches:
-        kwargs = dict(kwargs)
-        launch_opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-        names = kernel.arg_names
-        bound = dict(zip(names, args))
-        bound.update(kwargs)
-        signature, constexprs = {}, {}
-        for i, name in enumerate(names):
-            val = bound[name]
-            if kernel.params[i].is_constexpr:
-                signature[name], constexprs[name] = "constexpr", val
-            elif isinstance(val, torch.Tensor):
-                signature[name] = "*" + _TORCH2TRITON[val.dtype]
-            elif isinstance(val, bool):
-                signature[name] = "i1"
-            elif isinstance(val, int):
-                signature[name] = "i32" if -(2**31) <= val < 2**31 else "i64"
-            else:
-                signature[name] = "fp32"
-        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch_opts)
-        assert compiled.asm.get("cubin"), kernel.fn.__name__
+    backend = make_backend(GPUTarget("cuda", SM90, 32))
+    options = backend.parse_options(dict(compiled.metadata._asdict()))
+    knobs = triton.knobs.nvidia
+    saved, knobs.dump_ptxas_log = knobs.dump_ptxas_log, True
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            backend.make_cubin(compiled.asm["ptx"], {}, options, SM90)
+    finally:
+        knobs.dump_ptxas_log = saved
+    text = log.getvalue()
+    usage = {"name": compiled.metadata.name}
+    for key, pattern in _PTXAS_USAGE.items():
+        found = pattern.search(text)
+        assert found or key != "regs", f"no register count in the ptxas log:\n{text}"
+        usage[key] = int(found.group(1)) if found else 0
+    return usage

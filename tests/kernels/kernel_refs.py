@@ -131,6 +131,37 @@ def make_prefix_attention_inputs(B, H, Sq, Sk, P, hd, dtype=torch.float32, devic
     return q, k, v, pk, pv
 
 
+def make_qkv_inputs(B, S, H, hd, P, layout="contiguous", dtype=torch.float32, device="cpu", seed=0):
+    """A fused (B, S, 3 * H * hd) projection in one of three layouts ("contiguous", "strided":
+    every other column of a wider tensor, "seq-major": a transposed (S, B, 3D) tensor) and the
+    (1, H, P, hd) prefix keys / values."""
+    g = torch.Generator().manual_seed(seed)
+    width = 3 * H * hd
+    if layout == "contiguous":
+        qkv = torch.randn(B, S, width, generator=g)
+    elif layout == "strided":
+        qkv = torch.randn(B, S, 2 * width, generator=g)[..., ::2]
+    else:
+        qkv = torch.randn(S, B, width, generator=g).transpose(0, 1)
+    pk, pv = (torch.randn(1, H, P, hd, generator=g) for _ in range(2))
+    return qkv.to(device=device, dtype=dtype), pk.to(device=device, dtype=dtype), pv.to(device=device, dtype=dtype)
+
+
+def ref_prefix_attention_qkv(qkv: Tensor, prefix_k: Tensor, prefix_v: Tensor, heads: int, queries=None,
+                             causal: bool = True) -> Tensor:
+    """:func:`ref_prefix_attention` on q, k, v gathered from the fused projection head by head
+    (column ranges [part * D + h * hd, + hd)); the last ``queries`` rows query."""
+    B, S, width = qkv.shape
+    D = width // 3
+    hd = D // heads
+
+    def part(n):
+        return torch.stack([qkv[:, :, n * D + h * hd: n * D + (h + 1) * hd] for h in range(heads)], dim=1)
+
+    q = part(0)[:, :, S - (S if queries is None else queries):]
+    return ref_prefix_attention(q, part(1), part(2), prefix_k, prefix_v, causal)
+
+
 def sdpa_over_concat(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                      causal: bool = True) -> Tensor:
     """The same attention as SDPA over a per-sample copy of the prefix (vectorised; the

@@ -1,6 +1,6 @@
-"""prefix_attention: the torch reference (CPU), the Triton kernels under the interpreter
-(``interpreter``) and on a GPU (``cuda``), against the naive reference and SDPA over a
-per-sample copy of the prefix; AOT compilation."""
+"""prefix_attention and prefix_attention_qkv: the torch references (CPU), the Triton kernels
+under the interpreter (``interpreter``) and on a GPU (``cuda``), against the naive references
+and SDPA over a per-sample copy of the prefix; AOT compilation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from crossgap_fast.kernels import attention as k_pa
-from crossgap_fast.kernels import prefix_attention
+from crossgap_fast.kernels import dispatch
+from crossgap_fast.kernels import prefix_attention, prefix_attention_qkv
 
 import kernel_refs as kr
 from kernel_checks import DEV, DTYPE_CASES, assert_rule, close, compile_for_sm90, f64, needs_compiled_kernels, needs_triton
@@ -109,18 +110,67 @@ def test_prefix_attention_rejects_bad_shapes(bad, match):
         prefix_attention(args["q"], args["k"], args["v"], args["pk"], args["pv"], use_kernels=False)
 
 
+# (B, S, H, hd, P, queries): "a photo of {}", its last block, no prefix and odd sizes, a long prefix
+QKV_SHAPES = [
+    (3, 2, 2, 8, 4, None),
+    (3, 2, 2, 8, 4, 1),
+    (2, 3, 3, 24, 0, 2),
+    (2, 4, 1, 16, 41, None),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "seq-major"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B,S,H,hd,P,queries", QKV_SHAPES)
+def test_prefix_attention_qkv_reference_matches_naive(B, S, H, hd, P, queries, causal, layout):
+    qkv, pk, pv = kr.make_qkv_inputs(B, S, H, hd, P, layout, seed=B + S + P)
+    qkv.requires_grad_(True)
+    out = prefix_attention_qkv(qkv, pk, pv, H, queries, causal, use_kernels=False)
+    n = S if queries is None else queries
+    assert out.shape == (B, H, n, hd)
+    qkv64 = qkv.detach().double().requires_grad_(True)
+    ref = kr.ref_prefix_attention_qkv(qkv64, pk.double(), pv.double(), H, queries, causal)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    gout = torch.randn(B, H, n, hd, dtype=torch.float64)
+    (g,) = torch.autograd.grad(out, qkv, gout.float())
+    (gref,) = torch.autograd.grad(ref, qkv64, gout)
+    torch.testing.assert_close(g.double(), gref, atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(g[:, : S - n, : H * hd]) == 0  # rows without a query: no dq
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(qkv=torch.zeros(2, 3, 47)), "3 \\* heads \\* hd"),
+    (dict(qkv=torch.zeros(2, 3, 48), heads=0), "3 \\* heads \\* hd"),
+    (dict(queries=4), "queries=4"),
+    (dict(queries=0), "queries=0"),
+    (dict(pk=torch.zeros(1, 2, 4, 7)), "prefix_k"),
+])
+def test_prefix_attention_qkv_rejects_bad_shapes(bad, match):
+    args = dict(qkv=torch.zeros(2, 3, 48), pk=torch.zeros(1, 2, 4, 8), pv=torch.zeros(1, 2, 4, 8), heads=2,
+                queries=None)
+    args.update(bad)
+    for use in (False,) + ((True,) if dispatch.HAS_TRITON_OP else ()):
+        with pytest.raises(ValueError, match=match):
+            prefix_attention_qkv(args["qkv"], args["pk"], args["pv"], args["heads"], args["queries"],
+                                 use_kernels=use)
+
+
 @needs_triton
 @needs_compiled_kernels
 def test_prefix_attention_kernels_compile_for_sm90(launches):
-    """Both kernels, with the exact arguments the launchers pass, compile for an H100: tl.dot
-    in bf16, and in fp32 with input_precision="ieee"."""
+    """Every kernel of both ops, with the exact arguments the launchers pass, compiles for an
+    H100: tl.dot in bf16, and in fp32 with input_precision="ieee"."""
     dev = "meta"
     for dtype in (torch.bfloat16, torch.float32):
         q = torch.empty(4096, 8, 2, 64, device=dev, dtype=dtype)
         pk = torch.empty(8, 4, 64, device=dev, dtype=dtype)
         out, lse = k_pa._pa_fwd(q, q, q, pk, pk, 0.125, True)
         k_pa._pa_bwd(out, q, q, q, pk, pk, out, lse, 0.125, True)
-    assert len(launches) == 4
+        qkv = torch.empty(4096, 2, 3 * 512, device=dev, dtype=dtype)
+        out, lse = k_pa._pa_qkv_fwd(qkv, pk, pk, 8, 1, 0.125, True)
+        k_pa._pa_qkv_bwd(out, qkv, pk, pk, out, lse, 8, 1, 0.125, True)
+    names = [kernel.fn.__name__ for kernel, _, _ in launches]
+    assert names == ["_pa_fwd_kernel", "_pa_bwd_dq_kernel", "_pa_bwd_dkv_kernel"] * 4
     compile_for_sm90(launches)
 
 
@@ -177,6 +227,37 @@ def test_prefix_attention_interpreter_views_of_a_qkv_projection():
     assert outs[0][0].transpose(1, 2).is_contiguous()  # heads merge back with a view
 
 
+# (B, S, H, hd, P, queries): B = 37 spans three sample blocks, hd = 24 is not a power of two,
+# P = 17 two prefix tiles; queries < S leaves dq rows that the kernel must zero
+@pytest.mark.interpreter
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B,S,H,hd,P,queries,layout", [
+    (5, 2, 2, 16, 4, None, "contiguous"),
+    (37, 3, 2, 24, 17, 1, "strided"),
+    (4, 3, 3, 8, 0, 2, "seq-major"),
+])
+def test_prefix_attention_qkv_interpreter(B, S, H, hd, P, queries, layout, causal):
+    qkv, pk, pv = kr.make_qkv_inputs(B, S, H, hd, P, layout, seed=B + hd + P)
+    n = S if queries is None else queries
+    gout = torch.randn(B, n, H, hd).transpose(1, 2)  # as the block hands it back: heads merged
+    results = []
+    for use in (True, False):
+        leaf = qkv.detach().clone().requires_grad_(True)
+        out = prefix_attention_qkv(leaf, pk, pv, H, queries, causal, use_kernels=use)
+        results.append((out, torch.autograd.grad(out, leaf, gout)[0]))
+    (out, g), (torch_out, torch_g) = results
+    qkv64 = qkv.detach().double().requires_grad_(True)
+    ref = kr.ref_prefix_attention_qkv(qkv64, pk.double(), pv.double(), H, queries, causal)
+    (gref,) = torch.autograd.grad(ref, qkv64, gout.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out, torch_out, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(g.double(), gref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g, torch_g, atol=1e-5, rtol=1e-5)
+    # one gradient in the projection's layout; the rows without a query get exact zeros
+    assert g.shape == qkv.shape and g.is_contiguous()
+    assert torch.count_nonzero(g[:, : S - n, : H * hd]) == 0
+
+
 # ------------------------------------------------------------------ cuda
 PA_CUDA_SHAPES = [  # (B, H, Sq, Sk, P, hd)
     (4096, 8, 2, 2, 4, 64),  # ViT-B-32 text, "a photo of {}"
@@ -206,6 +287,39 @@ def test_prefix_attention_cuda_accuracy(dtype, atol, rtol, B, H, Sq, Sk, P, hd):
     grads_same = torch.autograd.grad(out_same, same, gout.to(dtype))
     for name, g, gs, gref in zip("qkv", grads, grads_same, torch.autograd.grad(ref, leaves64, gout)):
         assert_rule(g, gs, gref, atol, f"prefix_attention d{name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPE_CASES)
+@pytest.mark.parametrize("B,S,H,hd,P,queries", [  # ViT-B-32 and ViT-L-14 text blocks, odd sizes
+    (4096, 2, 8, 64, 4, None),
+    (4096, 2, 8, 64, 4, 1),
+    (1024, 2, 12, 64, 4, 1),
+    (257, 5, 12, 64, 45, 2),
+    (33, 3, 3, 24, 0, 1),
+])
+def test_prefix_attention_qkv_cuda_accuracy(dtype, atol, rtol, B, S, H, hd, P, queries):
+    qkv, pk, pv = kr.make_qkv_inputs(B, S, H, hd, P, "strided", dtype=dtype, device=DEV, seed=B + P)
+    n = S if queries is None else queries
+
+    def sdpa(t):  # SDPA over the concatenated prefix on the same views
+        q, k, v = k_pa.split_qkv(t, H)
+        return kr.sdpa_over_concat(q[:, :, S - n:], k, v, pk.to(t.dtype), pv.to(t.dtype))
+
+    leaf = qkv.detach().clone().requires_grad_(True)
+    out = prefix_attention_qkv(leaf, pk, pv, H, queries, use_kernels=True)
+    same = qkv.detach().clone().requires_grad_(True)
+    out_same = sdpa(same)
+    qkv64 = qkv.detach().double().requires_grad_(True)
+    ref = sdpa(qkv64)
+    assert_rule(out, out_same, ref, atol, "prefix_attention_qkv fwd")
+    gout = torch.randn(B, H, n, hd, device=DEV, dtype=torch.float64)
+    (g,) = torch.autograd.grad(out, leaf, gout.to(dtype))
+    (gs,) = torch.autograd.grad(out_same, same, gout.to(dtype))
+    (gref,) = torch.autograd.grad(ref, qkv64, gout)
+    assert g.shape == qkv.shape and g.is_contiguous()
+    assert_rule(g, gs, gref, atol, "prefix_attention_qkv dqkv")
+    assert torch.count_nonzero(g[:, : S - n, : H * hd]) == 0
 
 
 @pytest.mark.cuda

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from crossgap_fast.kernels import attention as k_pa
+from crossgap_fast.kernels import attention_bwd as k_pa_bwd
 from crossgap_fast.kernels import cosine as k_cos
 from crossgap_fast.kernels import launch
 from crossgap_fast.kernels import (
@@ -91,7 +92,7 @@ def test_triton_path_traces_fullgraph_fwd_bwd(stub_triton_driver):
     fw, bw = graphs["fw"].code, graphs["bw"].code
     # insert, 2x expand, 2x cosine, adamw, prefix attention
     assert fw.count("triton_kernel_wrapper_functional(") == 7
-    assert bw.count("triton_kernel_wrapper_functional(") == 6  # the same less adamw
+    assert bw.count("triton_kernel_wrapper_functional(") == 7  # the same less adamw; attention's two
     # precise mutation analysis: only output buffers are cloned
     for line in fw.splitlines() + bw.splitlines():
         if "tensors_to_clone" in line:
@@ -121,7 +122,7 @@ def test_engine_loss_traces_fullgraph_with_triton_ops(stub_triton_driver, name, 
 
     def capture(kind):
         def compiler(gm, example_inputs):
-            graphs[kind] = gm.code
+            graphs[kind] = gm
             return make_boxed_func(gm)
 
         return compiler
@@ -145,10 +146,16 @@ def test_engine_loss_traces_fullgraph_with_triton_ops(stub_triton_driver, name, 
         torch._dynamo.reset()
     assert loss.shape == (4,) and g.shape == (4, 2, width)
     # the input op (insert or expand) and the cosine loss, forward and backward; the causal
-    # text tower adds shared-prefix attention in each of its 2 blocks
-    kernels = 4 if name == "crossgap-tiny" and method == "oti" else 2
-    assert graphs["fw"].count("triton_kernel_wrapper_functional(") == kernels
-    assert graphs["bw"].count("triton_kernel_wrapper_functional(") == kernels
+    # text tower adds shared-prefix attention in each of its 2 blocks (two backward kernels)
+    prefix_cached = name == "crossgap-tiny" and method == "oti"
+    if prefix_cached:
+        # the attention's gradient arrives in the qkv projection's layout: nothing transposes,
+        # copies, concatenates or scatters it back before the projection's backward
+        ops = [str(n.target) for n in graphs["bw"].graph.nodes if n.op == "call_function"]
+        moved = [op for op in ops if any(w in op for w in ("clone", "cat.", "scatter", "copy"))]
+        assert not moved, moved
+    assert graphs["fw"].code.count("triton_kernel_wrapper_functional(") == (4 if prefix_cached else 2)
+    assert graphs["bw"].code.count("triton_kernel_wrapper_functional(") == (6 if prefix_cached else 2)
 
 
 # ------------------------------------------------------------------ interpreter
@@ -173,12 +180,15 @@ def test_interpreter_launch_leaves_triton_language_untouched():
     # a kernel that calls a jit'd helper of its own module: the helper is swapped back too
     from triton.runtime.jit import JITFunction
 
-    pa_before, launch_before = set(vars(k_pa)), set(vars(launch))
+    # (the forward's helpers live in the backward's module: swapped back there too)
+    pa_before, bwd_before, launch_before = set(vars(k_pa)), set(vars(k_pa_bwd)), set(vars(launch))
     q = torch.randn(2, 1, 2, 4, requires_grad=True)
     torch.autograd.grad(prefix_attention(q, q, q, q[0], q[0], use_kernels=True).sum(), q)
-    assert isinstance(k_pa._pa_row_stats, JITFunction) and isinstance(k_pa._pa_bwd_kernel, JITFunction)
+    assert isinstance(k_pa_bwd._lse_delta, JITFunction) and isinstance(k_pa_bwd._pa_bwd_dq_kernel, JITFunction)
+    assert isinstance(k_pa.head_rows, JITFunction) and isinstance(k_pa_bwd.head_rows, JITFunction)
     assert isinstance(k_pa.tile_offsets, JITFunction) and isinstance(launch.block_offsets, JITFunction)
-    assert set(vars(k_pa)) == pa_before and set(vars(launch)) == launch_before
+    assert set(vars(k_pa)) == pa_before and set(vars(k_pa_bwd)) == bwd_before
+    assert set(vars(launch)) == launch_before
     after = (tl.sum, tl.standard.sum, tl.max, tl.standard._sum_combine, tl.load, tl.core.load,
              tl.core.reduce, getattr(tl.core.tensor, "__bool__", None), tl.core.dtype.to_ir)
     assert all(a is b for a, b in zip(watched, after))
@@ -202,12 +212,12 @@ _ENV_SCRIPT = textwrap.dedent(
     import os, sys
     assert os.environ["TRITON_INTERPRET"] == "1" and "triton" not in sys.modules
     import torch
-    from crossgap_fast.kernels import adamw, attention, cosine, pseudo_patches, pseudo_tokens
+    from crossgap_fast.kernels import adamw, attention, attention_bwd, cosine, pseudo_patches, pseudo_tokens
     import crossgap_fast.kernels as K
     from triton.runtime.interpreter import InterpretedFunction
     assert not torch.cuda.is_initialized()
-    for k in (pseudo_tokens._insert_fwd_kernel, pseudo_patches._expand_bwd_kernel,
-              cosine._cos_fwd_kernel, adamw._adamw_kernel, attention._pa_bwd_kernel):
+    for k in (pseudo_tokens._insert_fwd_kernel, pseudo_patches._expand_bwd_kernel, cosine._cos_fwd_kernel,
+              adamw._adamw_kernel, attention._pa_fwd_kernel, attention_bwd._pa_bwd_dkv_kernel):
         assert isinstance(k, InterpretedFunction), type(k)
     torch.manual_seed(0)
     tok, pos = torch.randn(77, 7), torch.randn(77, 7)
@@ -237,6 +247,12 @@ _ENV_SCRIPT = textwrap.dedent(
     torch.testing.assert_close(a1, a2)
     ga1, = torch.autograd.grad(a1.square().sum(), q)
     ga2, = torch.autograd.grad(a2.square().sum(), q)
+    torch.testing.assert_close(ga1, ga2, atol=1e-5, rtol=1e-5)
+    qkv = torch.randn(3, 3, 48, requires_grad=True)
+    a1, a2 = (K.prefix_attention_qkv(qkv, pk, pk, 2, 1, use_kernels=use) for use in (True, False))
+    torch.testing.assert_close(a1, a2)
+    ga1, = torch.autograd.grad(a1.square().sum(), qkv)
+    ga2, = torch.autograd.grad(a2.square().sum(), qkv)
     torch.testing.assert_close(ga1, ga2, atol=1e-5, rtol=1e-5)
     print("OK-ENV-INTERPRET")
     """
