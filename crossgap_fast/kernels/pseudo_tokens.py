@@ -61,10 +61,15 @@ def insert_pseudo_tokens_torch(token_emb: Tensor, pos_emb: Tensor, pseudo: Tenso
     ct = torch.promote_types(pseudo.dtype, torch.float32)
     positions = positions.to(device=pseudo.device, dtype=torch.int64)
     pos = pos_emb.detach().to(ct)  # frozen (no gradient), as on the Triton path
-    base = (token_emb.detach().to(ct) + pos).unsqueeze(0).expand(B, S, D)
+    # One row per sample, not a broadcast (stride-0) view of the template's row: Inductor
+    # before the fix of pytorch/pytorch#183986 (torch 2.11 among them) reinplaces an index_copy
+    # into a broadcast base, so every sample's tokens land in the one shared row and all
+    # samples come out with the last sample's tokens. The copy is what eager's out-of-place
+    # index_copy made anyway, so the write into it can be in place.
+    base = (token_emb.detach().to(ct) + pos).unsqueeze(0).repeat(B, 1, 1)
     inserted = pseudo.to(ct) + pos.index_select(0, positions).unsqueeze(0)
-    # out-of-place index_copy: differentiable w.r.t. the source (grad = index_select)
-    return base.index_copy(1, positions, inserted).to(pseudo.dtype)
+    # differentiable w.r.t. the source (grad = index_select); base needs no gradient
+    return base.index_copy_(1, positions, inserted).to(pseudo.dtype)
 
 
 # --------------------------------------------------------------------------- Triton kernels
