@@ -102,12 +102,16 @@ if HAS_TRITON_OP:
             slot = tl.where(p == s, r, slot)
         is_ps = slot >= 0
         slot_safe = tl.maximum(slot, 0)
+        # The masks compare the slot as a block, not as a scalar: Triton's interpreter types a
+        # scalar comparison as its operands' integer type, so folding one into a block mask
+        # gives an integer mask, which Triton 3.9's interpreter refuses to load with.
+        slot_d = tl.broadcast_to(slot, [BLOCK_D])
 
         pos = tl.load(pos_ptr + s * s_pos_s + offs_d * s_pos_d, mask=mask_d, other=0.0).to(tl.float32)
-        tok = tl.load(tok_ptr + s * s_tok_s + offs_d * s_tok_d, mask=mask_d & (slot < 0), other=0.0).to(tl.float32)
+        tok = tl.load(tok_ptr + s * s_tok_s + offs_d * s_tok_d, mask=mask_d & (slot_d < 0), other=0.0).to(tl.float32)
         ps = tl.load(
             pseudo_ptr + offs_b[:, None] * s_ps_b + slot_safe * s_ps_r + offs_d[None, :] * s_ps_d,
-            mask=mask & is_ps,
+            mask=mask & (slot_d >= 0)[None, :],
             other=0.0,
         ).to(tl.float32)
         val = tl.where(is_ps, ps, tok[None, :]) + pos[None, :]
