@@ -61,10 +61,15 @@ def insert_pseudo_tokens_torch(token_emb: Tensor, pos_emb: Tensor, pseudo: Tenso
     ct = torch.promote_types(pseudo.dtype, torch.float32)
     positions = positions.to(device=pseudo.device, dtype=torch.int64)
     pos = pos_emb.detach().to(ct)  # frozen (no gradient), as on the Triton path
-    base = (token_emb.detach().to(ct) + pos).unsqueeze(0).expand(B, S, D)
+    # One row per sample, not a broadcast (stride-0) view of the template's row: Inductor
+    # before the fix of pytorch/pytorch#183986 (torch 2.11 among them) reinplaces an index_copy
+    # into a broadcast base, so every sample's tokens land in the one shared row and all
+    # samples come out with the last sample's tokens. The copy is what eager's out-of-place
+    # index_copy made anyway, so the write into it can be in place.
+    base = (token_emb.detach().to(ct) + pos).unsqueeze(0).repeat(B, 1, 1)
     inserted = pseudo.to(ct) + pos.index_select(0, positions).unsqueeze(0)
-    # out-of-place index_copy: differentiable w.r.t. the source (grad = index_select)
-    return base.index_copy(1, positions, inserted).to(pseudo.dtype)
+    # differentiable w.r.t. the source (grad = index_select); base needs no gradient
+    return base.index_copy_(1, positions, inserted).to(pseudo.dtype)
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -97,12 +102,16 @@ if HAS_TRITON_OP:
             slot = tl.where(p == s, r, slot)
         is_ps = slot >= 0
         slot_safe = tl.maximum(slot, 0)
+        # The masks compare the slot as a block, not as a scalar: Triton's interpreter types a
+        # scalar comparison as its operands' integer type, so folding one into a block mask
+        # gives an integer mask, which Triton 3.9's interpreter refuses to load with.
+        slot_d = tl.broadcast_to(slot, [BLOCK_D])
 
         pos = tl.load(pos_ptr + s * s_pos_s + offs_d * s_pos_d, mask=mask_d, other=0.0).to(tl.float32)
-        tok = tl.load(tok_ptr + s * s_tok_s + offs_d * s_tok_d, mask=mask_d & (slot < 0), other=0.0).to(tl.float32)
+        tok = tl.load(tok_ptr + s * s_tok_s + offs_d * s_tok_d, mask=mask_d & (slot_d < 0), other=0.0).to(tl.float32)
         ps = tl.load(
             pseudo_ptr + offs_b[:, None] * s_ps_b + slot_safe * s_ps_r + offs_d[None, :] * s_ps_d,
-            mask=mask & is_ps,
+            mask=mask & (slot_d >= 0)[None, :],
             other=0.0,
         ).to(tl.float32)
         val = tl.where(is_ps, ps, tok[None, :]) + pos[None, :]

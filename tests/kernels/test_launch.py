@@ -5,6 +5,8 @@ several ops compiled and captured in a CUDA graph against eager."""
 
 from __future__ import annotations
 
+import contextlib
+import operator
 import os
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import torch
 from crossgap_fast.kernels import attention as k_pa
 from crossgap_fast.kernels import attention_bwd as k_pa_bwd
 from crossgap_fast.kernels import cosine as k_cos
-from crossgap_fast.kernels import launch
+from crossgap_fast.kernels import dispatch, launch
 from crossgap_fast.kernels import (
     adamw_step,
     cosine_loss,
@@ -30,6 +32,19 @@ import kernel_refs as kr
 from kernel_checks import DEV, DTYPE_CASES, close, cosine_loss_into, needs_compiled_kernels, needs_triton
 
 REPO = Path(__file__).resolve().parents[2]
+
+if dispatch.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _row_sums_kernel(x_ptr, out_ptr, n, s_row, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for c0 in range(0, n, BLOCK):  # a scalar argument as a Python loop bound
+            cols = c0 + tl.arange(0, BLOCK)
+            acc += tl.load(x_ptr + row * s_row + cols, mask=cols < n, other=0.0)
+        tl.store(out_ptr + row, tl.sum(acc, axis=0))
 
 
 # ------------------------------------------------------------------ traced for a GPU, without one
@@ -205,6 +220,57 @@ def test_interpreter_launch_leaves_triton_language_untouched():
         target=GPUTarget("cuda", 90, 32),
     )
     assert compiled.asm.get("ptx")
+
+
+def _row_sums(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.shape[0])
+    launch.launcher(_row_sums_kernel, x)[(x.shape[0],)](x, out, x.shape[1], x.stride(0), BLOCK=4)
+    return out
+
+
+@pytest.mark.interpreter
+@needs_triton
+def test_interpreter_takes_scalar_arguments_as_loop_bounds(monkeypatch):
+    """A kernel looping up to a scalar argument runs under the interpreter of every supported
+    Triton (3.6's fails on NumPy >= 2.4 without launch.interpreter_fixes), and the fix leaves
+    the interpreter as it found it; without the fix, the launch fails exactly when
+    launch.interpreter_needs_fixes says so."""
+    from triton.runtime import interpreter
+
+    hook, index = interpreter._patch_lang_tensor, tl.core.tensor.__dict__.get("__index__")
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(_row_sums(x), x.sum(dim=1))
+    assert interpreter._patch_lang_tensor is hook
+    assert tl.core.tensor.__dict__.get("__index__") is index
+
+    monkeypatch.setattr(launch, "interpreter_fixes", contextlib.nullcontext)
+    try:
+        unfixed = _row_sums(x)
+    except Exception as err:  # InterpreterError(TypeError(...)) from the scalar's conversion
+        assert launch.interpreter_needs_fixes(), repr(err)
+        assert "0-dimensional" in repr(err)
+    else:
+        assert not launch.interpreter_needs_fixes()
+        torch.testing.assert_close(unfixed, x.sum(dim=1))
+
+
+@needs_triton
+def test_interpreter_fix_is_recorded_in_the_launch_scope():
+    """The wrapped hook gives scalar tensors a working __index__ inside Triton's patch scope,
+    and the scope's restore removes it with Triton's own patches (any Triton release)."""
+    import numpy as np
+    from types import SimpleNamespace
+    from triton.runtime import interpreter
+
+    class Tensor:
+        pass
+
+    scope = interpreter._LangPatchScope()
+    launch._with_scalar_index(interpreter._patch_lang_tensor)(Tensor, scope)
+    for data in (np.array([7], dtype=np.int32), np.array(7, dtype=np.int64)):
+        assert operator.index(Tensor.__index__(SimpleNamespace(handle=SimpleNamespace(data=data)))) == 7
+    scope.restore()
+    assert "__index__" not in vars(Tensor) and "__bool__" not in vars(Tensor)
 
 
 _ENV_SCRIPT = textwrap.dedent(

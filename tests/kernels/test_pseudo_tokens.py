@@ -69,6 +69,29 @@ def test_insert_shape_validation():
         insert_pseudo_tokens(tok, pos, pseudo, positions[:1], use_kernels=False)
 
 
+@pytest.mark.parametrize("B,S,R", [(3, 2, 1), (4, 7, 2)])
+def test_insert_reference_compiled_by_inductor_keeps_samples_apart(B, S, R):
+    """The reference under torch.compile (Inductor, CPU): every sample keeps its own pseudo
+    tokens, forward and backward. Inductor before the fix of pytorch/pytorch#183986 (torch
+    2.11 among them) reinplaced an index_copy into a broadcast (stride-0) base, so all samples
+    got the last sample's tokens; the reference must not hand it such a base."""
+    torch._dynamo.reset()
+    tok, pos, pseudo, positions = kr.make_insert_inputs(B, S, R, 16, seed=B + S + R)
+
+    def insert(p):
+        return insert_pseudo_tokens(tok, pos, p, positions, use_kernels=False)
+
+    p = pseudo.clone().requires_grad_(True)
+    out = torch.compile(insert, backend="inductor", fullgraph=True, dynamic=False)(p)
+    p_ref = pseudo.clone().requires_grad_(True)
+    ref = kr.ref_insert(tok, pos, p_ref, positions)
+    torch.testing.assert_close(out, ref)
+    gout = torch.randn(B, S, 16)
+    (g,) = torch.autograd.grad(out, p, gout)
+    (g_ref,) = torch.autograd.grad(ref, p_ref, gout)
+    torch.testing.assert_close(g, g_ref)
+
+
 @needs_triton
 @needs_compiled_kernels
 def test_insert_kernels_compile_for_sm90(launches):

@@ -10,8 +10,10 @@ interpreter and break the ``cuda`` tier when both tiers run together. So for a t
 ``InterpretedFunction`` (exactly what ``@triton.jit`` returns under ``TRITON_INTERPRET=1``) and,
 for the duration of that launch only, substitutes interpreted versions of the ``@triton.jit``
 helpers it calls (Triton's own ``tl.sum``..., those in the kernel's module and in
-``crossgap_fast.kernels.launch``), restored afterwards under a lock. Kernels already interpreted (the process started with
-``TRITON_INTERPRET=1``) go to the library's launcher unchanged.
+``crossgap_fast.kernels.launch``), restored afterwards under a lock, and inside
+``launch.interpreter_fixes`` (the library's work-arounds of the installed Triton's interpreter
+defects). Kernels already interpreted (the process started with ``TRITON_INTERPRET=1``) go to
+the library's launcher unchanged.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ class _InterpretedLauncher:
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            with _interpreted_stdlib(self.fn.fn):
+            # the library's own work-arounds of interpreter defects, as its launcher applies them
+            with launch.interpreter_fixes(), _interpreted_stdlib(self.fn.fn):
                 return self.fn[grid](*args, **kwargs)
 
         return run
