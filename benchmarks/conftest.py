@@ -35,6 +35,17 @@ def environment() -> dict:
     return info
 
 
+@pytest.fixture(autouse=True)
+def _fresh_compiled_steps():
+    """Each benchmark starts with no compiled steps or graphs held: an earlier case's memory
+    must not shrink this case's chunks (the models stay loaded)."""
+    from crossgap_fast.inversion import step_cache
+
+    step_cache.clear()
+    yield
+    step_cache.clear()
+
+
 @pytest.fixture
 def measure(benchmark):
     """Run ``fn`` under pytest-benchmark and record ``work / median seconds``.

@@ -191,57 +191,73 @@ def test_memory_estimate_is_within_1_5x_of_a_steps_peak(request, model, method, 
 
 
 # ---------------------------------------------------------------- capture discipline (no GPU here)
-def test_capture_warms_up_and_captures_on_one_stream_with_its_memory_released(monkeypatch):
-    """CUDA calls replaced by recorders: warm-up and capture on the one side stream of the
-    device, the allocator's cached blocks released in between, the shared pool passed, and
+class _CudaRecorder:
+    """torch.cuda's stream, graph and memory calls replaced by recorders (no GPU here)."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list = []
+        self.graph_args: dict = {}
+        rec = self
+
+        class Stream:
+            def __init__(self, device=None, name="side"):
+                self.name = name
+                if name == "side":
+                    rec.calls.append("new stream")
+
+            def wait_stream(self, other):
+                rec.calls.append(f"{self.name} waits for {other.name}")
+
+        class Ctx:
+            def __init__(self, *name):
+                self.name = name
+
+            def __enter__(self):
+                rec.calls.append(("enter", *self.name))
+
+            def __exit__(self, *exc):
+                rec.calls.append(("exit", self.name[0]))
+
+        def graph(g, pool=None, stream=None, capture_error_mode="global"):
+            rec.graph_args.update(pool=pool, stream=stream, mode=capture_error_mode)
+            return Ctx("capture")
+
+        cuda = torch.cuda
+        self.current = Stream(name="current")
+        monkeypatch.setattr(cuda, "Stream", Stream)
+        monkeypatch.setattr(cuda, "CUDAGraph", lambda: object())
+        monkeypatch.setattr(cuda, "graph_pool_handle", lambda: "pool")
+        monkeypatch.setattr(cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(cuda, "device", lambda d: Ctx("device"))
+        monkeypatch.setattr(cuda, "stream", lambda s: Ctx("stream", s.name))
+        monkeypatch.setattr(cuda, "synchronize", lambda device=None: self.calls.append("sync"))
+        monkeypatch.setattr(cuda, "empty_cache", lambda: self.calls.append("empty_cache"))
+        monkeypatch.setattr(cuda, "graph", graph)
+
+
+def test_capture_warms_up_and_captures_on_the_steps_own_stream_with_its_memory_released(monkeypatch):
+    """Warm-up and capture on the shared step's one side stream, after the current stream's
+    queued work; the allocator's cached blocks released in between; the step's pool passed;
     another thread's CUDA calls unable to invalidate the capture."""
-    calls: list = []
-
-    class Stream:
-        def __init__(self, device):
-            calls.append(("new stream", device))
-
-        def wait_stream(self, other):
-            pass
-
-    class Graph:
-        def replay(self):
-            calls.append("replay")
-
-    class Ctx:
-        def __init__(self, *name):
-            self.name = name
-
-        def __enter__(self):
-            calls.append(("enter", *self.name))
-
-        def __exit__(self, *exc):
-            calls.append(("exit", self.name[0]))
-
-    cuda = torch.cuda
-    monkeypatch.setattr(engine, "_SIDE_STREAMS", {})
-    monkeypatch.setattr(cuda, "Stream", Stream)
-    monkeypatch.setattr(cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(cuda, "current_stream", lambda device=None: Stream("current"))
-    monkeypatch.setattr(cuda, "device", lambda d: Ctx("device"))
-    monkeypatch.setattr(cuda, "stream", lambda s: Ctx("stream", id(s)))
-    monkeypatch.setattr(cuda, "synchronize", lambda device=None: calls.append("sync"))
-    monkeypatch.setattr(cuda, "empty_cache", lambda: calls.append("empty_cache"))
-    seen = {}
-
-    def graph(g, pool=None, stream=None, capture_error_mode="global"):
-        seen.update(pool=pool, stream=id(stream), mode=capture_error_mode)
-        return Ctx("capture")
-
-    monkeypatch.setattr(cuda, "graph", graph)
+    rec = _CudaRecorder(monkeypatch)
     device = torch.device("cuda", 0)
-    for _ in range(2):  # a second capture on the same device reuses the stream
-        runner = engine.CudaGraphRunner(device)
-        runner.capture(lambda: calls.append("step"), warmup=1, pool="the shared pool")
-    streams = [c for c in calls if isinstance(c, tuple) and c[0] == "new stream" and c[1] != "current"]
-    assert streams == [("new stream", device)]
-    warm_stream = next(c[2] for c in calls if isinstance(c, tuple) and c[:2] == ("enter", "stream"))
-    assert seen == {"pool": "the shared pool", "stream": warm_stream, "mode": "thread_local"}
-    first = calls[: calls.index(("exit", "capture")) + 1]
-    assert first.index("empty_cache") > first.index("step")  # warm-up, then release, then capture
-    assert first.index(("enter", "capture")) > first.index("empty_cache")
+    site = engine.CaptureSite(device)
+    for _ in range(2):  # a second capture of the same shared step reuses its stream and pool
+        engine.CudaGraphRunner(device).capture(lambda: rec.calls.append("step"), 1, site)
+    assert rec.calls.count("new stream") == 1
+    assert rec.graph_args == {"pool": "pool", "stream": site.stream, "mode": "thread_local"}
+    first = rec.calls[: rec.calls.index(("exit", "capture")) + 1]
+    assert first.index("side waits for current") < first.index(("enter", "stream", "side")) < first.index("step")
+    assert first.index("step") < first.index("empty_cache") < first.index(("enter", "capture"))
+    assert engine.CaptureSite(device).stream is not site.stream  # another shared step, another stream
+
+
+def test_a_compile_warm_up_on_the_side_stream_waits_for_the_loaded_state(monkeypatch):
+    """The state a step starts from is loaded on the current stream; a warm-up on the side
+    stream must wait for it, and the current stream for the warm-up."""
+    rec = _CudaRecorder(monkeypatch)
+    site = engine.CaptureSite(torch.device("cuda", 0))
+    with site.warming():
+        rec.calls.append("warm-up step")
+    assert rec.calls == [("enter", "device"), "new stream", "side waits for current", ("enter", "stream", "side"),
+                         "warm-up step", ("exit", "stream"), "current waits for side", ("exit", "device")]

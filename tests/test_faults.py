@@ -251,8 +251,9 @@ def test_a_sticky_device_error_ends_the_run_without_falling_back(tiny, monkeypat
     _sticky_after(monkeypatch, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no fallback is tried
-        with pytest.raises(DeviceFailure, match=r"illegal memory access.*crossgap selfcheck"):
+        with pytest.raises(DeviceFailure, match=r"illegal memory access.*crossgap selfcheck") as caught:
             cg.oti(torch.randn(4, 32), tiny, steps=5, use_kernels=False)
+    assert str(caught.value).count("crossgap selfcheck") == 1  # said once, not wrapped twice
 
 
 def test_a_sticky_device_error_keeps_the_finished_shards_and_says_so_in_one_line(tmp_path, capsys, monkeypatch):
@@ -269,3 +270,63 @@ def test_a_sticky_device_error_keeps_the_finished_shards_and_says_so_in_one_line
     from crossgap_fast.pipeline.status import read_status
 
     assert read_status(out).shards["done"] == 2
+    assert err.count("crossgap selfcheck") == 1
+
+
+def test_a_sticky_device_error_in_an_evaluation_is_one_line_and_exit_code_3(tmp_path, capsys, monkeypatch):
+    csv = tmp_path / "texts.csv"
+    csv.write_text("text,label\na red car,0\na crimson automobile,0\na small dog,1\na puppy,1\n")
+    _sticky_after(monkeypatch, 1)
+    code = cli.main(["eval", "retrieval", "--dataset", "csv", "--dataroot", str(csv), "--model", "crossgap-tiny",
+                     "--pretrained", "random", "--steps", "3", "--cache", str(tmp_path / "cache"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and len(err.splitlines()) == 1 and "illegal memory access" in err
+
+
+def test_an_error_from_a_progress_callback_is_not_a_stage_failure(tiny, monkeypatch):
+    """A user's progress callback that raises ends the call with its own error: it is not
+    taken for the compiled stage failing, and nothing is given up for later calls."""
+    from crossgap_fast.progress import Progress
+
+    class Cancelling(Progress):
+        def update(self, n=1):
+            raise KeyError("user cancelled")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(KeyError, match="user cancelled"):
+            cg.oti(torch.randn(3, 32), tiny, steps=4, compile=True, progress=Cancelling(3, "OTI", enabled=False))
+        res = cg.oti(torch.randn(3, 32), tiny, steps=4, compile=True)
+    assert res.info["fast_path"] == "compile" and res.info["fallbacks"] == []
+
+
+def test_a_kernel_failing_at_run_time_inside_the_compiled_step_is_the_kernels(tiny, fake_graph, torch_kernels,
+                                                                              monkeypatch):
+    """The error surfaces through compiled code (dynamo's and inductor's frames), yet it was
+    raised by one of this package's kernels: only the kernels are given up."""
+    import os
+
+    import crossgap_fast.kernels as kernels_pkg
+
+    # a launcher of this package that fails when the compiled graph runs it (not when traced)
+    launcher = os.path.join(os.path.dirname(kernels_pkg.__file__), "injected_launch.py")
+    ns: dict = {}
+    exec(compile("def launch(x):\n    raise RuntimeError('injected: kernel launch failed')\n", launcher, "exec"), ns)
+    calls = []
+
+    @torch.library.custom_op("crossgap_test::scaled_loss", mutates_args=())
+    def scaled_loss(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) > 1:  # the eager plain-path comparison runs it too: fail after the first
+            ns["launch"](x)
+        return x.clone()
+
+    scaled_loss.register_fake(lambda x: torch.empty_like(x))
+    scaled_loss.register_autograd(lambda ctx, g: g)
+    monkeypatch.setattr(cosine_mod, "cosine_loss_triton",
+                        lambda pred, target: scaled_loss(cosine_mod.cosine_loss_torch(pred, target)))
+    feats = torch.randn(4, 32)
+    res, rec = _quiet(cg.oti, feats, tiny, steps=3, compile=True, cuda_graph=True, use_kernels=True)
+    assert "kernel launch failed" in _fallback_warning(rec, "kernels")
+    assert res.info["fast_path"] == "compile+graph"
+    _assert_same(res, _plain(tiny, feats, steps=3), atol=1e-5)

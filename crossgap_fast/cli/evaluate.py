@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from crossgap_fast.cli.messages import fail, os_problem
+from crossgap_fast.cli.messages import EXIT_DEVICE, fail, os_problem
 from crossgap_fast.cli.options import add_model_option, non_negative, positive
 from crossgap_fast.defaults import (
     DEFAULT_NUM_TOKENS,
@@ -18,7 +18,7 @@ from crossgap_fast.defaults import (
     DEFAULT_TEMPLATE,
     DEFAULT_WARM_STEPS,
 )
-from crossgap_fast.errors import GalleryError, UnsupportedModelError
+from crossgap_fast.errors import DeviceFailure, GalleryError, UnsupportedModelError
 from crossgap_fast.eval.harness import evaluate_retrieval, evaluate_zeroshot
 from crossgap_fast.eval.reports import write_outputs
 
@@ -69,11 +69,14 @@ def _add_retrieval_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, model) -> int:
-    """Run ``eval`` with the loaded ``model``; a failure is one line and exit code 2."""
+    """Run ``eval`` with the loaded ``model``; a failure is one line and exit code 2 (3 when the
+    GPU failed mid-run)."""
     try:
         return _evaluate(args, model)
     except (GalleryError, UnsupportedModelError, FileNotFoundError) as err:
         return fail(str(err))
+    except DeviceFailure as err:  # cached features and inversions are kept for the rerun
+        return fail(str(err), EXIT_DEVICE)
     except ValueError as err:
         return fail(f"invalid settings: {err}")
     except OSError as err:

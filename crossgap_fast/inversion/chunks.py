@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from crossgap_fast.inversion.engine import device_lock
+
 #: Chunks whose shape is compiled or captured are a multiple of this many samples, so that a
 #: run of any size reuses a handful of shapes and pads fewer than this many samples per chunk.
 CHUNK_QUANTUM = 64
@@ -76,10 +78,10 @@ def device_budget(device: torch.device, budget: float | None = None) -> float:
     if budget is not None:
         return float(budget)
     if device.type == "cuda":
-        with torch.cuda.device(device):
+        with device_lock(device), torch.cuda.device(device):
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(device)
+            free, _ = torch.cuda.mem_get_info(device)
         return MEMORY_SHARE * free
     return float(CPU_BUDGET)
 

@@ -1,4 +1,4 @@
-"""The fast engine's parts: the step, its buffers, the CUDA graph, the chunk plan, the memory estimate.
+"""The fast engine's parts: the step, its buffers, the CUDA graph, the fast stages and their failures.
 
 Every sample owns its pseudo tokens, and both the cosine loss and AdamW act per sample, so a
 batch of B samples is B independent optimisations run as one. Each sample's loss is divided
@@ -11,13 +11,16 @@ the device and the bias corrections are computed there, so the step can be compi
 captured in a CUDA graph.
 
 :class:`~crossgap_fast.inversion.fast_path.GuardedPath` puts these parts together and decides
-which :class:`FastPath` runs; this module knows nothing of towers or templates.
+which :class:`FastPath` runs; :mod:`~crossgap_fast.inversion.chunks` sizes the chunks; this
+module knows nothing of towers or templates.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -118,34 +121,83 @@ class ChunkTooLarge(Exception):
 # --------------------------------------------------------------------------------------------
 # CUDA graphs
 # --------------------------------------------------------------------------------------------
+class CaptureSite:
+    """Where one shared step's warm-ups and captures run: a side stream of its own and one
+    memory pool for its graphs.
+
+    One stream for warm-up and capture, because the caching allocator keeps blocks per stream
+    (two streams held the warm-up's activations twice); a stream per shared step, so that two
+    threads warming up or capturing two models never record into each other's capture. The
+    graphs of one shared step never run at the same time (its model's lock), so they share one
+    pool: evicting a stepper and capturing another reuses its memory.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._stream = None
+        self._pool = None
+
+    @property
+    def stream(self) -> "torch.cuda.Stream":
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    @property
+    def pool(self):
+        if self._pool is None:
+            with torch.cuda.device(self.device):
+                self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    @contextmanager
+    def warming(self) -> Iterator[None]:
+        """Run the block on the side stream, after the work the current stream has queued (the
+        state a step reads was loaded there) and before the work it queues next."""
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                yield
+            current.wait_stream(self.stream)
+
+
+_DEVICE_LOCKS: dict[torch.device, threading.RLock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
+def device_lock(device: torch.device) -> threading.RLock:
+    """Held while a graph is captured on ``device`` and while its free memory is measured
+    (which synchronises and empties the allocator's cache), so neither meets another thread's
+    capture."""
+    with _LOCKS_LOCK:
+        return _DEVICE_LOCKS.setdefault(device, threading.RLock())
+
+
 class CudaGraphRunner:
     """Records one step as a CUDA graph on the model's device and replays it.
 
     The capture runs under ``torch.cuda.device(device)`` on a stream of that device: without
     it, a model on ``cuda:1`` while the current device is 0 is captured on device 0's stream,
-    the graph is empty and every replay silently does nothing. Warm-up and capture share one
-    side stream per device (the caching allocator keeps blocks per stream: two streams would
-    hold the warm-up's activations twice), the cached blocks are released before the capture
-    (the graph's private pool cannot reuse them), and graphs that never run at the same time
-    share ``pool``. ``capture_error_mode="thread_local"``: another thread's CUDA calls (a
-    data loader pinning memory) cannot invalidate the capture.
+    the graph is empty and every replay silently does nothing. The warm-up runs on the
+    capture's stream (:class:`CaptureSite`), the cached blocks are released before the capture
+    (the graph's private pool cannot reuse them), and ``capture_error_mode="thread_local"``:
+    another thread's CUDA calls (a data loader pinning memory) cannot invalidate the capture.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def capture(self, step: Callable[[], None], warmup: int, pool=None) -> None:
-        with torch.cuda.device(self.device):
-            stream = side_stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
+    def capture(self, step: Callable[[], None], warmup: int, site: CaptureSite) -> None:
+        with device_lock(self.device), torch.cuda.device(self.device):
+            with site.warming():
                 for _ in range(warmup):
                     step()
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=site.pool, stream=site.stream, capture_error_mode="thread_local"):
                 step()
             torch.cuda.synchronize(self.device)
         self.graph = graph
@@ -153,25 +205,6 @@ class CudaGraphRunner:
     def replay(self) -> None:
         with torch.cuda.device(self.device):  # the graph's device, whatever is current
             self.graph.replay()
-
-
-_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
-
-
-def side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """The one side stream of ``device`` on which steps are warmed up and captured."""
-    stream = _SIDE_STREAMS.get(device)
-    if stream is None:
-        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return stream
-
-
-def new_graph_pool(device: torch.device):
-    """A memory pool for the graphs of one shared step (None where graphs are not CUDA's)."""
-    if device.type != "cuda":
-        return None
-    with torch.cuda.device(device):
-        return torch.cuda.graph_pool_handle()
 
 
 #: Graph runners by device type. Tests register a stand-in for "cpu" to inject capture
@@ -285,13 +318,13 @@ class Stepper:
         finally:
             self.restore(saved)
 
-    def capture(self, runner_cls: type, warmup: int = WARMUP_STEPS, pool=None) -> None:
-        """Record the step as a graph (after ``warmup`` steps; 0 when a compile warm-up already
-        ran them) and check that replaying it changes the state."""
+    def capture(self, runner_cls: type, site: CaptureSite, warmup: int = WARMUP_STEPS) -> None:
+        """Record the step as a graph at ``site`` (after ``warmup`` steps on its stream) and
+        check that replaying it changes the state."""
         saved = self.state()
         runner = runner_cls(self.device)
         try:
-            runner.capture(self.step, warmup, pool)
+            runner.capture(self.step, warmup, site)
         finally:
             self.restore(saved)
         try:

@@ -25,8 +25,11 @@ setting, so the next Inverter starts where this one ended instead of failing aga
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -79,6 +82,7 @@ class GuardedPath:
         self.selfcheck: dict = {"mode": mode, "status": "not run"}
         self.timings = {"compile_s": 0.0, "capture_s": 0.0, "selfcheck_s": 0.0}
         self.oom_retries = 0
+        self._capacity: dict[step_cache.StepKey, int] = {}
         self.entry = step_cache.model_steps(model.model)
         #: read once: the text forward's attention, as the benchmarks switch it
         self._shared_prefix = text_mod.SHARED_PREFIX_ATTENTION
@@ -86,8 +90,10 @@ class GuardedPath:
 
     # building ---------------------------------------------------------------------------
     def _family(self) -> tuple:
+        """What a stage given up is remembered for: the step's code and the optimiser settings
+        (a self-check can fail at one learning rate and pass at another)."""
         c = self.config
-        return (self.device, c.method, c.num_tokens, c.template, self.amp, self._shared_prefix)
+        return (self.device, c.method, c.num_tokens, c.template, self.amp, self._shared_prefix, self.adamw())
 
     def _key(self, path: FastPath) -> step_cache.StepKey:
         c = self.config
@@ -119,16 +125,18 @@ class GuardedPath:
         return path
 
     def capacity(self) -> int:
-        """Samples per chunk: the configured batch size, or as many as the memory budget holds
-        with this forward's activations; never more than an out-of-memory error allowed."""
+        """Samples per chunk: the configured batch size, or as many as this Inverter's memory
+        budget holds with this forward's activations (read once per path); never more than an
+        out-of-memory error in the process allowed."""
         shared = self.shared
-        if self.config.batch_size is not None:
-            cap = self.config.batch_size
-        else:
-            if shared.capacity is None:
-                per = self.activation_bytes()
-                shared.capacity = chunks.max_chunk(per, chunks.device_budget(self.device, self.config.memory_budget))
-            cap = shared.capacity
+        cap = self.config.batch_size
+        if cap is None:
+            cap = self._capacity.get(shared.key)
+            if cap is None:
+                if shared.sample_bytes is None:
+                    shared.sample_bytes = self.activation_bytes()
+                budget = chunks.device_budget(self.device, self.config.memory_budget)
+                cap = self._capacity[shared.key] = chunks.max_chunk(shared.sample_bytes, budget)
         return min(cap, shared.max_chunk) if shared.max_chunk is not None else cap
 
     def activation_bytes(self) -> int:
@@ -163,24 +171,25 @@ class GuardedPath:
                             if not k[1] and k[2] == opt and s.capacity >= size), ((size, False, opt), None))
         if st is None:
             st = self.new_stepper(path, shared, size)
-            st.load(init, target)
+            with self.guarded("step", size, path):
+                st.load(init, target)
             self.prepare(st, path, shared)  # warm-up and capture put the loaded state back
             shared.steppers[key] = st
             while len(shared.steppers) > step_cache.MAX_STEPPERS:
                 shared.steppers.popitem(last=False)
         else:
             shared.steppers.move_to_end(key)
-            st.load(init, target)
-            if st.check is not None:
-                self.selfcheck = dict(st.check)
+            with self.guarded("step", size, path):
+                st.load(init, target)
+            if st.check is not None and self.mode != "off":
+                # checked by an earlier run in the process; reported as such, in this mode
+                self.selfcheck = dict(st.check, mode=self.mode, checked="earlier in this process")
         return st
 
     def new_stepper(self, path: FastPath, shared: step_cache.SharedStep, size: int) -> Stepper:
-        try:
+        with self.guarded("step", size, path):
             return Stepper(shared.loss_fn, size, self.token_shape, self.embed_dim, self.adamw(),
                            self.device, path.kernels)
-        except Exception as err:
-            raise self.failure(err, "step", size, path) from err
 
     def adamw(self) -> engine.AdamWSettings:
         c = self.config
@@ -191,56 +200,64 @@ class GuardedPath:
         if path.compile:
             before, t0 = len(shared.compile_calls), time.perf_counter()
             try:
-                if path.graph and self.device.type == "cuda":  # on the stream the capture uses
-                    with torch.cuda.device(self.device), torch.cuda.stream(engine.side_stream(self.device)):
+                with self.guarded("compile", st.capacity, path):
+                    if path.graph and self.device.type == "cuda":  # on the stream the capture uses
+                        with shared.site.warming():
+                            st.warm_up()
+                        torch.cuda.synchronize(self.device)
+                    else:
                         st.warm_up()
-                    torch.cuda.synchronize(self.device)
-                else:
-                    st.warm_up()
-            except Exception as err:
-                raise self.failure(err, "compile", st.capacity, path) from err
             finally:
-                self.spent("compile", time.perf_counter() - t0, shared)
+                self.spent("compile", time.perf_counter() - t0)
             if st.capacity not in shared.compiled_sizes:
                 if st.capacity not in shared.compile_calls[before:]:
                     raise StageFailure("compile", "dynamo did not compile the step (it ran "
                                        "eagerly; recompile limit reached?)")
                 shared.compiled_sizes.add(st.capacity)
         elif path.kernels:
-            try:
+            with self.guarded("kernels", st.capacity, path):
                 st.warm_up(1)
-            except Exception as err:
-                raise self.failure(err, "kernels", st.capacity, path) from err
         if path.graph:
             t0 = time.perf_counter()
             try:
-                st.capture(engine.GRAPH_RUNNERS[self.device.type], 1 if path.compile else engine.WARMUP_STEPS,
-                           shared.graph_pool())
-            except StageFailure:
-                raise
-            except Exception as err:
-                raise self.failure(err, "capture", st.capacity, path) from err
+                with self.guarded("capture", st.capacity, path):
+                    # a compile warm-up already ran on the capture's stream: one step more
+                    st.capture(engine.GRAPH_RUNNERS[self.device.type], shared.site,
+                               1 if path.compile else engine.WARMUP_STEPS)
             finally:
-                self.spent("capture", time.perf_counter() - t0, shared)
+                self.spent("capture", time.perf_counter() - t0)
 
-    def spent(self, what: str, seconds: float, shared: step_cache.SharedStep) -> None:
+    def spent(self, what: str, seconds: float) -> None:
         self.timings[f"{what}_s"] += seconds
-        shared.seconds[what] += seconds
 
     def run_step(self, st: Stepper) -> None:
         """One step of ``st``; an exception becomes what its cause calls for."""
-        try:
+        with self.guarded("replay" if self.path.graph else "step", st.capacity):
             st.run_step()
+
+    @contextmanager
+    def guarded(self, phase: str, size: int, path: FastPath | None = None) -> Iterator[None]:
+        """Run fast-path work: an exception from it becomes what its cause calls for
+        (:meth:`failure`). Only the engine's own work goes in here: an error from user code
+        (a progress callback) must not be taken for a stage's failure."""
+        try:
+            yield
         except Exception as err:
-            out = self.failure(err, "replay" if self.path.graph else "step", st.capacity)
+            out = self.failure(err, phase, size, path)
             if out is err:
                 raise
-            raise out from err
+            try:
+                raise out from err
+            finally:
+                out = None  # no cycle through this frame: the failed chunk's memory can go
 
     def failure(self, err: BaseException, phase: str, size: int, path: FastPath | None = None) -> BaseException:
         """What ``err`` (raised while ``phase`` ran on ``path``) calls for: a smaller chunk, the
-        end of the run, a stage given up, or (on the plain path) the error itself."""
+        end of the run, a stage given up, or (on the plain path) the error itself. An error
+        already sorted (a stage's failure, a device failure) stays what it is."""
         path = self.path if path is None else path
+        if isinstance(err, (StageFailure, ChunkTooLarge, DeviceFailure, FastPathError)):
+            return err
         if faults.is_sticky_device_error(err):
             return DeviceFailure(
                 f"{self.device} failed during the {path.name} step ({engine.one_line(err)}); the device "
@@ -253,7 +270,8 @@ class GuardedPath:
         return StageFailure(faults.blame(err, path, phase), err)
 
     def shrink(self, oom: ChunkTooLarge) -> int:
-        """Halve the chunk after an out-of-memory error (every stage kept); the new capacity."""
+        """Halve the chunk after an out-of-memory error (every stage kept); the new capacity.
+        The caller frees the memory (:meth:`free_memory`) once the error is let go."""
         if oom.size <= 1:
             raise oom.error
         cap = oom.size // 2
@@ -261,8 +279,6 @@ class GuardedPath:
         shared.max_chunk = cap if shared.max_chunk is None else min(shared.max_chunk, cap)
         for key in [k for k, s in shared.steppers.items() if s.capacity > cap]:
             del shared.steppers[key]
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
         self.oom_retries += 1
         warnings.warn(f"crossgap: out of memory at {oom.size} samples per chunk on {self.device}; "
                       f"retrying with {cap} (the {self.path.name} path is kept)", RuntimeWarning, stacklevel=4)
@@ -283,7 +299,16 @@ class GuardedPath:
         record = {"stage": "+".join(stages), "from": old.name, "to": new.name, "error": failure.text}
         self.fallbacks.append(record)
         self.entry.fallbacks[(self._family(), old)] = (new, record)
+        # the process will not run the old path for this setting again: its graphs can go
+        self.shared.release()
         self.use(new)
+
+    def free_memory(self) -> None:
+        """Give the device the memory of a failed chunk (after its error is let go)."""
+        if self.device.type == "cuda":
+            gc.collect()
+            with engine.device_lock(self.device):
+                torch.cuda.empty_cache()
 
     # the self-check ---------------------------------------------------------------------
     def needs_check(self, st: Stepper) -> bool:
@@ -293,6 +318,7 @@ class GuardedPath:
         """Compare the fast path's first steps and feature forward with the plain eager ones
         (:func:`~crossgap_fast.inversion.step_check.check`); raises :class:`StageFailure`."""
         step_check.check(self, st, init, target, fast_losses)
+
 
 def _fallback_text(old: FastPath, stages: list[str], error: str, new: FastPath, earlier: bool = False) -> str:
     what = " and ".join(stages) + (" stages" if len(stages) > 1 else " stage")

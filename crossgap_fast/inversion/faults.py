@@ -5,9 +5,10 @@
 * **a sticky device error** (:func:`is_sticky_device_error`: an illegal address, a device-side
   assert, a launch failure): the CUDA context is lost for the rest of the process and nothing
   can fall back on it. The run stops with :class:`~crossgap_fast.errors.DeviceFailure`.
-* anything else is the failure of one stage (:func:`blame`): an error from the compiler or from
-  code it generated is compile's, one from a Triton kernel is the kernels', one from capturing or
-  replaying a graph is the graph's. Only that stage is given up.
+* anything else is the failure of one stage (:func:`blame`): an error the compiler raised or
+  one from the code it generated is compile's, one raised in this package's kernels is the
+  kernels' (also when it surfaces through compiled code), one from capturing or replaying a
+  graph is the graph's. Only that stage is given up.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ STICKY_MARKERS = (
 OOM_MARKERS = ("out of memory", "cuda_error_out_of_memory", "cudaerrormemoryallocation")
 
 _KERNELS_DIR = os.sep + os.path.join("crossgap_fast", "kernels") + os.sep
-_COMPILER_DIRS = (os.sep + os.path.join("torch", "_inductor") + os.sep,
-                  os.sep + os.path.join("torch", "_dynamo") + os.sep, "torchinductor_")
+#: Inductor writes the code it generates to files under a ``torchinductor_<user>`` folder.
+GENERATED_CODE = "torchinductor_"
 
 
 def causes(err: BaseException) -> Iterator[BaseException]:
@@ -65,31 +66,37 @@ def _frames(err: BaseException) -> Iterator[str]:
         tb = tb.tb_next
 
 
-def _from_compiler(err: BaseException) -> bool:
-    """Raised by dynamo / inductor, or by the code inductor generated."""
-    module = type(err).__module__ or ""
-    if module.startswith(("torch._dynamo", "torch._inductor")):
-        return True
-    return any(d in f for f in _frames(err) for d in _COMPILER_DIRS)
+def _compiler_raised(err: BaseException) -> bool:
+    """A compile-time failure: dynamo or inductor raised it (they wrap what they meet)."""
+    return (type(err).__module__ or "").startswith(("torch._dynamo", "torch._inductor"))
 
 
 def _from_kernels(err: BaseException) -> bool:
-    """Raised by Triton (compiling or launching a kernel) or inside this package's kernels."""
-    module = type(err).__module__ or ""
-    return module.startswith("triton") or any(_KERNELS_DIR in f for f in _frames(err))
+    """Raised in this package's kernels (their launchers, or Triton below them)."""
+    return any(_KERNELS_DIR in f for f in _frames(err))
+
+
+def _from_generated_code(err: BaseException) -> bool:
+    """Raised in the code inductor generated (its files are named ``torchinductor_*``)."""
+    return any(GENERATED_CODE in f for f in _frames(err))
 
 
 def blame(err: BaseException, path: FastPath, phase: str) -> str:
     """The stage of ``path`` that ``err`` is the failure of.
 
     ``phase``: what was running: "compile" (a compiled step's first runs), "capture", "replay",
-    "kernels" (an eager step's first run with the kernels) or "step". The compiler comes first:
-    a kernel that fails to compile inside the compiled graph may still run eagerly."""
+    "kernels" (an eager step's first run with the kernels) or "step". In order: an error the
+    compiler raised is compile's (a kernel that fails to compile inside the compiled graph may
+    still run eagerly); an error raised in this package's kernels is the kernels', even when it
+    surfaces through compiled code; one raised in generated code is compile's; else the phase
+    decides."""
     chain = list(causes(err))
-    if path.compile and any(_from_compiler(e) for e in chain):
+    if path.compile and any(_compiler_raised(e) for e in chain):
         return "compile"
     if path.kernels and any(_from_kernels(e) for e in chain):
         return "kernels"
+    if path.compile and any(_from_generated_code(e) for e in chain):
+        return "compile"
     if path.graph and phase in ("capture", "replay"):
         return "graph"
     if path.compile and phase == "compile":

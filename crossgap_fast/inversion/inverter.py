@@ -1,8 +1,10 @@
 """The reusable :class:`Inverter`: build once, invert many times, never fail for speed's sake.
 
-An Inverter owns everything that does not depend on the samples: the tower adapter (the
-template tokenised once, the prefix keys/values computed once), the compiled loss, the step
-buffers and the captured CUDA graph. ``inverter.run(targets)`` can be called any number of
+An Inverter holds what does not depend on the samples: the template tokenised once, and its
+:class:`~crossgap_fast.inversion.fast_path.GuardedPath`, which takes the tower adapter (the
+prefix keys/values computed once), the compiled loss, the step buffers and the captured CUDA
+graphs from the process-wide :mod:`~crossgap_fast.inversion.step_cache`, shared with every
+Inverter of the same model and setting. ``inverter.run(targets)`` can be called any number of
 times with any number of samples and reuses all of it, and returns an :class:`InversionResult`.
 
 On CUDA the fast step runs compiled (``torch.compile``), captured as a CUDA graph and with the
@@ -164,6 +166,7 @@ class Inverter:
         sizes_run: list[int] = []
         while pos < n:
             plan = chunks.plan_chunks(n - pos, fast.capacity(), fast.path.static_shapes)
+            shrunk = False
             for size in plan.sizes:
                 lo, hi = pos, pos + size
                 try:
@@ -174,11 +177,14 @@ class Inverter:
                     break  # plan the rest again for the remaining path
                 except ChunkTooLarge as oom:
                     fast.shrink(oom)
+                    shrunk = True
                     break  # plan the rest again at half the chunk
                 pos = hi
                 n_chunks += 1
                 padding += (plan.padded - size) if plan.padded else 0
                 sizes_run.append(plan.padded or size)
+            if shrunk:  # the error (and the failed chunk's buffers it holds) is gone by now
+                fast.free_memory()
         if owned:
             bar.close()
         path = fast.path
@@ -204,15 +210,16 @@ class Inverter:
                    tokens: Tensor, losses: Tensor, snapshots: dict[int, Tensor], bar: Progress) -> None:
         cfg, dev, fast = self.config, self.device, self.fast
         k, steps = hi - lo, cfg.steps
-        c_init = start[lo:hi].to(dev)
-        c_target = targets[lo:hi].to(dev)
-        if size > k:  # padding (copies of the first sample) is independent and dropped
-            c_init = torch.cat([c_init, c_init[:1].expand(size - k, -1, -1)])
-            c_target = torch.cat([c_target, c_target[:1].expand(size - k, -1)])
+        with fast.guarded("step", size):
+            c_init = start[lo:hi].to(dev)
+            c_target = targets[lo:hi].to(dev)
+            if size > k:  # padding (copies of the first sample) is independent and dropped
+                c_init = torch.cat([c_init, c_init[:1].expand(size - k, -1, -1)])
+                c_target = torch.cat([c_target, c_target[:1].expand(size - k, -1)])
+            loss_buf = torch.empty(size, steps, device=dev)
+            snap_at = {s: j for j, s in enumerate(cfg.snapshot_steps)}
+            snap_buf = torch.empty(size, len(snap_at), self.embed_dim, device=dev)
         st = fast.stepper(size, c_init, c_target)
-        loss_buf = torch.empty(size, steps, device=dev)
-        snap_at = {s: j for j, s in enumerate(cfg.snapshot_steps)}
-        snap_buf = torch.empty(size, len(snap_at), self.embed_dim, device=dev)
 
         def snapshot(done: int) -> None:
             if done in snap_at:
@@ -223,30 +230,27 @@ class Inverter:
         report_every = max(1, steps // 10)
         reported = 0.0
         try:
-            snapshot(0)
+            with fast.guarded("step", size):
+                snapshot(0)
             for s in range(steps):
                 fast.run_step(st)
-                loss_buf[:, s].copy_(st.loss[: st.k])
-                snapshot(s + 1)
+                with fast.guarded("step", size):
+                    loss_buf[:, s].copy_(st.loss[: st.k])
+                    snapshot(s + 1)
                 if s + 1 == check_at:
                     fast.check(st, c_init, c_target, loss_buf[:, : s + 1])
                 if (s + 1) % report_every == 0:
                     # Host-side only: the bar advances as steps are queued, never waits on the device.
                     bar.update(k * report_every / steps)
                     reported += k * report_every / steps
-            with torch.no_grad():
+            with fast.guarded("step", size), torch.no_grad():
                 p = st.tokens.detach()[:k]
                 c_features = fast.feature_forward(p.clone()).float().cpu()
                 c_tokens, c_losses = p.cpu(), loss_buf[:k].cpu()  # a device error surfaces here at the latest
                 c_snaps = {step: snap_buf[:k, j].cpu() for step, j in snap_at.items()}
-        except Exception as err:
-            bar.update(-reported)  # the chunk is redone (smaller, or on the fallback path) or the run ends
-            if isinstance(err, (StageFailure, ChunkTooLarge)):
-                raise
-            out = fast.failure(err, "step", size)
-            if out is err:
-                raise
-            raise out from err
+        except (StageFailure, ChunkTooLarge):
+            bar.update(-reported)  # the chunk is redone, smaller or on the fallback path
+            raise
         features[lo:hi], tokens[lo:hi], losses[lo:hi] = c_features, c_tokens, c_losses
         for step, c in c_snaps.items():
             snapshots[step][lo:hi] = c

@@ -16,6 +16,7 @@ and the model's steps are rebuilt. :func:`clear` drops everything (and frees its
 
 from __future__ import annotations
 
+import gc
 import threading
 import types
 import weakref
@@ -70,7 +71,9 @@ def _fresh_function(fn: Callable) -> Callable:
 
 
 def _compile(fn: Callable, backend: Callable) -> Callable:
-    """``torch.compile`` with static shapes and no graph breaks (a break must fail loudly)."""
+    """``torch.compile`` with static shapes and no graph breaks (a break must fail loudly).
+    Dynamo's recompile limit (per code object; 8 by default) is raised for the process to
+    :data:`RECOMPILE_LIMIT`: one shared step compiles one entry per chunk bucket."""
     import torch._dynamo
 
     if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
@@ -113,8 +116,7 @@ class SharedStep:
     ``feature_forward`` (fp32, for returned features and snapshots); ``loss_fn`` (compiled
     when ``key.compile``); ``steppers`` by (chunk size, graph, optimiser settings);
     ``compile_calls``: the chunk sizes dynamo compiled, in order (the backend records them:
-    positive evidence that the step runs compiled); ``capacity``: samples per chunk the
-    memory budget allows, computed once; ``max_chunk``: halved on each out-of-memory error.
+    positive evidence that the step runs compiled).
     """
 
     def __init__(self, key: StepKey, model: nn.Module, template: TextTemplate | None,
@@ -129,11 +131,12 @@ class SharedStep:
         self.compile_calls: list[int] = []
         self.compiled_sizes: set[int] = set()
         self.steppers: OrderedDict[tuple, Stepper] = OrderedDict()
-        self.capacity: int | None = None
-        #: the largest chunk that did not run out of memory (None: none did)
+        #: activation bytes of one sample (read once), and the largest chunk after an
+        #: out-of-memory error (None: none happened; it only ever shrinks)
+        self.sample_bytes: int | None = None
         self.max_chunk: int | None = None
-        self.seconds = {"compile": 0.0, "capture": 0.0, "selfcheck": 0.0}
-        self._pool = None
+        #: the side stream and graph pool its warm-ups and captures use
+        self.site = engine.CaptureSite(key.device)
         loss = loss_function(self.forward, key.amp, key.kernels, key.device.type)
         self.loss_fn = self._compiled(loss) if key.compile else loss
 
@@ -155,28 +158,39 @@ class SharedStep:
 
         return _compile(_fresh_function(loss), recording_backend)
 
-    def graph_pool(self):
-        """One memory pool for this step's graphs: they never run at the same time (the
-        model's lock), so evicting one and capturing another reuses its memory."""
-        if self._pool is None:
-            self._pool = engine.new_graph_pool(self.key.device)
-        return self._pool
-
     def release(self) -> None:
         """Drop every stepper (and graph) of this step; their memory goes back to the device."""
         self.steppers.clear()
-        self._pool = None
+        self.site = engine.CaptureSite(self.key.device)
         if self.key.device.type == "cuda":
-            torch.cuda.empty_cache()
+            gc.collect()  # graphs and buffers in reference cycles (tracebacks) go now
+            with engine.device_lock(self.key.device):
+                torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------
 # Per model
 # --------------------------------------------------------------------------------------------
+#: Values per tensor summed into the weights' content probe.
+PROBE_VALUES = 64
+
+
 def weights_signature(model: nn.Module) -> tuple:
-    """Changes whenever a weight is changed in place (its version counter), replaced or moved
-    (its address, dtype)."""
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in chain(model.parameters(), model.buffers()))
+    """Changes when a weight is replaced or moved (its address, dtype), changed in place (its
+    version counter) or changed through ``.data``, which the version counter does not see (a
+    probe of its content: the sum of up to :data:`PROBE_VALUES` values spread over each
+    tensor, one device-to-host copy per device). An edit through ``.data`` of only a few
+    values can escape the probe: ``cg.clear_compiled_steps()`` then forgets the old steps."""
+    tensors = list(chain(model.parameters(), model.buffers()))
+    layout = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+    sums: dict[torch.device, list[Tensor]] = {}
+    with torch.no_grad():
+        for t in tensors:
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // PROBE_VALUES)][:PROBE_VALUES]
+            sums.setdefault(t.device, []).append(sample.double().sum())
+    probe = tuple(torch.stack(v).cpu().numpy().tobytes() for _, v in sorted(sums.items(), key=lambda kv: str(kv[0])))
+    return layout, probe
 
 
 class ModelSteps:
@@ -201,13 +215,20 @@ def model_steps(model: nn.Module) -> ModelSteps:
     """The process's steps for ``model`` (rebuilt when its weights changed)."""
     signature = weights_signature(model)
     with _LOCK:
-        entry = _MODELS.get(model)
+        stale = entry = _MODELS.get(model)
         if entry is None or entry.signature != signature:
-            if entry is not None:
-                for step in entry.steps.values():
-                    step.release()
             entry = _MODELS[model] = ModelSteps(signature)
-        return entry
+        else:
+            stale = None
+    if stale is not None:
+        _release(stale)  # outside the process lock: a run of the old steps may hold their lock
+    return entry
+
+
+def _release(entry: ModelSteps) -> None:
+    with entry.lock:
+        for step in entry.steps.values():
+            step.release()
 
 
 def shared_step(model: nn.Module, key: StepKey, template: TextTemplate | None,
@@ -245,5 +266,4 @@ def clear() -> None:
         entries = list(_MODELS.values())
         _MODELS.clear()
     for entry in entries:
-        for step in entry.steps.values():
-            step.release()
+        _release(entry)

@@ -56,8 +56,7 @@ def _check(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor
 def insert_pseudo_tokens_torch(token_emb: Tensor, pos_emb: Tensor, pseudo: Tensor, positions: Tensor) -> Tensor:
     """Plain-torch implementation (differentiable by autograd; traceable by torch.compile)."""
     _check(token_emb, pos_emb, pseudo, positions)
-    B, R, D = pseudo.shape
-    S = token_emb.shape[0]
+    B = pseudo.shape[0]
     ct = torch.promote_types(pseudo.dtype, torch.float32)
     positions = positions.to(device=pseudo.device, dtype=torch.int64)
     pos = pos_emb.detach().to(ct)  # frozen (no gradient), as on the Triton path
