@@ -17,10 +17,15 @@ def plain(model, feats, method="oti", **kw):
     return fn(feats, model, compile=False, cuda_graph=False, use_kernels=False, **kw)
 
 
-def assert_same(a: cg.InversionResult, b: cg.InversionResult, atol: float = 0.0) -> None:
-    torch.testing.assert_close(a.features, b.features, atol=atol, rtol=0)
-    torch.testing.assert_close(a.tokens, b.tokens, atol=atol, rtol=0)
-    torch.testing.assert_close(a.losses, b.losses, atol=atol, rtol=0)
+def assert_same(a: cg.InversionResult, b: cg.InversionResult, atol: float = 0.0, rtol: float = 0.0) -> None:
+    torch.testing.assert_close(a.features, b.features, atol=atol, rtol=rtol)
+    torch.testing.assert_close(a.tokens, b.tokens, atol=atol, rtol=rtol)
+    torch.testing.assert_close(a.losses, b.losses, atol=atol, rtol=rtol)
+
+
+#: Compiled (inductor, fp32) against eager: the tolerance of the compile tests. Under torch
+#: 2.11 one feature of 3,200 (value 0.66) differed by 1.1e-5 after 4 steps of the OOM test.
+COMPILED = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def fallback_warning(record, stage: str) -> str:

@@ -22,6 +22,7 @@ from crossgap_fast.errors import DeviceFailure
 from crossgap_fast.inversion import engine, faults
 from crossgap_fast.inversion.engine import FastPath
 from crossgap_fast.kernels import cosine as cosine_mod
+from fast_path_fakes import COMPILED
 from fast_path_fakes import assert_same as _assert_same, fallback_warning as _fallback_warning, plain as _plain
 
 def _quiet(fn, *a, **k):
@@ -55,7 +56,7 @@ def test_out_of_memory_in_the_compiled_step_halves_the_chunk_and_keeps_the_stage
     assert res.info["fast_path"] == "compile" and res.info["fallbacks"] == []
     assert res.info["oom_retries"] == 1 and res.info["batch_size"] == 64 and res.info["chunks"] == 2
     assert any("out of memory at 128 samples" in str(w.message) for w in rec)
-    _assert_same(res, want, atol=1e-5)
+    _assert_same(res, want, **COMPILED)
     # the process remembers: the next call starts at 64, no second out-of-memory error
     again, _ = _quiet(cg.oti, feats, tiny, steps=4, compile=True)
     assert oom == [128] and again.info["oom_retries"] == 0 and again.info["batch_size"] == 64
@@ -68,7 +69,7 @@ def test_out_of_memory_on_the_plain_path_halves_too(tiny, monkeypatch):
     _oom_above(monkeypatch, 16, oom)
     res, _ = _quiet(cg.ovi, feats, tiny, steps=3, compile=False)
     assert oom == [40, 20] and res.info["fast_path"] == "eager" and res.info["batch_size"] <= 10
-    _assert_same(res, want, atol=1e-5)
+    _assert_same(res, want, **COMPILED)
 
 
 def test_out_of_memory_at_one_sample_is_the_error(tiny, monkeypatch):
@@ -102,7 +103,7 @@ def test_a_codegen_error_drops_compile_only(tiny, fake_graph, torch_kernels, mon
     assert "injected: inductor" in _fallback_warning(rec, "compile")
     assert res.info["fast_path"] == "graph+kernels"
     assert [f["stage"] for f in res.info["fallbacks"]] == ["compile"]
-    _assert_same(res, _plain(tiny, feats, steps=4), atol=1e-5)
+    _assert_same(res, _plain(tiny, feats, steps=4), **COMPILED)
 
 
 def _generated_code_failure():
@@ -133,7 +134,7 @@ def test_an_error_from_generated_code_during_capture_is_blamed_on_compile(tiny, 
     res, rec = _quiet(cg.oti, feats, tiny, steps=4, compile=True, cuda_graph=True)
     assert "generated kernel failed" in _fallback_warning(rec, "compile")
     assert res.info["fast_path"] == "graph"
-    _assert_same(res, _plain(tiny, feats, steps=4), atol=1e-5)
+    _assert_same(res, _plain(tiny, feats, steps=4), **COMPILED)
 
 
 # ---------------------------------------------------------------- the self-check isolates
@@ -152,7 +153,7 @@ def test_a_disagreement_only_the_compiled_step_causes_drops_compile_only(tiny, f
     assert "self-check" in _fallback_warning(rec, "compile")
     assert res.info["fast_path"] == "graph+kernels"
     assert [f["stage"] for f in res.info["fallbacks"]] == ["compile"]
-    _assert_same(res, _plain(tiny, feats, "ovi", steps=5), atol=1e-5)
+    _assert_same(res, _plain(tiny, feats, "ovi", steps=5), **COMPILED)
 
 
 def test_a_kernel_wrong_only_on_later_rows_is_caught(tiny, torch_kernels, monkeypatch):
@@ -230,7 +231,7 @@ def test_a_triton_error_under_compile_and_kernels_is_the_kernels(tiny, fake_grap
     res, rec = _quiet(cg.oti, feats, tiny, steps=3, compile=True, cuda_graph=True, use_kernels=True)
     assert "shared memory" in _fallback_warning(rec, "kernels")
     assert res.info["fast_path"] == "compile+graph"
-    _assert_same(res, _plain(tiny, feats, steps=3), atol=1e-5)
+    _assert_same(res, _plain(tiny, feats, steps=3), **COMPILED)
 
 
 # ---------------------------------------------------------------- sticky device errors
@@ -329,4 +330,4 @@ def test_a_kernel_failing_at_run_time_inside_the_compiled_step_is_the_kernels(ti
     res, rec = _quiet(cg.oti, feats, tiny, steps=3, compile=True, cuda_graph=True, use_kernels=True)
     assert "kernel launch failed" in _fallback_warning(rec, "kernels")
     assert res.info["fast_path"] == "compile+graph"
-    _assert_same(res, _plain(tiny, feats, steps=3), atol=1e-5)
+    _assert_same(res, _plain(tiny, feats, steps=3), **COMPILED)

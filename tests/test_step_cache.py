@@ -36,7 +36,7 @@ def test_ten_oti_calls_compile_once(tiny, dynamo_compiles):
     assert results[0].info["compile_s"] > 0 and results[-1].info["compile_s"] == 0
     # the shared step gives each call the results a call of its own would
     alone = cg.oti(feats[:9], tiny, steps=3, compile=False)
-    torch.testing.assert_close(results[4].features, alone.features, atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[4].features, alone.features, atol=1e-5, rtol=1e-5)  # compiled vs eager
 
 
 def test_every_shape_is_self_checked_once_in_the_process(tiny, monkeypatch):
