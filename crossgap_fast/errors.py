@@ -7,6 +7,12 @@ line; the command line prints it and exits with code 2.
 from __future__ import annotations
 
 
+# ------------------------------------------------------------------------------ the base layer
+class UnsafePickleError(ValueError):
+    """A pickle file asks for something other than plain data (containers, numbers, strings,
+    numpy arrays), or is not a pickle at all; its code never ran."""
+
+
 # ---------------------------------------------------------------------------- the solver layer
 class ConfigError(ValueError):
     """An inversion setting has a wrong type or value."""

@@ -57,7 +57,13 @@ class ImageRetrievalSet:
 
 @dataclass
 class TextRetrievalSet:
-    """Query and gallery sides of a text-to-text retrieval benchmark (label = image id)."""
+    """Query and gallery sides of a text-to-text retrieval benchmark.
+
+    Relevance is "same label" (the image id for caption sets, the class for document sets),
+    or, when ``relevance`` is given (qrels, as in NanoBEIR), that (Q, G) boolean matrix; the
+    labels are then all -1. ``summarized`` counts the gallery texts replaced by their published
+    summaries; the texts left long are truncated by the tokenizer when encoded.
+    """
 
     name: str
     query_texts: list[str]
@@ -65,6 +71,8 @@ class TextRetrievalSet:
     gallery_texts: list[str]
     gallery_labels: np.ndarray
     same_split: bool = False
+    relevance: np.ndarray | None = None
+    summarized: int = 0
 
     def __post_init__(self) -> None:
         self.query_texts = [str(t) for t in self.query_texts]
@@ -73,6 +81,12 @@ class TextRetrievalSet:
         self.gallery_labels = _labels(
             self.gallery_labels, f"{self.name} gallery", len(self.gallery_texts)
         )
+        if self.relevance is not None:
+            rel = np.asarray(self.relevance).astype(bool)
+            want = (len(self.query_texts), len(self.gallery_texts))
+            if rel.shape != want:
+                raise ValueError(f"{self.name}: relevance matrix of shape {rel.shape}, expected {want}")
+            self.relevance = rel
 
 
 # ----------------------------------------------------------------------------- layout docs
