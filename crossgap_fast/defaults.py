@@ -72,3 +72,5 @@ DEFAULT_FAILURES_SHOWN = 5
 # ----------------------------------------------------------------------------- the evaluation
 #: Where encoded features and inversions of benchmark datasets are kept when no cache is given.
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "crossgap"
+#: Where ``crossgap eval paper`` writes its table and per-dataset results (resumable).
+DEFAULT_PAPER_OUT = "crossgap-paper"

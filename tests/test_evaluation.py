@@ -44,23 +44,26 @@ def test_text_subspace_projection_keeps_the_span_and_drops_the_rest():
     torch.testing.assert_close(baselines.text_subspace_projection(outside, texts), torch.tensor([[1.0, 0, 0, 0]]))
 
 
-def test_inverted_queries_keep_their_own_image_in_a_shared_split():
-    """Intra-modal on a shared split drops query i from its gallery; an inverted query is
-    another kind of feature and keeps it, unless asked otherwise (the paper's protocol)."""
+def test_inverted_queries_lose_their_own_image_in_a_shared_split_unless_kept():
+    """The authors' rule: on a shared split every row (intra and inverted) removes the query
+    from its own gallery; keep_query keeps it in the inverted rows (the old default)."""
     feats = torch.eye(4)  # every image unlike every other
     labels = np.array([0, 0, 1, 1])
     rep = image_retrieval_report(feats, feats, labels, labels, same_split=True, oti_features=feats)
     # Intra: the only other same-label item has similarity 0, tied with the two others; ties
-    # are pessimistic, so it ranks 3rd of 3 -> AP 1/3 and R@1 0.
-    assert rep.rows["intra"]["mAP"] == pytest.approx(100 / 3)
-    assert rep.rows["intra"]["R@1"] == 0
-    # OTI row: the query's own image (cos 1) is first, then the other same-label image last of
+    # are pessimistic, so it ranks 3rd of 3 -> AP 1/3 and R@1 0. The OTI row is the same.
+    for row in ("intra", "oti"):
+        assert rep.rows[row]["mAP"] == pytest.approx(100 / 3)
+        assert rep.rows[row]["R@1"] == 0
+    assert "removed from its own gallery, in every row" in rep.facts["query removal"]
+    kept = image_retrieval_report(feats, feats, labels, labels, same_split=True, oti_features=feats,
+                                  keep_query=True)
+    # Kept: the query's own image (cos 1) is first, then the other same-label image last of
     # 4 -> AP = (1/1 + 2/4) / 2 = 0.75.
-    assert rep.rows["oti"]["R@1"] == 100
-    assert rep.rows["oti"]["mAP"] == pytest.approx(75.0)
-    strict = image_retrieval_report(feats, feats, labels, labels, same_split=True, oti_features=feats,
-                                    exclude_self_inter=True)
-    assert strict.rows["oti"]["mAP"] == pytest.approx(100 / 3)
+    assert kept.rows["oti"]["R@1"] == 100
+    assert kept.rows["oti"]["mAP"] == pytest.approx(75.0)
+    assert kept.rows["intra"]["mAP"] == pytest.approx(100 / 3)
+    assert "KEPT" in kept.facts["query removal"]
 
 
 def test_zeroshot_report_counts_correct_classes():

@@ -54,8 +54,10 @@ _CACHE_REFUSALS = (SettingsMismatchError, CorruptStoreError, OutputExistsError)
 
 
 def cached_features(paths_or_texts: list[str], cache: Path, cm: ClipModel, kind: str,
-                    device, progress: bool) -> Tensor:
-    """Encode once into the gallery store under ``cache``; reuse it on later runs."""
+                    device, progress: bool, facts: dict | None = None) -> Tensor:
+    """Encode once into the gallery store under ``cache``; reuse it on later runs. Texts longer
+    than the model's context are truncated by the encoder (each is a warning in the store's
+    ``errors.jsonl``); ``facts`` gets their count."""
     try:
         encode_gallery(paths_or_texts, cache, cm, kind=kind, resume=True, device=device, progress=progress)
     except _CACHE_REFUSALS as err:
@@ -64,6 +66,10 @@ def cached_features(paths_or_texts: list[str], cache: Path, cm: ClipModel, kind:
     if inv.errors and any(e.get("level") == "error" for e in inv.errors):
         bad = [e["name"] for e in inv.errors if e.get("level") == "error"][:5]
         raise ValueError(f"some {kind} could not be read (see {cache}/errors.jsonl), e.g. {bad}")
+    truncated = sum(1 for e in inv.errors or () if e.get("level") == "warning")
+    if facts is not None and truncated:
+        facts[f"texts truncated to the context ({cache.name})"] = (
+            f"{truncated} of {len(paths_or_texts)} (listed in {cache / 'errors.jsonl'})")
     return inv.features
 
 

@@ -102,16 +102,22 @@ def evaluate_retrieval(
     cache_dir: str | os.PathLike | None = None,
     device: str | None = None,
     progress: bool = True,
-    exclude_self_inter: bool = False,
+    keep_query: bool = False,
     warm_start: int = 0,
     warm_steps: int | None = None,
+    summaries: str | os.PathLike | None = None,
     **engine_kwargs: Any,
 ) -> Report:
     """Run the retrieval comparison on a dataset (image or text, by its kind).
 
+    On a dataset whose query and gallery are the same split, each query is removed from its own
+    gallery in every row (the authors' rule); ``keep_query=True`` keeps it in the inverted rows
+    (for analysis: an inverted query finds its own item first).
     ``warm_start=N`` adds a row for a warm-started inversion of the queries (as ``crossgap
     invert --warm-start N``: N calibration queries exact, the others ``warm_steps`` steps from
-    the fitted map's start; default 15 OTI / 150 OVI steps), with items/s beside the exact run's."""
+    the fitted map's start; default 15 OTI / 150 OVI steps), with items/s beside the exact run's.
+    ``summaries``: a folder laid out like the authors' ``data/summarized_texts``; long documents
+    with a published summary are replaced by it, the others are truncated to the context."""
     kinds = list_datasets()
     name = dataset.lower()
     if name not in kinds:
@@ -136,21 +142,23 @@ def evaluate_retrieval(
         rep = image_retrieval_report(
             query, gallery, ds.query_labels, ds.gallery_labels, same_split=ds.same_split,
             oti_features=inv, oti_snapshots=snaps, class_text_features=prompts, gnd=ds.gnd,
-            exclude_self_inter=exclude_self_inter, dataset=f"{name} ({split})", more_inverted=more,
+            keep_query=keep_query, dataset=f"{name} ({split})", more_inverted=more,
         )
     else:
-        ds = load_text_dataset(name, dataroot, split)
-        gallery = cached_features(ds.gallery_texts, cache / "gallery", model, "texts", **common)
+        ds = load_text_dataset(name, dataroot, split, **({"summaries": summaries} if summaries else {}))
+        if ds.summarized:
+            facts["gallery texts replaced by their published summary"] = ds.summarized
+        gallery = cached_features(ds.gallery_texts, cache / "gallery", model, "texts", facts=facts, **common)
         query = gallery if ds.same_split else cached_features(
-            ds.query_texts, cache / "query", model, "texts", **common)
+            ds.query_texts, cache / "query", model, "texts", facts=facts, **common)
         if "ovi" in modes:
             cfg = InversionConfig(method="ovi", steps=steps, num_tokens=num_tokens, seed=seed,
                                   **engine_kwargs)
             inv, snaps, more = _invert_queries(query, cache, model, "texts", cfg, facts=facts, **inverting)
         rep = text_retrieval_report(
             query, gallery, ds.query_labels, ds.gallery_labels, same_split=ds.same_split,
-            ovi_features=inv, ovi_snapshots=snaps, exclude_self_inter=exclude_self_inter,
-            dataset=f"{name} ({split})", more_inverted=more,
+            ovi_features=inv, ovi_snapshots=snaps, keep_query=keep_query,
+            dataset=f"{name} ({split})", more_inverted=more, relevance=ds.relevance,
         )
     rep.facts.update(facts)
     rep.facts["model"] = f"{model.name} ({model.pretrained or 'random'})"

@@ -7,8 +7,19 @@ averaged over queries:
 * ``mAP``   - mean Average Precision over the full ranking (headline metric),
 * ``mAP@R`` - Musgrave et al., "A Metric Learning Reality Check" (2020):
   with R = number of relevant gallery items, ``mAP@R = 1/R * sum_{i<=R} P@i * rel_i``,
+* ``mAP@R (authors)`` - the same as the Cross-the-Gap code computes it: R is counted *before*
+  the query is removed from its own gallery, so on a shared split the sum runs over the top
+  R = R' + 1 positions (R' = relevant items left after the removal) and is divided by R'.
+  Equal to ``mAP@R`` whenever nothing is removed,
 * ``P@R``   - R-precision: fraction of the top R items that are relevant,
 * ``R@1``   - recall@1: 1 if the top-ranked item is relevant, else 0.
+
+mAP, P@R and R@1 are what the authors' code gets from torchmetrics 1.4 on the same similarities
+and relevance (untied scores). torchmetrics 1.9 changed ``retrieval_average_precision`` to count
+only relevant items with a positive score, which gives other numbers on cosine similarities;
+the definitions here are the standard ones that 1.4 computes.
+
+Relevance is the same label, or a (Q, G) boolean relevance matrix (qrels, as for NanoBEIR).
 
 Conventions (shared by every function in this module that ranks by similarity):
 
@@ -17,9 +28,13 @@ Conventions (shared by every function in this module that ranks by similarity):
   every relevant one.  The result therefore never depends on the gallery order
   and a degenerate scorer (e.g. constant similarities) cannot look good by
   accident.  Untied data is unaffected.
-* **Queries without any relevant gallery item are skipped**: they are left out
-  of every average and counted in ``num_skipped``; ``num_queries`` is the number
-  of queries that were averaged.  If every query is skipped the metrics are NaN.
+* **Queries without any relevant gallery item** (``empty_queries``): ``"skip"``
+  (default) leaves them out of every average and counts them in ``num_skipped``;
+  ``"zero"`` scores them 0 in mAP, mAP@R, P@R and R@1, as the authors' code does
+  (torchmetrics returns 0 for them). Their own mAP@R is undefined (0/0) for such a query,
+  so ``mAP@R (authors)`` always leaves them out. ``num_queries`` is the number of queries
+  averaged; ``num_empty`` the number without a relevant item. If every query is skipped
+  the metrics are NaN.
 * **exclude_self** (query set == gallery set, so ``Q == G``): gallery item ``i``
   is removed from the ranking of query ``i`` - it counts neither as relevant nor
   as non-relevant and does not occupy a rank.
@@ -36,7 +51,7 @@ The revisited Oxford / Paris protocol (Radenovic et al., CVPR 2018) is in
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,7 +71,8 @@ __all__ = [
 # large enough that per-block Python overhead is negligible.
 _BLOCK_ELEMENTS = 1 << 24
 
-METRIC_KEYS = ("mAP", "mAP@R", "P@R", "R@1")
+METRIC_KEYS = ("mAP", "mAP@R", "mAP@R (authors)", "P@R", "R@1")
+EMPTY_QUERIES = ("skip", "zero")
 
 
 # --------------------------------------------------------------------------- #
@@ -110,16 +126,42 @@ def _encode_labels(
     return inverse[: q.numel()], inverse[q.numel():]
 
 
+# A block's relevance in ranked order: relevant(start, stop, order) -> (b, G) bool.
+Relevance = Callable[[int, int, torch.Tensor], torch.Tensor]
+
+
+def _relevance(
+    query_labels: Any, gallery_labels: Any, relevance: Any, nq: int, ng: int, device: torch.device,
+    sides: tuple[str, str],
+) -> Relevance:
+    """Relevance from labels (same label) or from a (Q, G) matrix, whichever was given."""
+    if relevance is not None:
+        if query_labels is not None or gallery_labels is not None:
+            raise ValueError("give either query_labels and gallery_labels, or relevance, not both")
+        rel = to_tensor(relevance, "relevance")
+        if tuple(rel.shape) != (nq, ng):
+            raise ValueError(f"relevance must have shape (Q, G) = ({nq}, {ng}), got {tuple(rel.shape)}")
+        rel = rel.to(device=device, dtype=torch.bool)
+        return lambda start, stop, order: torch.gather(rel[start:stop], 1, order)
+    if query_labels is None or gallery_labels is None:
+        raise ValueError("query_labels and gallery_labels are required unless relevance is given")
+    ql = _check_labels(query_labels, "query_labels", nq, sides[0])
+    gl = _check_labels(gallery_labels, "gallery_labels", ng, sides[1])
+    q_codes, g_codes = _encode_labels(ql, gl, device)
+    return lambda start, stop, order: g_codes[order] == q_codes[start:stop, None]
+
+
 # --------------------------------------------------------------------------- #
 # core: metrics of one block of query rows
 # --------------------------------------------------------------------------- #
 def _block_stats(
     sims: torch.Tensor,
-    q_codes: torch.Tensor,
-    g_codes: torch.Tensor,
+    start: int,
+    relevant: Relevance,
     self_cols: torch.Tensor | None,
 ) -> tuple[torch.Tensor, ...]:
-    """Per-query (AP, AP@R, P@R, R@1, R) for a (b, G) block, as fractions in float64.
+    """Per-query (AP, AP@R, AP@R authors, P@R, R@1, R) for a (b, G) block, as fractions in
+    float64.
 
     Everything is derived from the rank r_k (1-based, pessimistic ties, self
     removed) of the k-th relevant item: AP = 1/R sum_k k/r_k, etc.  Queries with
@@ -132,7 +174,8 @@ def _block_stats(
     # A plain (unstable) sort suffices: with pessimistic ties the metrics only
     # depend on the set of items inside each tie group, not their order.
     values, order = torch.sort(sims, dim=1, descending=True)
-    rel = g_codes[order] == q_codes[:, None]
+    rel = relevant(start, start + b, order)
+    num_rel_before = rel.sum(dim=1)  # the authors' R for mAP@R: counted before the removal
     is_self = None
     if self_cols is not None:
         is_self = order == self_cols[:, None]
@@ -168,96 +211,119 @@ def _block_stats(
     prec = k.to(torch.float64) / rank.to(torch.float64)  # P@r_k
     r_row = num_rel.to(torch.float64)
     in_top_r = (rank <= num_rel[rows]).to(torch.float64)
+    in_top_r_before = (rank <= num_rel_before[rows]).to(torch.float64)
     zeros = torch.zeros(b, dtype=torch.float64, device=dev)
     ap = zeros.index_add(0, rows, prec) / r_row
     ap_at_r = zeros.index_add(0, rows, prec * in_top_r) / r_row
+    ap_at_r_authors = zeros.index_add(0, rows, prec * in_top_r_before) / r_row
     p_at_r = zeros.index_add(0, rows, in_top_r) / r_row
     r_at_1 = zeros.index_add(0, rows, (rank == 1).to(torch.float64))
-    return ap, ap_at_r, p_at_r, r_at_1, num_rel
+    return ap, ap_at_r, ap_at_r_authors, p_at_r, r_at_1, num_rel
 
 
 def _evaluate(
     blocks: Iterator[tuple[int, torch.Tensor]],
-    q_codes: torch.Tensor,
-    g_codes: torch.Tensor,
+    relevant: Relevance,
     exclude_self: bool,
     num_queries: int,
+    empty_queries: str,
 ) -> dict[str, float | int]:
-    per_query: list[list[np.ndarray]] = [[] for _ in range(5)]
+    n_stats = len(METRIC_KEYS) + 1
+    per_query: list[list[np.ndarray]] = [[] for _ in range(n_stats)]
     for start, sims in blocks:
         stop = start + sims.shape[0]
         self_cols = None
         if exclude_self:
             self_cols = torch.arange(start, stop, device=sims.device)
-        stats = _block_stats(sims, q_codes[start:stop], g_codes, self_cols)
+        stats = _block_stats(sims, start, relevant, self_cols)
         for acc, s in zip(per_query, stats):
             acc.append(s.cpu().numpy())  # only b numbers per block leave the device
     if num_queries == 0:
-        cols = [np.zeros(0)] * 5
+        cols = [np.zeros(0)] * n_stats
     else:
         cols = [np.concatenate(acc) for acc in per_query]
-    valid = cols[4] > 0
+    valid = cols[-1] > 0
     n_valid = int(valid.sum())
+    averaged = num_queries if empty_queries == "zero" else n_valid
     out: dict[str, float | int] = {}
-    for key, vals in zip(METRIC_KEYS, cols[:4]):
-        out[key] = float(100.0 * vals[valid].mean()) if n_valid else math.nan
-    out["num_queries"] = n_valid
-    out["num_skipped"] = int(num_queries - n_valid)
+    for key, vals in zip(METRIC_KEYS, cols[:-1]):
+        if key == "mAP@R (authors)" or empty_queries == "skip":
+            out[key] = float(100.0 * vals[valid].mean()) if n_valid else math.nan
+        else:
+            out[key] = float(100.0 * np.where(valid, vals, 0.0).mean()) if num_queries else math.nan
+    out["num_queries"] = averaged
+    out["num_skipped"] = int(num_queries - averaged)
+    out["num_empty"] = int(num_queries - n_valid)
     return out
 
 
+def _check_empty_queries(empty_queries: str) -> str:
+    if empty_queries not in EMPTY_QUERIES:
+        raise ValueError(f"empty_queries must be one of {EMPTY_QUERIES}, got {empty_queries!r}")
+    return empty_queries
+
+
 # --------------------------------------------------------------------------- #
-# public API: class-label retrieval
+# public API
 # --------------------------------------------------------------------------- #
 def retrieval_metrics(
     similarities: torch.Tensor | np.ndarray,
-    query_labels: torch.Tensor | np.ndarray,
-    gallery_labels: torch.Tensor | np.ndarray,
+    query_labels: torch.Tensor | np.ndarray | None = None,
+    gallery_labels: torch.Tensor | np.ndarray | None = None,
     exclude_self: bool = False,
     *,
+    relevance: torch.Tensor | np.ndarray | None = None,
     block_size: int | None = None,
+    empty_queries: str = "skip",
 ) -> dict[str, float | int]:
     """Full-ranking retrieval metrics from a precomputed (Q, G) similarity matrix.
 
     Args:
         similarities: (Q, G) scores, higher = more similar; tensor (any device,
             processed in place on that device, block by block) or numpy array.
-        query_labels, gallery_labels: 1-D integer labels of length Q and G.
+        query_labels, gallery_labels: 1-D integer labels of length Q and G
+            (relevant = same label).
         exclude_self: query and gallery are the same set (requires Q == G);
             gallery item i is dropped from query i's ranking.
+        relevance: instead of labels, a (Q, G) boolean matrix (qrels).
         block_size: queries per block; None picks one from the gallery size.
+        empty_queries: "skip" or "zero" for queries without a relevant item
+            (see the module docstring).
 
     Returns:
-        ``{"mAP", "mAP@R", "P@R", "R@1"}`` in percent (mean over evaluated
-        queries), plus ``"num_queries"`` (evaluated) and ``"num_skipped"``
-        (queries with no relevant gallery item). Ties are pessimistic; see the
-        module docstring.
+        ``{"mAP", "mAP@R", "mAP@R (authors)", "P@R", "R@1"}`` in percent (mean
+        over the averaged queries), plus ``"num_queries"`` (averaged),
+        ``"num_skipped"`` and ``"num_empty"`` (no relevant gallery item). Ties
+        are pessimistic; see the module docstring.
     """
     sims = to_tensor(similarities, "similarities")
     check_matrix(sims, "similarities")
     nq, ng = sims.shape
-    ql = _check_labels(query_labels, "query_labels", nq, "the number of rows of similarities")
-    gl = _check_labels(gallery_labels, "gallery_labels", ng, "the number of columns of similarities")
+    _check_empty_queries(empty_queries)
+    relevant = _relevance(query_labels, gallery_labels, relevance, nq, ng, sims.device,
+                          ("the number of rows of similarities", "the number of columns of similarities"))
     if exclude_self and nq != ng:
         raise ValueError(f"exclude_self=True requires a square similarity matrix (Q == G), got {nq} x {ng}")
     bs = _resolve_block_size(block_size, nq, ng)
-    q_codes, g_codes = _encode_labels(ql, gl, sims.device)
 
     def blocks() -> Iterator[tuple[int, torch.Tensor]]:
         for start in range(0, nq, bs):
             yield start, sims[start : start + bs]
 
     with torch.no_grad():
-        return _evaluate(blocks(), q_codes, g_codes, bool(exclude_self), nq)
+        return _evaluate(blocks(), relevant, bool(exclude_self), nq, empty_queries)
 
 
 def retrieval_metrics_from_features(
     query_features: torch.Tensor | np.ndarray,
     gallery_features: torch.Tensor | np.ndarray,
-    query_labels: torch.Tensor | np.ndarray,
-    gallery_labels: torch.Tensor | np.ndarray,
+    query_labels: torch.Tensor | np.ndarray | None = None,
+    gallery_labels: torch.Tensor | np.ndarray | None = None,
     exclude_self: bool = False,
     block_size: int | None = None,
+    *,
+    relevance: torch.Tensor | np.ndarray | None = None,
+    empty_queries: str = "skip",
 ) -> dict[str, float | int]:
     """Like :func:`retrieval_metrics`, with cosine similarities computed blockwise.
 
@@ -276,24 +342,24 @@ def retrieval_metrics_from_features(
             f"got {qf.shape[1]} and {gf.shape[1]}"
         )
     nq, ng = qf.shape[0], gf.shape[0]
-    ql = _check_labels(query_labels, "query_labels", nq, "the number of query_features rows")
-    gl = _check_labels(gallery_labels, "gallery_labels", ng, "the number of gallery_features rows")
+    _check_empty_queries(empty_queries)
+    device = gf.device
+    relevant = _relevance(query_labels, gallery_labels, relevance, nq, ng, device,
+                          ("the number of query_features rows", "the number of gallery_features rows"))
     if exclude_self and nq != ng:
         raise ValueError(f"exclude_self=True requires as many queries as gallery items, got Q={nq}, G={ng}")
     bs = _resolve_block_size(block_size, nq, ng)
-    device = gf.device
     dtype = torch.float64 if torch.float64 in (qf.dtype, gf.dtype) else torch.float32
 
     with torch.no_grad():
         gallery = F.normalize(gf.to(dtype), dim=1)
-        q_codes, g_codes = _encode_labels(ql, gl, device)
 
         def blocks() -> Iterator[tuple[int, torch.Tensor]]:
             for start in range(0, nq, bs):
                 q = F.normalize(qf[start : start + bs].to(device=device, dtype=dtype), dim=1)
                 yield start, q @ gallery.T
 
-        return _evaluate(blocks(), q_codes, g_codes, bool(exclude_self), nq)
+        return _evaluate(blocks(), relevant, bool(exclude_self), nq, empty_queries)
 
 
 def average_precision(relevance: Sequence[bool] | np.ndarray | torch.Tensor, num_relevant: int | None = None) -> float:

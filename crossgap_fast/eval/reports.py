@@ -6,11 +6,14 @@ and :func:`write_outputs` writes it as ``report.json`` (and ``report.png``). The
 (:func:`image_retrieval_report`, :func:`text_retrieval_report`, :func:`zeroshot_report`) take
 features and labels and know nothing about datasets or caches.
 
-The protocol is the paper's ("Cross the Gap", ICLR 2025): cosine similarity, full ranking, mAP
-over the full ranking as the headline. A query is removed from its own gallery when query and
-gallery are the same split and the same kind of feature (intra-modal on a shared split); an
-inverted query is a different kind of feature, so it is not, unless ``exclude_self_inter`` asks
-for it.
+The protocol is the paper's ("Cross the Gap", ICLR 2025) as its authors' code runs it: cosine
+similarity, full ranking, mAP over the full ranking as the headline. When query and gallery come
+from the same split, each query is removed from its own gallery, for the intra-modal and the
+inverted rows alike (the authors compare an OTI query with gallery *images*, the dataset's own
+kind of feature, so their rule removes it; an inverted query sits next to its own item and would
+find itself first). ``keep_query=True`` keeps it in the inverted rows, for analysis only. Queries
+without a relevant item score 0, as in the authors' code; the metric definitions are in
+:mod:`crossgap_fast.eval.metrics`.
 """
 
 from __future__ import annotations
@@ -49,16 +52,17 @@ class Report:
         """A plain-text table: each mode's metrics and its difference to the intra baseline."""
         if not self.rows:
             return f"{self.task} on {self.dataset}: no results"
-        metrics = [k for k in next(iter(self.rows.values())) if k not in ("num_queries", "num_skipped")]
+        metrics = [k for k in next(iter(self.rows.values())) if k not in COUNT_KEYS]
         base = self.rows.get("intra") or self.rows.get("inter")
         w = max(16, 2 + max(len(mode) for mode in self.rows))
-        head = f"{'mode':<{w}}" + "".join(f"{m:>12}" for m in metrics)
+        cw = {m: max(12, len(m) + 2) for m in metrics}
+        head = f"{'mode':<{w}}" + "".join(f"{m:>{cw[m]}}" for m in metrics)
         lines = [f"{self.task} on {self.dataset}", head, "-" * len(head)]
         for mode, row in self.rows.items():
-            lines.append(f"{mode:<{w}}" + "".join(f"{row[m]:>12.2f}" for m in metrics))
+            lines.append(f"{mode:<{w}}" + "".join(f"{row[m]:>{cw[m]}.2f}" for m in metrics))
             if base is not None and row is not base:
                 lines.append(f"{'  vs ' + ('intra' if 'intra' in self.rows else 'inter'):<{w}}"
-                             + "".join(f"{row[m] - base[m]:>+12.2f}" for m in metrics))
+                             + "".join(f"{row[m] - base[m]:>+{cw[m]}.2f}" for m in metrics))
         for k, v in self.facts.items():
             lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         if self.curve:
@@ -66,15 +70,37 @@ class Report:
         return "\n".join(lines)
 
 
-def _metrics(q: Tensor, g: Tensor, ql, gl, exclude_self: bool, gnd=None) -> dict[str, float]:
-    """One row: the revisited Oxford/Paris setups when ``gnd`` is given, class-label retrieval else."""
+COUNT_KEYS = ("num_queries", "num_skipped", "num_empty")
+
+#: How each row's metrics are computed, stated in every report (see the module docstring).
+METRICS_NOTE = ("mAP, P@R, R@1 as the authors' code computes them (torchmetrics 1.4; a query "
+                "without a relevant item scores 0); mAP@R: R counted after removing the query "
+                "(standard); mAP@R (authors): R counted before (their code)")
+
+
+def removal_rule(same_split: bool, keep_query: bool) -> str:
+    """The query-removal rule a report ran under, in words."""
+    if not same_split:
+        return "none needed (query and gallery are different splits)"
+    if keep_query:
+        return ("intra rows: each query removed from its own gallery; inverted rows: the query's own "
+                "item KEPT (keep_query, for analysis; not the paper's protocol)")
+    return "each query removed from its own gallery, in every row (the authors' rule: same split)"
+
+
+def _metrics(q: Tensor, g: Tensor, ql, gl, exclude_self: bool, gnd=None, relevance=None) -> dict[str, float]:
+    """One row: the revisited Oxford/Paris setups when ``gnd`` is given, retrieval by label (or
+    by the ``relevance`` matrix) else, with empty queries scored 0 as the authors do."""
     if gnd is not None:
         sims = F.normalize(q.float(), dim=-1) @ F.normalize(g.float(), dim=-1).T
         out = revisited_map(sims, gnd)
         return {f"{setup} {k}": v for setup, row in out.items() for k, v in row.items()
                 if k != "num_queries"}
+    if relevance is not None:
+        return retrieval_metrics_from_features(q, g, exclude_self=exclude_self, relevance=relevance,
+                                               empty_queries="zero")
     return retrieval_metrics_from_features(q, g, torch.as_tensor(ql), torch.as_tensor(gl),
-                                           exclude_self=exclude_self)
+                                           exclude_self=exclude_self, empty_queries="zero")
 
 
 def image_retrieval_report(
@@ -88,20 +114,23 @@ def image_retrieval_report(
     oti_snapshots: dict[int, Tensor] | None = None,
     class_text_features: Tensor | None = None,
     gnd: list[dict] | None = None,
-    exclude_self_inter: bool = False,
+    keep_query: bool = False,
     dataset: str = "custom",
     more_inverted: dict[str, Tensor] | None = None,
 ) -> Report:
     """Image-to-image retrieval: intra-modal (image vs image) against inter-modal (OTI feature
     of the query vs gallery images), with the training-free baselines alongside.
-    ``more_inverted``: other inverted query features (e.g. a warm start), one row each."""
+    ``more_inverted``: other inverted query features (e.g. a warm start), one row each.
+    ``keep_query``: on a shared split, keep each inverted query's own image (analysis only)."""
     rep = Report("image retrieval", dataset)
+    _state_protocol(rep, same_split, keep_query, gnd is None)
     args = (query_labels, gallery_labels)
+    drop_inverted = same_split and not keep_query
     rep.rows["intra"] = _metrics(query_features, gallery_features, *args, same_split, gnd)
     inverted = {"oti": oti_features, **(more_inverted or {})}
     for name, feats in inverted.items():
         if feats is not None:
-            rep.rows[name] = _metrics(feats, gallery_features, *args, same_split and exclude_self_inter, gnd)
+            rep.rows[name] = _metrics(feats, gallery_features, *args, drop_inverted, gnd)
     centre = F.normalize(gallery_features.float(), dim=-1).mean(0)
     rep.rows["centered"] = _metrics(baselines.mean_centered(query_features, centre),
                                     baselines.mean_centered(gallery_features, centre),
@@ -117,7 +146,7 @@ def image_retrieval_report(
         rep.facts["modality gap (images vs OTI features)"] = baselines.modality_gap(
             query_features, oti_features)
     for steps, feats in sorted((oti_snapshots or {}).items()):
-        row = _metrics(feats, gallery_features, *args, same_split and exclude_self_inter, gnd)
+        row = _metrics(feats, gallery_features, *args, drop_inverted, gnd)
         rep.curve[steps] = row.get("mAP", row.get("medium mAP", float("nan")))
     return rep
 
@@ -131,27 +160,38 @@ def text_retrieval_report(
     same_split: bool,
     ovi_features: Tensor | None = None,
     ovi_snapshots: dict[int, Tensor] | None = None,
-    exclude_self_inter: bool = False,
+    keep_query: bool = False,
     dataset: str = "custom",
     more_inverted: dict[str, Tensor] | None = None,
+    relevance: np.ndarray | None = None,
 ) -> Report:
     """Text-to-text retrieval: intra (text vs text) against OVI feature of the query vs
-    gallery texts, with mean-centering alongside (``more_inverted`` as for images)."""
+    gallery texts, with mean-centering alongside (``more_inverted``, ``keep_query`` as for
+    images). ``relevance``: a (Q, G) boolean matrix (qrels) instead of the labels."""
     rep = Report("text retrieval", dataset)
+    _state_protocol(rep, same_split, keep_query, True)
     args = (query_labels, gallery_labels)
-    rep.rows["intra"] = _metrics(query_features, gallery_features, *args, same_split)
+    rel = dict(relevance=relevance)
+    drop_inverted = same_split and not keep_query
+    rep.rows["intra"] = _metrics(query_features, gallery_features, *args, same_split, **rel)
     for name, feats in {"ovi": ovi_features, **(more_inverted or {})}.items():
         if feats is not None:
-            rep.rows[name] = _metrics(feats, gallery_features, *args, same_split and exclude_self_inter)
+            rep.rows[name] = _metrics(feats, gallery_features, *args, drop_inverted, **rel)
     if ovi_features is not None:
         rep.facts["modality gap (texts vs OVI features)"] = baselines.modality_gap(
             ovi_features, query_features)
     centre = F.normalize(gallery_features.float(), dim=-1).mean(0)
     rep.rows["centered"] = _metrics(baselines.mean_centered(query_features, centre),
-                                    baselines.mean_centered(gallery_features, centre), *args, same_split)
+                                    baselines.mean_centered(gallery_features, centre), *args, same_split, **rel)
     for steps, feats in sorted((ovi_snapshots or {}).items()):
-        rep.curve[steps] = _metrics(feats, gallery_features, *args, same_split and exclude_self_inter)["mAP"]
+        rep.curve[steps] = _metrics(feats, gallery_features, *args, drop_inverted, **rel)["mAP"]
     return rep
+
+
+def _state_protocol(rep: Report, same_split: bool, keep_query: bool, label_metrics: bool) -> None:
+    rep.facts["query removal"] = removal_rule(same_split, keep_query)
+    if label_metrics:
+        rep.facts["metrics"] = METRICS_NOTE
 
 
 def zeroshot_report(
