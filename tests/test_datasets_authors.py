@@ -380,3 +380,7 @@ def test_newsgroups_errors(tmp_path):
         load_text_dataset("20newsgroups", tmp_path / "odd")
     with pytest.raises(ValueError, match="split must be"):
         load_text_dataset("20newsgroups", tmp_path / "odd", split="val")
+    make_news_tree(tmp_path / "nested")
+    (tmp_path / "nested" / "20news-bydate-test" / "sci.space" / "sub").mkdir()
+    with pytest.raises(ValueError, match="sub is not a message file"):
+        load_text_dataset("20newsgroups", tmp_path / "nested")

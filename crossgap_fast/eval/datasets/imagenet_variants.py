@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossgap_fast.eval.datasets.base import ImageRetrievalSet, as_root, list_image_files, missing, read_lines
+from crossgap_fast.eval.datasets.base import ImageRetrievalSet, as_root, list_image_files, missing, read_lines, with_layout
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,17 @@ def _class_dirs(image_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(image_dir) if e.is_dir() and not e.name.startswith("."))
 
 
+LAYOUT = """
+imagenet-a/<wnid>/*.jpg                  ImageNet-A (200 wnids), or CoOp's imagenet-adversarial/imagenet-a/
+imagenet-r/<wnid>/*.jpg                  ImageNet-R (200 wnids), or CoOp's imagenet-rendition/imagenet-r/
+sketch/<wnid>/*.JPEG                     ImageNet-Sketch (1000), or imagenet-sketch/sketch/ or CoOp's imagenet-sketch/images/
+imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg    ImageNetV2, or CoOp's imagenetv2/imagenetv2-.../
+classnames.txt   "<wnid> <class name>" per line, ImageNet's 1000 sorted by wnid (CoOp's file), looked for
+                 beside the image folder, then as imagenet/classnames.txt, then classnames.txt in dataroot
+"""
+
+
+@with_layout(LAYOUT)
 def load_imagenet_variant(name: str, dataroot: str | os.PathLike, split: str = "test") -> ImageRetrievalSet:
     """One of ``VARIANTS`` (imagenet_a, imagenet_r, imagenet_sketch, imagenetv2): every image,
     labelled and named as in the module docstring; split "test" (aliases "val", "all")."""

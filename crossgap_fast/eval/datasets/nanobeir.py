@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossgap_fast.eval.datasets.base import TextRetrievalSet, as_root, missing
+from crossgap_fast.eval.datasets.base import TextRetrievalSet, as_root, missing, with_layout
 from crossgap_fast.eval.datasets.summaries import apply_summaries
 
 #: registered name -> the Hub's dataset name (also the authors' summaries folder)
@@ -112,6 +112,7 @@ def relevance_matrix(query_ids: list[str], corpus_ids: list[str], qrels: dict[st
     return rel
 
 
+@with_layout(layout("<Name>") + "\n<Name>: " + ", ".join(NANOBEIR.values()))
 def load_nanobeir(
     name: str, dataroot: str | os.PathLike, split: str = "test", summaries: str | os.PathLike | None = None
 ) -> TextRetrievalSet:

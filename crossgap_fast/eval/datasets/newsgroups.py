@@ -83,6 +83,8 @@ def read_folder(folder: Path) -> tuple[list[str], list[int], list[str]]:
     order = _shuffled(len(files), 0)
     texts = []
     for k in order:
+        if not files[k].is_file():
+            raise ValueError(f"20newsgroups: {files[k]} is not a message file (a newsgroup folder holds files only)")
         # latin-1 maps every byte, so this never fails (scikit-learn decodes the same way)
         texts.append(files[k].read_bytes().decode("latin1"))
     return texts, [labels[k] for k in order], classes
