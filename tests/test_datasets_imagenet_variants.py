@@ -48,7 +48,8 @@ def test_200_class_subsets(tmp_path, name, coop_dir, images):
     for layout in ("publisher", "coop"):
         root = tmp_path / layout
         image_dir = (root / coop_dir / images) if layout == "coop" else (root / images)
-        write_classnames((root / coop_dir / "classnames.txt") if layout == "coop" else (root / "imagenet" / "classnames.txt"))
+        # CoOp copies classnames.txt beside the images; otherwise ImageNet's own (CoOp layout)
+        write_classnames(root / coop_dir / "classnames.txt" if layout == "coop" else root / "imagenet" / "classnames.txt")
         paths, labels = [], []
         for label, line in enumerate(sorted(present)):
             paths += write_images(image_dir / WNIDS[line], [f"{line}_b.jpg", f"{line}_a.png"])

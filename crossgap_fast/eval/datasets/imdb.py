@@ -55,7 +55,9 @@ def _read_csv(path) -> tuple[list[str], list[str]]:
 
 
 @with_layout(LAYOUT)
-def load_imdb(dataroot: str | os.PathLike, split: str = "test", summaries: str | os.PathLike | None = None) -> TextRetrievalSet:
+def load_imdb(
+    dataroot: str | os.PathLike, split: str = "test", summaries: str | os.PathLike | None = None
+) -> TextRetrievalSet:
     """IMDB reviews: 2 query sentences against all reviews (the authors' split 'all').
 
     split: "test" or "all" (the same: the whole file). ``summaries``: the authors'

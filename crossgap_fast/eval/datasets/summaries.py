@@ -62,7 +62,8 @@ def _as_text_dict(obj: Any, source: Path) -> dict[str, str]:
         out = {}
         for row in obj:
             if not isinstance(row, dict) or "id" not in row or "text" not in row:
-                raise ValueError(f"{source}: expected records with 'id' and 'text', found {type(row).__name__} {str(row)[:60]!r}")
+                raise ValueError(f"{source}: expected records with 'id' and 'text', "
+                                 f"found {type(row).__name__} {str(row)[:60]!r}")
             out[str(row["id"])] = row["text"]
         obj = out
     if not isinstance(obj, dict):
