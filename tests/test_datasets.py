@@ -26,8 +26,12 @@ from crossgap_fast.eval.datasets.coop import COOP_DATASETS
 IMAGE_NAMES = {
     "cub", "sop", "cars", "pets", "flowers", "dtd", "eurosat", "aircraft", "food101",
     "caltech101", "sun397", "ucf101", "imagenet", "roxford5k", "rparis6k", "imagefolder",
+    "imagenet_a", "imagenet_r", "imagenet_sketch", "imagenetv2",
 }
-TEXT_NAMES = {"coco", "flickr30k", "nocaps", "csv"}
+TEXT_NAMES = {
+    "coco", "flickr30k", "nocaps", "csv", "imdb", "20newsgroups", "nanoclimatefever", "nanodbpedia",
+    "nanofever", "nanonfcorpus", "nanonq", "nanoscidocs", "nanoscifact",
+}
 
 
 def touch(path: Path) -> Path:
