@@ -8,6 +8,7 @@ functions of :mod:`crossgap_fast.eval.reports`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -145,10 +146,13 @@ def evaluate_retrieval(
             keep_query=keep_query, dataset=f"{name} ({split})", more_inverted=more,
         )
     else:
-        ds = load_text_dataset(name, dataroot, split, **({"summaries": summaries} if summaries else {}))
-        if ds.summarized:
+        ds = load_text_dataset(name, dataroot, split, summaries=summaries)
+        gallery_cache = cache / "gallery"
+        if ds.summarized:  # other texts, other features: a cache of their own
             facts["gallery texts replaced by their published summary"] = ds.summarized
-        gallery = cached_features(ds.gallery_texts, cache / "gallery", model, "texts", facts=facts, **common)
+            where = hashlib.sha1(os.fsencode(Path(summaries).resolve())).hexdigest()[:8]
+            gallery_cache = cache / f"gallery-summaries-{where}"
+        gallery = cached_features(ds.gallery_texts, gallery_cache, model, "texts", facts=facts, **common)
         query = gallery if ds.same_split else cached_features(
             ds.query_texts, cache / "query", model, "texts", facts=facts, **common)
         if "ovi" in modes:

@@ -31,11 +31,11 @@ from crossgap_fast.models import ClipModel, model_name_id, pretrained_id
 #: The paper's retrieval datasets, in its tables' order (image sets, then text sets).
 PAPER_RETRIEVAL = ("cub", "sop", "roxford5k", "rparis6k", "cars", "pets", "flowers", "aircraft", "dtd", "eurosat",
                    "food101", "caltech101", "sun397", "ucf101", "imagenet", "coco", "flickr30k", "nocaps",
-                   "imdb", "newsgroups", "nanoclimatefever", "nanodbpedia", "nanofever", "nanonfcorpus",
+                   "imdb", "20newsgroups", "nanoclimatefever", "nanodbpedia", "nanofever", "nanonfcorpus",
                    "nanonq", "nanoscidocs", "nanoscifact")
 #: The paper's zero-shot classification datasets.
 PAPER_ZEROSHOT = ("caltech101", "dtd", "eurosat", "aircraft", "food101", "imagenet", "flowers", "pets", "cars",
-                  "sun397", "ucf101", "imagenet-a", "imagenet-r", "imagenet-sketch", "imagenetv2")
+                  "sun397", "ucf101", "imagenet_a", "imagenet_r", "imagenet_sketch", "imagenetv2")
 
 TABLE_TXT, TABLE_JSON, RESULTS_DIR = "paper_table.txt", "paper_table.json", "results"
 
