@@ -25,6 +25,7 @@ from crossgap_fast.errors import (
     UnsupportedModelError,
 )
 from crossgap_fast.eval.harness import evaluate_retrieval, evaluate_zeroshot
+from crossgap_fast.eval.paper import run_paper
 from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.inversion.inputs import initial_tokens
 from crossgap_fast.inversion.inverter import Inverter
@@ -60,6 +61,7 @@ __all__ = [
     "encode_texts",
     "evaluate_retrieval",
     "evaluate_zeroshot",
+    "run_paper",
     "fit_warm_start",
     "initial_tokens",
     "invert_gallery",

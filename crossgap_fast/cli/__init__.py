@@ -5,6 +5,7 @@
     crossgap encode images|texts --input ... --out OUTDIR --pretrained ...
     crossgap eval retrieval --dataset NAME --dataroot DIR --pretrained ... [--modes intra,oti,ovi]
     crossgap eval zeroshot  --dataset NAME --dataroot DIR --pretrained ...
+    crossgap eval paper     --dataroot ROOT --pretrained ... [--datasets ...]  (the paper's table)
     crossgap status OUTDIR [--json]   (progress of a run: shards, items/s, ETA, failures)
     crossgap export OUTDIR --to DIR   (rewrite a run in the current store format)
     crossgap demo | selfcheck
