@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from crossgap_fast.cli import main
-from crossgap_fast.demo.assets import demo_gallery
+import crossgap_fast as cg
+from crossgap_fast.demo.assets import DEMO_MODEL, demo_checkpoint_path, demo_gallery
 from crossgap_fast.eval import harness, paper, published
 
 pd = pytest.importorskip("pandas")
@@ -167,3 +168,29 @@ def test_long_documents_are_truncated_with_a_warning_or_replaced_by_summaries(ti
     assert not [k for k in summarized.facts if k.startswith("texts truncated")]
     # the summarized texts are encoded into a cache of their own, not read from the plain one
     assert len(list((tmp_path / "cache").glob("*/nanoscifact-*/gallery-summaries-*"))) == 1
+
+
+def test_zero_shot_reuses_the_retrieval_runs_features_and_inversions(tmp_path):
+    """DTD in CoOp's layout: retrieval (test queries vs train gallery) then zero-shot on the test
+    images; the second protocol encodes and inverts nothing new."""
+    paths, labels, _, _ = demo_gallery()
+    classes = sorted(set(labels))[:3]
+    base = tmp_path / "data" / "dtd" / "images"
+    split = {"train": [], "val": [], "test": []}
+    for c in classes:
+        for k, p in enumerate([p for p, lab in zip(paths, labels) if lab == c][:6]):
+            (base / c).mkdir(parents=True, exist_ok=True)
+            (base / c / p.name).write_bytes(p.read_bytes())
+            split["test" if k < 3 else "train"].append([f"{c}/{p.name}", classes.index(c), c])
+    (tmp_path / "data" / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    demo = cg.load_model(DEMO_MODEL, pretrained=str(demo_checkpoint_path()))
+    table = paper.run_paper(tmp_path / "data", demo, tmp_path / "out", datasets=["dtd"], steps=4,
+                            cache_dir=tmp_path / "cache", device="cpu", progress=False, echo=lambda s: None)
+    tasks = {r.task: r for r in table.rows}
+    assert set(tasks) == {"image retrieval", "zero-shot"}
+    assert tasks["image retrieval"].items_per_s > 0
+    assert tasks["zero-shot"].items_per_s is None  # its OTI inversion was the retrieval run's
+    assert tasks["zero-shot"].metric == "top-1"
+    folders = sorted(p.name for p in (tmp_path / "cache").glob("*/dtd-*/*"))
+    assert len(folders) == 3 and folders[0] == "gallery" and folders[2] == "query"
+    assert folders[1].startswith("oti-s4-")  # one inversion, shared
