@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+from PIL import Image
 
 import crossgap_fast as cg
 from crossgap_fast import cli, defaults
@@ -30,12 +31,19 @@ def test_demo_command_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
     assert "image retrieval on crossgap demo gallery" in printed
     assert "zero-shot classification" in printed and "items/s" in printed
     report = json.loads((out / "report.json").read_text())
-    assert {"intra", "oti", "oti warm (15 steps)", "centered", "text-subspace"} <= set(report["rows"])
+    assert {"intra", "oti", "oti_warm_15_steps", "centered", "text_subspace"} <= set(report["rows"])
+    assert report["labels"]["oti_warm_15_steps"] == "oti warm (15 steps)"
+    assert set(report["rows"]["intra"]) >= {"map", "map_at_r", "map_at_r_authors", "p_at_r", "r_at_1"}
+    assert report["versions"]["crossgap_fast"] == cg.__version__ and report["throughput_items_per_s"]
+    zeroshot = json.loads((out / "zeroshot.json").read_text())
+    assert set(zeroshot["rows"]) == {"inter", "intra_oti"} and zeroshot["rows"]["inter"]["top_1"] > 0
     assert "OTI warm start: 128 queries x 15 steps" in printed
     assert len(cg.load_inversions(out / "oti-gallery-4")) == 346  # the map's fitting set
     assert report["rows"]["intra"]["num_queries"] == 128
     assert sorted(int(k) for k in report["curve"]) == [0, 4]
-    assert (out / "report.png").stat().st_size > 0
+    for picture in ("report.png", "retrievals.png"):
+        with Image.open(out / picture) as im:
+            assert im.size[0] >= 1000 and im.size[1] >= 400  # readable, not a thumbnail
     inverted = cg.load_inversions(out / "oti-4")
     assert len(inverted) == 128 and inverted.tokens.shape == (128, 1, 128)
     # A rerun reuses the stored inversions and gives the same table.

@@ -106,7 +106,7 @@ def test_evaluate_retrieval_end_to_end_and_reuses_inversions(tiny, labelled_imag
     assert shard.stat().st_mtime_ns == written  # the inversion was reused, not redone
     files = write_outputs(rep, tmp_path / "out")
     data = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert data["rows"]["oti"]["mAP"] == pytest.approx(rep.rows["oti"]["mAP"])
+    assert data["rows"]["oti"]["map"] == pytest.approx(rep.rows["oti"]["mAP"])
     assert all(f.exists() for f in files)
 
 
@@ -165,10 +165,10 @@ def test_eval_retrieval_with_a_warm_start_row(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     data = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert set(data["rows"]) == {"intra", "ovi", "ovi warm (2 steps)", "centered"}
-    assert data["rows"]["ovi warm (2 steps)"]["num_queries"] == 40
-    rates = [k for k in data["facts"] if k.startswith("items/s")]
-    assert len(rates) == 2 and any("warm32-k2" in k for k in rates)
+    assert set(data["rows"]) == {"intra", "ovi", "ovi_warm_2_steps", "centered"}
+    assert data["rows"]["ovi_warm_2_steps"]["num_queries"] == 40
+    rates = list(data["throughput_items_per_s"])
+    assert len(rates) == 2 and any("warm32_k2" in k for k in rates)
 
 
 def _colour_set(root, per_class: int, seed: int):
@@ -231,3 +231,34 @@ def test_cache_folder_follows_the_weights_and_the_dataroot_not_the_checkpoint_pa
         dataset_cache_dir(root, tiny, "imagefolder", "test", tmp_path / "a")
     hub = dataset_cache_dir(root, model(None, "hf-hub:org/name"), "imagefolder", "test", tmp_path / "a")
     assert len(hub.relative_to(root).parts) == 2
+
+
+def test_report_json_keys_are_snake_case_with_their_labels():
+    from crossgap_fast.eval.reports import Report, snake_case
+
+    assert [snake_case(t) for t in ("mAP@R (authors)", "R@1", "top-1", "oti warm (15 steps)")] == [
+        "map_at_r_authors", "r_at_1", "top_1", "oti_warm_15_steps"]
+    rep = Report("image retrieval", "x", rows={"intra": {"mAP": 1.0}, "text-subspace": {"mAP": 2.0}},
+                 facts={"items/s (oti-s4-r1)": 9.5, "modality gap (images vs class prompts)": 0.3})
+    data = rep.to_json()
+    assert data["task"] == "image_retrieval"
+    assert data["rows"] == {"intra": {"map": 1.0}, "text_subspace": {"map": 2.0}}
+    assert data["throughput_items_per_s"] == {"oti_s4_r1": 9.5}
+    assert data["facts"] == {"modality_gap_images_vs_class_prompts": 0.3}
+    assert data["labels"]["text_subspace"] == "text-subspace" and "torch" in data["versions"]
+
+
+def test_report_picture_draws_differences_and_nothing_without_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    from crossgap_fast.eval.pictures import draw_report
+    from crossgap_fast.eval.reports import Report
+
+    assert draw_report(Report("image retrieval", "x"), tmp_path / "none.png") is None
+    rep = Report("image retrieval", "x", rows={"intra": {"mAP": 27.46}, "oti": {"mAP": 27.05}})
+    zs = Report("zero-shot classification", "y", rows={"inter": {"top-1": 48.4}, "intra (OTI)": {"top-1": 41.4}})
+    path = draw_report(rep, tmp_path / "report.png", zeroshot=zs, title="model | x | 150 steps")
+    with Image.open(path) as im:
+        assert im.size[0] > im.size[1] >= 400  # two panels side by side
+    only_zs = draw_report(zs, tmp_path / "zs.png")
+    with Image.open(only_zs) as im:
+        assert im.size[0] < 1000  # one panel

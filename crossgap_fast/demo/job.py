@@ -9,7 +9,6 @@ baselines and zero-shot classification, prints the tables and the throughput, an
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from crossgap_fast.api import encode_texts, oti
 from crossgap_fast.defaults import DEFAULT_STEPS, DEFAULT_TEMPLATE, DEFAULT_WARM_STEPS
 from crossgap_fast.demo import DEMO_PROMPT, demo_classes, demo_gallery, load_demo_model
+from crossgap_fast.eval.pictures import draw_retrievals
 from crossgap_fast.eval.reports import image_retrieval_report, write_outputs, zeroshot_report
 from crossgap_fast.inversion.inverter import InversionResult
 from crossgap_fast.inversion.warm_start import fit_warm_start
@@ -92,9 +92,17 @@ def run_demo(
         f"({curve_seconds / warm_seconds:.1f}x)",
     ]
     print("\n".join(lines))
-    written = write_outputs(retrieval, out)
-    (out / "zeroshot.json").write_text(json.dumps(zeroshot.to_json(), indent=2))
-    for path in written + [out / "zeroshot.json"]:
+    retrieval.facts["inversion steps"] = steps
+    retrieval.facts[f"items/s (oti-{steps}, gallery pipeline)"] = summary.items_per_s
+    retrieval.facts[f"items/s (oti warm start, {warm_steps} steps)"] = len(query) / warm_seconds
+    written = write_outputs(retrieval, out, zeroshot=zeroshot)
+    picks = [round(i * (len(q_paths) - 1) / 3) for i in range(4)]  # four queries, evenly spaced
+    grid = draw_retrievals(q_paths, q_labels, g_paths, g_labels,
+                           {"intra": (query.numpy(), gallery.numpy()), "OTI": (inverted.numpy(), gallery.numpy())},
+                           out / "retrievals.png", picks=picks, class_names=classes,
+                           title=f"crossgap demo: top-5 gallery images for 4 queries, intra-modal vs OTI "
+                           f"({steps} steps); green = same class")
+    for path in written + ([grid] if grid else []):
         print(f"wrote {path}")
     return {"retrieval": retrieval.to_json(), "zeroshot": zeroshot.to_json(),
             "items_per_s": summary.items_per_s, "warm_items_per_s": len(query) / warm_seconds,

@@ -166,6 +166,8 @@ def evaluate_retrieval(
         )
     rep.facts.update(facts)
     rep.facts["model"] = f"{model.name} ({model.pretrained or 'random'})"
+    if inv is not None:
+        rep.facts["inversion steps"] = cfg.steps
     return rep
 
 
@@ -199,4 +201,5 @@ def evaluate_zeroshot(
     prompts = encode_texts([CLASS_PROMPT.format(c) for c in ds.classnames], model)
     rep = zeroshot_report(feats, ds.query_labels, prompts, inv, dataset=f"{name} ({split})")
     rep.facts["model"] = f"{model.name} ({model.pretrained or 'random'})"
+    rep.facts["inversion steps"] = cfg.steps
     return rep

@@ -18,8 +18,10 @@ without a relevant item score 0, as in the authors' code; the metric definitions
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,8 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from crossgap_fast.eval import baselines
+from crossgap_fast.eval.pictures import draw_report
 from crossgap_fast.eval.metrics import retrieval_metrics_from_features
 from crossgap_fast.eval.revisited_metrics import revisited_map
+from crossgap_fast.version import __version__
 
 
 @dataclass
@@ -45,8 +49,21 @@ class Report:
     facts: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"task": self.task, "dataset": self.dataset, "rows": self.rows,
-                "curve": {str(k): v for k, v in self.curve.items()}, "facts": self.facts}
+        """The report with snake_case keys (``labels`` maps each key back to its display text),
+        the items/s of each inversion under ``throughput`` and the package versions."""
+        labels: dict[str, str] = {}
+
+        def key(text: str) -> str:
+            labels[snake_case(text)] = text
+            return snake_case(text)
+
+        rows = {key(mode): {key(m): v for m, v in row.items()} for mode, row in self.rows.items()}
+        facts = {key(k): v for k, v in self.facts.items() if not k.startswith("items/s")}
+        throughput = {snake_case(k.partition("(")[2].rstrip(")") or k): v
+                      for k, v in self.facts.items() if k.startswith("items/s")}
+        return {"task": snake_case(self.task), "dataset": self.dataset, "rows": rows,
+                "curve": {str(k): v for k, v in self.curve.items()}, "facts": facts,
+                "throughput_items_per_s": throughput, "versions": versions(), "labels": labels}
 
     def format(self) -> str:
         """A plain-text table: each mode's metrics and its difference to the intra baseline."""
@@ -219,40 +236,39 @@ def zeroshot_report(
     return rep
 
 
-def write_outputs(report: Report, out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``report.json`` and, when matplotlib is installed, ``report.png`` (bars per mode
-    and, when snapshots were taken, mAP against inversion steps)."""
+def snake_case(text: str) -> str:
+    """``"mAP@R (authors)"`` -> ``"map_at_r_authors"``: a display label as a JSON key."""
+    text = text.replace("@", " at ").replace("+", " plus ")
+    return "_".join(re.findall(r"[a-z0-9]+", text.lower())) or "_"
+
+
+def versions() -> dict[str, str]:
+    """The versions that produced a result: this package, torch, open_clip, numpy."""
+    out = {"crossgap_fast": __version__, "torch": torch.__version__, "numpy": np.__version__}
+    try:
+        out["open_clip"] = importlib.metadata.version("open_clip_torch")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return out
+
+
+def write_outputs(report: Report, out_dir: str | os.PathLike, *, zeroshot: Report | None = None,
+                  title: str = "") -> list[Path]:
+    """Write ``report.json`` (``zeroshot.json`` too when given) and, when matplotlib is
+    installed, ``report.png`` (see :func:`crossgap_fast.eval.pictures.draw_report`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "report.json"]
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report.to_json(), indent=2))
-    os.replace(tmp, written[0])
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return written
-    headline = next(iter(next(iter(report.rows.values())).keys()))
-    fig, axes = plt.subplots(1, 2 if report.curve else 1, figsize=(10 if report.curve else 5, 4))
-    axes = np.atleast_1d(axes)
-    modes = list(report.rows)
-    axes[0].bar(modes, [report.rows[m][headline] for m in modes], color="tab:blue")
-    axes[0].set_ylabel(headline)
-    axes[0].set_title(f"{report.task}: {report.dataset}")
-    axes[0].tick_params(axis="x", rotation=20)
-    if report.curve:
-        ks = sorted(report.curve)
-        axes[1].plot(ks, [report.curve[k] for k in ks], marker="o", label="inverted query")
-        if "intra" in report.rows:
-            axes[1].axhline(report.rows["intra"][headline], color="gray", ls="--", label="intra-modal")
-        axes[1].set_xlabel("inversion steps")
-        axes[1].set_ylabel(headline)
-        axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(out / "report.png", dpi=100)
-    plt.close(fig)
-    written.append(out / "report.png")
-    return written
+    written = []
+    for name, rep in (("report.json", report), ("zeroshot.json", zeroshot)):
+        if rep is None:
+            continue
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(json.dumps(rep.to_json(), indent=2))
+        os.replace(tmp, out / name)
+        written.append(out / name)
+    if not title:
+        steps = report.facts.get("inversion steps")
+        parts = [report.facts.get("model"), report.dataset, f"{steps} inversion steps" if steps else None]
+        title = " | ".join(str(p) for p in parts if p)
+    picture = draw_report(report, out / "report.png", zeroshot=zeroshot, title=title)
+    return written + ([picture] if picture else [])
