@@ -227,3 +227,18 @@ def build_caption_set(name: str, groups: Iterable[tuple[int, list[str]]]) -> Tex
         gt.extend(captions[1:])
         gl.extend([image_id] * (len(captions) - 1))
     return TextRetrievalSet(name, qt, ql, gt, gl, same_split=False)
+
+
+def class_folder_set(name: str, image_dir: Path, folders: Sequence[str], label_of: dict[str, int],
+                     classnames: list[str] | None, layout: str, note: str) -> ImageRetrievalSet:
+    """One split of images sorted into class folders, as both query and gallery (same_split):
+    the images of ``image_dir/<folder>``, labelled ``label_of[folder]``."""
+    paths, labels = [], []
+    for folder in folders:
+        files = list_image_files(image_dir / folder)
+        paths.extend(files)
+        labels.extend([label_of[folder]] * len(files))
+    if not paths:
+        raise missing(name, image_dir / (folders[0] if folders else "<class>") / "<image>", layout, note)
+    return ImageRetrievalSet(name=name, query_paths=paths, query_labels=labels, gallery_paths=list(paths),
+                             gallery_labels=list(labels), same_split=True, classnames=classnames)

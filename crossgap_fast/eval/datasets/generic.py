@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import os
 
-from crossgap_fast.eval.datasets.base import ImageRetrievalSet, TextRetrievalSet, as_root, humanize, list_image_files, missing, with_layout
+from crossgap_fast.eval.datasets.base import ImageRetrievalSet, TextRetrievalSet, as_root, humanize, class_folder_set, missing, with_layout
 
 IMAGEFOLDER_LAYOUT = """
 <dataroot>/<class name>/<image>.{jpg,jpeg,png,...}   one sub-folder per class
@@ -26,22 +26,8 @@ def load_imagefolder(dataroot: str | os.PathLike, split: str = "test") -> ImageR
     if not root.is_dir():
         raise missing(name, root, IMAGEFOLDER_LAYOUT, "not a folder")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    paths, labels = [], []
-    for label, cls in enumerate(classes):
-        files = list_image_files(root / cls)
-        paths.extend(files)
-        labels.extend([label] * len(files))
-    if not paths:
-        raise missing(name, root / "<class>/<image>", IMAGEFOLDER_LAYOUT, "no images found in class sub-folders")
-    return ImageRetrievalSet(
-        name=name,
-        query_paths=paths,
-        query_labels=labels,
-        gallery_paths=list(paths),
-        gallery_labels=list(labels),
-        same_split=True,
-        classnames=[humanize(c) for c in classes],
-    )
+    return class_folder_set(name, root, classes, {c: i for i, c in enumerate(classes)},
+                            [humanize(c) for c in classes], IMAGEFOLDER_LAYOUT, "no images found in class sub-folders")
 
 
 @with_layout(CSV_LAYOUT)

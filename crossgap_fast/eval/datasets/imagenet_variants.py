@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossgap_fast.eval.datasets.base import ImageRetrievalSet, as_root, list_image_files, missing, read_lines, with_layout
+from crossgap_fast.eval.datasets.base import ImageRetrievalSet, as_root, class_folder_set, missing, read_lines, with_layout
 
 
 @dataclass(frozen=True)
@@ -128,19 +128,5 @@ def load_imagenet_variant(name: str, dataroot: str | os.PathLike, split: str = "
         else:
             labels_of = {f: to_line[f] for f in folders}
             classnames = names
-    paths, labels = [], []
-    for f in folders:
-        files = list_image_files(image_dir / f)
-        paths.extend(files)
-        labels.extend([labels_of[f]] * len(files))
-    if not paths:
-        raise missing(name, image_dir / folders[0] / "<image>", spec.layout(), "no images in the class folders")
-    return ImageRetrievalSet(
-        name=name,
-        query_paths=paths,
-        query_labels=labels,
-        gallery_paths=list(paths),
-        gallery_labels=list(labels),
-        same_split=True,
-        classnames=classnames,
-    )
+    return class_folder_set(name, image_dir, folders, labels_of, classnames, spec.layout(),
+                            "no images in the class folders")
