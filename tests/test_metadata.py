@@ -134,3 +134,24 @@ def test_carried_columns_survive_the_index_and_a_resume(tiny, tmp_path):
     assert again.keep == ("caption", "width")
     assert again.columns([1, 3]).keys() == gallery.columns([1, 3]).keys() == {"caption", "width"}
     assert again.columns([1, 3])["width"].to_pylist() == [21, 23]
+
+
+def test_command_line_keep_columns_and_no_normalize(tmp_path, capsys):
+    from crossgap_fast import cli
+
+    rng = np.random.default_rng(2)
+    root = tmp_path / "emb"
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    np.save(root / "img_emb" / "img_emb_0.npy", 5 * rng.standard_normal((N, 32)).astype(np.float32))
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(N)], "caption": [f"c{i}" for i in range(N)],
+                             "url": [f"u{i}" for i in range(N)]}), root / "metadata" / "metadata_0.parquet")
+    out = tmp_path / "out"
+    assert cli.main(["invert", "images", "--input", str(root), "--out", str(out), "--steps", "1",
+                     "--model", "crossgap-tiny", "--pretrained", "random", "--no-progress",
+                     "--keep-columns", "url", "--no-normalize"]) == 0
+    meta = metadata(out)
+    assert meta["name"].tolist() == [f"k{i}" for i in range(N)] and "caption" not in meta.columns
+    assert meta["url"].tolist() == [f"u{i}" for i in range(N)]
+    norms = np.linalg.norm(load_inversions(out).targets.numpy(), axis=1)
+    assert norms.min() > 2  # raw, as asked
