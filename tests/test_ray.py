@@ -276,6 +276,11 @@ def test_read_webdataset_output_as_it_comes(ray_local, tiny, oti_config, tmp_pat
     mapped = cgray.EncodeBatches(tiny, "images", "cpu", column_map={"picture": "image"})(renamed)
     assert mapped["index"].tolist() == [10, 11, 12]
     _close(mapped["features"], images["features"], 0.0)
+    # read_images without paths: each index is a stable hash of the pixels (same image, same index)
+    pixels = np.empty(4, dtype=object)
+    pixels[:] = arrays + [arrays[0].copy()]
+    bare = cgray.EncodeBatches(tiny, "images", "cpu")({"image": pixels})
+    assert bare["index"][0] == bare["index"][3] == cgray.batches.stable_hash(arrays[0]) != bare["index"][1]
 
 
 def test_named_model_matches_the_fixture(tiny):
