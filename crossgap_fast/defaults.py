@@ -64,6 +64,12 @@ DEFAULT_RAY_ACTORS = 1
 #: What the store keeps of each item (every column it has), and in which float dtype.
 DEFAULT_STORE = ("features", "tokens", "targets", "losses")
 DEFAULT_DTYPE = "float32"
+#: Stored features are L2-normalised (as clip-retrieval stores them), so an inner-product index
+#: (FAISS, autofaiss) ranks by cosine similarity as read; ``normalize=False`` keeps them raw.
+DEFAULT_NORMALIZE = True
+#: The input's own columns carried into ``metadata/*.parquet``: "all", "none", or names
+#: (a parquet input's other columns, an embedding folder's metadata, webdataset ``.json`` fields).
+DEFAULT_KEEP_COLUMNS = "all"
 #: Rows per batch of :func:`crossgap_fast.iter_inversions`.
 DEFAULT_READ_BATCH = 65536
 #: Failures listed by ``crossgap status`` (the most recent ones).

@@ -24,6 +24,11 @@ from PIL import Image
 from crossgap_fast import cli, defaults, encode_images, load_inversions, load_model, oti
 from crossgap_fast.models import RANDOM_MODEL_SEED
 
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows of unit length: the store keeps features L2-normalised by default."""
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
 STEPS = "3"
 SHARD = "4"
 COMMON = ["--model", "crossgap-tiny", "--pretrained", "random", "--steps", STEPS,
@@ -150,7 +155,7 @@ def test_matches_in_process_reference(uninterrupted, images):
     targets = encode_images([Image.open(root / g).convert("RGB") for g in good], model)
     ref = oti(targets, model, steps=int(STEPS), sample_ids=ids)
     inv = load_inversions(out)
-    torch.testing.assert_close(inv.features, ref.features, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(inv.features, unit(ref.features), atol=1e-5, rtol=1e-4)
 
 
 def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, images, tmp_path):
@@ -267,11 +272,12 @@ def test_precomputed_pt_features_and_encode(tmp_path, capsys):
     assert cli.main(["invert", "images", "--input", str(tmp_path / "f.pt"), "--out",
                      str(tmp_path / "o"), "--steps", "2", "--shard-size", "2"] + TINY) == 0
     inv = load_inversions(tmp_path / "o")
-    assert inv.names == ["0", "1", "2", "3", "4"] and torch.equal(inv.targets, feats)
+    assert inv.names == ["0", "1", "2", "3", "4"]
+    torch.testing.assert_close(inv.targets, unit(feats), atol=1e-6, rtol=0)  # stored normalised
     torch.manual_seed(RANDOM_MODEL_SEED)
     model = load_model("crossgap-tiny", "random")
     ref = oti(feats, model, steps=2, sample_ids=list(range(5)))
-    torch.testing.assert_close(inv.features, ref.features, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(inv.features, unit(ref.features), atol=1e-5, rtol=1e-4)
 
     img_dir = tmp_path / "imgs"
     good, bad = make_images(img_dir, n=3)
@@ -279,7 +285,7 @@ def test_precomputed_pt_features_and_encode(tmp_path, capsys):
     enc = load_inversions(tmp_path / "e")
     assert enc.names == good and enc.tokens is None
     expected = encode_images([Image.open(img_dir / g).convert("RGB") for g in good], model)
-    torch.testing.assert_close(enc.features, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(enc.features, unit(expected), atol=1e-5, rtol=1e-4)
     assert "encoded 3 images" in capsys.readouterr().out
     # an image list file: names are the entries as written, paths relative to the list
     listing = img_dir / "list.txt"
@@ -287,4 +293,4 @@ def test_precomputed_pt_features_and_encode(tmp_path, capsys):
     assert cli.main(["encode", "images", "--input", str(listing), "--out", str(tmp_path / "l")] + TINY) == 0
     lst = load_inversions(tmp_path / "l")
     assert lst.names == [good[1], good[0]] and [e["name"] for e in lst.errors] == [bad]
-    torch.testing.assert_close(lst.features, expected[[1, 0]], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lst.features, unit(expected[[1, 0]]), atol=1e-5, rtol=1e-4)

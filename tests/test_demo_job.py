@@ -46,6 +46,11 @@ def test_demo_command_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
             assert im.size[0] >= 1000 and im.size[1] >= 400  # readable, not a thumbnail
     inverted = cg.load_inversions(out / "oti-4")
     assert len(inverted) == 128 and inverted.tokens.shape == (128, 1, 128)
+    # the queries' image paths are kept (the encode run's folder is the OTI run's input)
+    import pyarrow.parquet as pq
+
+    paths = pq.read_table(out / "oti-4" / "metadata").column("image_path").to_pylist()
+    assert len(paths) == 128 and all(p and p == n for p, n in zip(paths, inverted.names))
     # A rerun reuses the stored inversions and gives the same table.
     assert cli.main(["demo", "--out", str(out), "--steps", "4", "--no-progress"]) == 0
     assert "reused from an earlier run" in capsys.readouterr().out

@@ -31,6 +31,11 @@ STEPS = 3
 ATOL = 1e-5  # the gallery encodes / optimises in other batches than the one-call reference
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows of unit length: the store keeps features L2-normalised by default."""
+    return F.normalize(x.float(), dim=-1)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
@@ -89,8 +94,8 @@ def test_invert_images_matches_direct_oti(full_run, gallery, reference):
     inv = load_inversions(out)
     assert inv.names == good  # input order, corrupt file left out, notes.txt not an image
     assert inv.indices.tolist() == reference["ids"]
-    torch.testing.assert_close(inv.targets, reference["targets"], atol=ATOL, rtol=1e-4)
-    torch.testing.assert_close(inv.features, reference["features"], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(inv.targets, unit(reference["targets"]), atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(inv.features, unit(reference["features"]), atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(inv.tokens, reference["tokens"], atol=ATOL, rtol=1e-4)
     expected_loss = 1 - F.cosine_similarity(reference["features"], reference["targets"], dim=-1)
     torch.testing.assert_close(inv.losses, expected_loss, atol=ATOL, rtol=1e-4)
@@ -214,8 +219,8 @@ def test_texts_txt_jsonl_csv(tiny, tmp_path):
         inv = load_inversions(out)
         assert inv.names == expected_names[fmt], fmt
         assert inv.indices.tolist() == good
-        torch.testing.assert_close(inv.targets, targets, atol=ATOL, rtol=1e-4)
-        torch.testing.assert_close(inv.features, ref.features, atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(inv.targets, unit(targets), atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(inv.features, unit(ref.features), atol=ATOL, rtol=1e-4)
         assert inv.tokens.shape == (4, 1, tiny.model.visual.class_embedding.shape[0])
         errs = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
         assert [(e["index"], e["level"]) for e in errs] == [(1, "error"), (3, "warning")], fmt
@@ -258,8 +263,8 @@ def test_precomputed_features_npy_and_pt(tiny, tmp_path):
         summary = invert_gallery(tmp_path / name, out, tiny, steps=STEPS, shard_size=3, progress=False)
         inv = load_inversions(out)
         assert inv.names == [str(i) for i in good]
-        assert torch.equal(inv.targets, feats[good])
-        torch.testing.assert_close(inv.features, ref.features, atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(inv.targets, unit(feats[good]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(inv.features, unit(ref.features), atol=ATOL, rtol=1e-4)
         assert sorted(e["name"] for e in inv.errors) == ["2", "5"] and summary.failed == 2
         results[name] = inv.features
     assert torch.equal(results["f.npy"], results["f.pt"])
@@ -274,7 +279,7 @@ def test_tensor_input_and_ovi_from_features(tiny, tmp_path):
     inv = load_inversions(tmp_path / "o")
     ref = ovi(feats, tiny, steps=STEPS, sample_ids=list(range(5)))
     assert inv.names == ["0", "1", "2", "3", "4"]
-    torch.testing.assert_close(inv.features, ref.features, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(inv.features, unit(ref.features), atol=ATOL, rtol=1e-4)
     assert inv.manifest["method"] == "ovi" and inv.manifest["steps"] == STEPS
 
 
@@ -283,13 +288,13 @@ def test_encode_gallery_images_and_texts(tiny, gallery, reference, tmp_path):
     summary = encode_gallery(root, tmp_path / "enc", tiny, workers=1, shard_size=5, progress=False)
     inv = load_inversions(tmp_path / "enc")
     assert inv.names == good and inv.tokens is None and inv.losses is None
-    torch.testing.assert_close(inv.features, reference["targets"], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(inv.features, unit(reference["targets"]), atol=ATOL, rtol=1e-4)
     assert summary.method == "encode" and summary.failed == 1
     assert [e["name"] for e in inv.errors] == [bad]
     texts = ["red car", "blue sky"]
     encode_gallery(texts, tmp_path / "enct", tiny, kind="texts", progress=False)
     inv_t = load_inversions(tmp_path / "enct")
-    torch.testing.assert_close(inv_t.features, encode_texts(texts, tiny), atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(inv_t.features, unit(encode_texts(texts, tiny)), atol=ATOL, rtol=1e-4)
     assert inv_t.names == ["0", "1"]
 
 

@@ -394,7 +394,9 @@ def test_embedding_names_and_columns(tmp_path):
     rows = np.arange(24, dtype=np.float32).reshape(6, 4) + 1
     folder = embedding_folder(tmp_path / "emb", rows, split=4)
     gal = load_input(folder, "images")
-    assert gal.names == [f"{i:09d}" for i in range(6)] and gal.columns([1, 5]) == {"key": ["000000001", "000000005"]}
+    cols = gal.columns([1, 5])
+    assert gal.names == [f"{i:09d}" for i in range(6)] and cols["key"] == ["000000001", "000000005"]
+    assert list(cols) == ["key", "caption"] and cols["caption"].to_pylist() == ["same", "same"]  # carried
     with pytest.raises(InputError, match="metadata column 'caption' .* has duplicate values"):
         load_input(folder, "images", column="caption")
     for f in (folder / "metadata").iterdir():

@@ -74,6 +74,12 @@ def _invert(ds, model, config, kind: str, batch_size: int, actors: int = 1) -> d
     return {k: v[order] for k, v in cols.items()}
 
 
+def _errors(out: dict) -> list:
+    """The ``error`` column as a list, None where the item is fine: Ray hands a column that is
+    null throughout back to numpy as NaN floats."""
+    return [e if isinstance(e, str) else None for e in out["error"]]
+
+
 def _close(got: np.ndarray | torch.Tensor, want: torch.Tensor, atol: float) -> None:
     got = torch.as_tensor(np.asarray(got))
     assert got.shape == want.shape
@@ -96,7 +102,7 @@ def test_features_match_one_process(ray_local, tiny, oti_config):
     ds = ray.data.from_items([{"index": i, "features": x[i].numpy()} for i in range(10)])
     got = _invert(ds, _factory(), oti_config.to_dict(), "images", batch_size=3)
     assert got["index"].tolist() == list(range(10))
-    assert set(got["error"]) == {""}
+    assert set(_errors(got)) == {None}  # null when fine
     _close(got["features"], want.features, FEATURE_ATOL)
     _close(got["tokens"], want.tokens, TOKEN_ATOL)
     _close(got["targets"], x, 0.0)
@@ -138,7 +144,7 @@ def test_image_items_with_a_corrupt_file(ray_local, tiny, oti_config, tmp_path):
 
     assert got["index"].tolist() == [10, 11, 12, 13, 14]
     assert got["error"][2].startswith("unreadable image (")
-    assert [e for k, e in enumerate(got["error"]) if k != 2] == [""] * 4
+    assert [e for k, e in enumerate(_errors(got)) if k != 2] == [None] * 4
     for col in ("features", "targets", "tokens", "loss"):
         assert np.isnan(got[col][2]).all()
     ok = [0, 1, 3, 4]
@@ -155,7 +161,7 @@ def test_texts(ray_local, tiny):
     ds = ray.data.from_items([{"index": i, "text": t} for i, t in enumerate(texts)])
     got = _invert(ds, _factory(), {"steps": STEPS}, "texts", batch_size=2)
 
-    assert got["error"].tolist() == ["", "", "empty text", "", ""]
+    assert _errors(got) == [None, None, "empty text", None, None]
     assert np.isnan(got["features"][2]).all()
     ok = [0, 1, 3, 4]
     feats = cg.encode_texts([texts[k] for k in ok], tiny)
@@ -185,7 +191,7 @@ def test_image_arrays_bytes_and_paths_agree(tiny, tmp_path):
     want = cg.encode_images([Image.open(p) for p in paths], tiny)
     for out in (by_path, by_array, by_bytes):
         assert out["index"].tolist() == [0, 1, 2, 3]
-        assert list(out["error"][:3]) == ["", "", ""]
+        assert list(out["error"][:3]) == [None, None, None]
         _close(out["features"][:3], want, 1e-5)
         assert np.isnan(out["features"][3]).all()
     # a uniform-size batch arrives from Ray as one (N, H, W, C) array
@@ -197,15 +203,13 @@ def test_bad_batches_and_settings(tiny, oti_config):
     """A malformed batch or setting is refused with a message naming it; bad feature rows
     are error rows with the feature input's own reasons."""
     fn = cgray.InvertBatches(tiny, oti_config, "images", "cpu")
-    with pytest.raises(ValueError, match="'index' column"):
-        fn({"features": np.ones((2, tiny.embed_dim), np.float32)})
     with pytest.raises(ValueError, match="exactly one of the columns"):
         fn({"index": np.arange(2), "text": np.array(["a", "b"]), "item": np.array(["x", "y"])})
     with pytest.raises(ValueError, match=r"\(N, 32\)"):
         fn({"index": np.arange(2), "features": np.ones((2, 7), np.float32)})
     out = fn({"index": np.array([4, 5, 6]), "features": np.array(
         [[1.0] * 32, [float("nan")] * 32, [0.0] * 32], np.float32), "name": np.array(["a", "b", "c"])})
-    assert out["error"].tolist() == ["", "NaN or infinite values", "all-zero feature (no direction to match)"]
+    assert out["error"].tolist() == [None, "NaN or infinite values", "all-zero feature (no direction to match)"]
     assert out["name"].tolist() == ["a", "b", "c"]  # other columns pass through
     empty = fn({"index": np.zeros(0, np.int64), "features": np.zeros((0, 32), np.float32)})
     assert empty["tokens"].shape == (0, 1, tiny.model.transformer.width)
@@ -223,6 +227,60 @@ def test_bad_batches_and_settings(tiny, oti_config):
     with pytest.raises(ValueError, match="a gallery of texts cannot run as kind='images'"):
         cgray.run_ray(texts, tiny, oti_config, kind="images", shard_ranges=[(0, 1)], skip=set(),
                       write_shard=lambda i, p: None, batch_size=1, actors=1, device="cpu")
+
+
+def test_read_images_output_as_it_comes(ray_local, tiny, oti_config, tmp_path):
+    """``ray.data.read_images`` output (``image``, ``path``) goes into InvertBatches as it
+    comes: no ``index`` column (each item's is a stable hash of its path), errors null, and
+    the numbers equal one Inverter run here seeded by those indices."""
+    paths = []
+    for i in range(4):
+        _png(tmp_path / f"{i}.png", i, size=(40 + i, 36))
+        paths.append(str(tmp_path / f"{i}.png"))
+    ds = ray.data.read_images(str(tmp_path), include_paths=True)
+    got = _invert(ds, _factory(), oti_config.to_dict(), "images", batch_size=3)
+    assert sorted(got["path"]) == paths and _errors(got) == [None] * 4
+    want_index = [cgray.batches.stable_hash(p) for p in got["path"]]
+    assert got["index"].tolist() == want_index
+    x = cg.encode_images([Image.open(p) for p in got["path"]], tiny)
+    want = cg.Inverter(tiny, oti_config).run(x, sample_ids=want_index)
+    _close(got["targets"], x, 1e-5)
+    _close(got["features"], want.features, FEATURE_ATOL)
+
+
+def test_read_webdataset_output_as_it_comes(ray_local, tiny, oti_config, tmp_path):
+    """``ray.data.read_webdataset`` output (``jpg``, ``txt``, ``json``, ``__key__``): images
+    from ``jpg``, texts from ``txt``, indices hashed from ``__key__``; a ``column_map`` takes
+    other names."""
+    arrays = []
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tf:
+        for i in range(3):
+            rgb = np.random.default_rng(i).integers(0, 256, (30, 28, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(rgb).save(buf, "PNG")  # lossless: the pixels are known here
+            arrays.append(rgb)
+            for suffix, data in (("jpg", buf.getvalue()), ("txt", f"caption {i}".encode()),
+                                 ("json", b'{"width": 28}')):
+                info = tarfile.TarInfo(f"{i:05d}.{suffix}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    batch = ray.data.read_webdataset(str(tmp_path / "shard-0.tar")).take_batch(10, batch_format="numpy")
+    keys = [str(k) for k in batch["__key__"]]
+    images = cgray.EncodeBatches(tiny, "images", "cpu")(batch)
+    assert images["index"].tolist() == [cgray.batches.stable_hash(k) for k in keys]
+    assert list(images["error"]) == [None] * 3 and list(images["txt"]) == list(batch["txt"])  # passed through
+    _close(images["features"], cg.encode_images([Image.fromarray(a) for a in arrays], tiny), 1e-5)
+    texts = cgray.EncodeBatches(tiny, "texts", "cpu")(batch)
+    _close(texts["features"], cg.encode_texts([f"caption {i}" for i in range(3)], tiny), 1e-5)
+    renamed = {"picture": batch["jpg"], "id": np.arange(3) + 10}
+    mapped = cgray.EncodeBatches(tiny, "images", "cpu", column_map={"picture": "image"})(renamed)
+    assert mapped["index"].tolist() == [10, 11, 12]
+    _close(mapped["features"], images["features"], 0.0)
+    # read_images without paths: each index is a stable hash of the pixels (same image, same index)
+    pixels = np.empty(4, dtype=object)
+    pixels[:] = arrays + [arrays[0].copy()]
+    bare = cgray.EncodeBatches(tiny, "images", "cpu")({"image": pixels})
+    assert bare["index"][0] == bare["index"][3] == cgray.batches.stable_hash(arrays[0]) != bare["index"][1]
 
 
 def test_named_model_matches_the_fixture(tiny):
@@ -433,6 +491,7 @@ def test_engine_ray_on_the_command_line(ray_local, tmp_path, capsys):
     assert cli.main(args + ["--out", str(tmp_path / "out")]) == 0
     assert "inverted (OTI) 5 images" in capsys.readouterr().out
     inv = cg.load_inversions(tmp_path / "out")
-    assert inv.indices.tolist() == list(range(5)) and torch.equal(inv.targets, torch.from_numpy(feats))
+    assert inv.indices.tolist() == list(range(5))
+    _close(inv.targets, F.normalize(torch.from_numpy(feats), dim=-1), 1e-6)  # stored normalised (the default)
     assert cli.main(args + ["--out", str(tmp_path / "w"), "--warm-start", "40"]) == 2
     assert "warm_start is not supported with engine='ray'" in capsys.readouterr().err

@@ -14,9 +14,11 @@ from crossgap_fast.cli.options import add_model_option, fraction, non_negative, 
 from crossgap_fast.defaults import (
     DEFAULT_ENCODE_BATCH,
     DEFAULT_ENGINE,
+    DEFAULT_KEEP_COLUMNS,
     DEFAULT_LEASE_SECONDS,
     DEFAULT_LR,
     DEFAULT_MAX_FAILED_FRACTION,
+    DEFAULT_NORMALIZE,
     DEFAULT_NUM_TOKENS,
     DEFAULT_PRETRAINED,
     DEFAULT_RAY_ACTORS,
@@ -92,7 +94,13 @@ def _add_common_options(p: argparse.ArgumentParser, kind: str) -> None:
                    f"this long (default {DEFAULT_LEASE_SECONDS:g})")
     p.add_argument("--dtype", choices=fmt.DTYPES, default=fmt.DEFAULT_DTYPE,
                    help=f"dtype of the stored features (default {fmt.DEFAULT_DTYPE})")
-    p.add_argument("--normalize", action="store_true", help="store L2-normalised features")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="store L2-normalised features, so an inner-product index ranks by cosine "
+                   f"(default {'yes' if DEFAULT_NORMALIZE else 'no'}; a --resume keeps the run's)")
+    p.add_argument("--keep-columns", default=DEFAULT_KEEP_COLUMNS,
+                   help="the input's own columns to carry into metadata/*.parquet: all, none, or "
+                   "names (parquet columns, embedding metadata, webdataset .json fields) "
+                   f"(default {DEFAULT_KEEP_COLUMNS})")
     p.add_argument("--shard-size", type=positive, default=DEFAULT_SHARD_SIZE,
                    help=f"items per output shard (default {DEFAULT_SHARD_SIZE})")
     p.add_argument("--workers", type=non_negative, default=None,
@@ -147,7 +155,7 @@ def run(args: argparse.Namespace, model) -> int:
         kind=args.kind, shard_size=args.shard_size, resume=args.resume, device=args.device,
         progress=not args.no_progress, workers=args.workers, worker=args.worker,
         lease_seconds=args.lease_seconds, dtype=args.dtype, normalize=args.normalize,
-        column=args.input_column,
+        column=args.input_column, keep_columns=args.keep_columns,
     )
     try:
         if args.command == "invert":

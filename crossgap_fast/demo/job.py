@@ -57,7 +57,9 @@ def run_demo(
     gallery = load_inversions(out / "gallery-features").features
     query = load_inversions(out / "query-features").features
 
-    summary = invert_gallery(query, out / f"oti-{steps}", model, kind="images", steps=steps, **common)
+    # the encode run's folder as input (not the tensor): the OTI store keeps each query's image path
+    summary = invert_gallery(out / "query-features", out / f"oti-{steps}", model, kind="images", steps=steps,
+                             **common)
     inverted = load_inversions(out / f"oti-{steps}").features
 
     # The mAP-versus-steps curve: one more run of the queries, features kept at each step count.
@@ -113,7 +115,8 @@ def _warm_started_queries(model, gallery: torch.Tensor, query: torch.Tensor, out
                           common: dict) -> tuple[torch.Tensor, float, int]:
     """The queries inverted from starts predicted by a map fitted on the gallery images' own
     exact inversions (stored, reused on a rerun): (features, seconds, steps)."""
-    invert_gallery(gallery, out / f"oti-gallery-{steps}", model, kind="images", steps=steps, **common)
+    invert_gallery(out / "gallery-features", out / f"oti-gallery-{steps}", model, kind="images", steps=steps,
+                   **common)
     g = load_inversions(out / f"oti-gallery-{steps}")
     fitted = InversionResult(g.features, g.tokens, g.losses[:, None], info={
         "method": "oti", "template": DEFAULT_TEMPLATE, "model": model_identity(model), "steps": steps})

@@ -33,6 +33,7 @@ from torch import nn
 from crossgap_fast.defaults import (
     DEFAULT_ENCODE_BATCH,
     DEFAULT_ENGINE,
+    DEFAULT_KEEP_COLUMNS,
     DEFAULT_LEASE_SECONDS,
     DEFAULT_RAY_ACTORS,
     DEFAULT_SHARD_SIZE,
@@ -84,11 +85,12 @@ def invert_gallery(
     worker: bool = False,
     store: str | Sequence[str] | None = None,
     dtype: str = fmt.DEFAULT_DTYPE,
-    normalize: bool = False,
+    normalize: bool | None = None,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     column: str | None = None,
     engine: str = DEFAULT_ENGINE,
     ray_actors: int = DEFAULT_RAY_ACTORS,
+    keep_columns: str | Sequence[str] = DEFAULT_KEEP_COLUMNS,
     **settings: Any,
 ) -> GallerySummary:
     """Invert every item of a gallery into ``out_dir``; returns a :class:`GallerySummary`.
@@ -124,7 +126,11 @@ def invert_gallery(
 
     Output: ``store`` picks the columns kept ("features,tokens,targets,losses", the default,
     or a subset; see :mod:`crossgap_fast.pipeline.store.schema` for the files), ``dtype`` the feature
-    dtype ("float32" or "float16") and ``normalize`` L2-normalises stored features.
+    dtype ("float32" or "float16") and ``normalize`` whether stored features are L2-normalised
+    (left out: yes for a new run, so an inner-product index ranks by cosine; a resumed run
+    keeps what it recorded). ``keep_columns``: the input's own columns carried into the
+    metadata ("all", the default, "none", or names: a parquet input's other columns, an
+    embedding folder's metadata, webdataset ``.json`` fields and ``.txt`` captions).
     Workers: ``worker=True`` joins (or starts) the run in ``out_dir`` beside other processes
     working on it; shards are leased for ``lease_seconds`` and renewed while computed (see
     :mod:`crossgap_fast.pipeline.tasks`). ``column`` names the input column of a parquet input.
@@ -143,7 +149,7 @@ def invert_gallery(
     if engine == "ray" and warm:
         raise ValueError("warm_start is not supported with engine='ray'")
     pipe = pipeline_settings(shard_size, resume, worker, progress, workers, encode_batch_size, keep_loss_curve,
-                             Output.make(method, store, dtype, normalize), lease_seconds, column, engine,
+                             Output.make(method, store, dtype, normalize, keep_columns), lease_seconds, column, engine,
                              ray_actors)
     return _run(inputs, out_dir, model, kind=kind, method=method, config=config, device=device, pipe=pipe,
                 warm=warm)
@@ -163,16 +169,18 @@ def encode_gallery(
     encode_batch_size: int = DEFAULT_ENCODE_BATCH,
     worker: bool = False,
     dtype: str = fmt.DEFAULT_DTYPE,
-    normalize: bool = False,
+    normalize: bool | None = None,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     column: str | None = None,
+    keep_columns: str | Sequence[str] = DEFAULT_KEEP_COLUMNS,
 ) -> GallerySummary:
     """Plain CLIP features of every image / text of a gallery, stored like
-    :func:`invert_gallery` (same store, errors file, resume and workers); ``features`` of
+    :func:`invert_gallery` (same store, errors file, resume, workers, ``normalize`` and
+    ``keep_columns``); ``features`` of
     :func:`crossgap_fast.load_inversions` are the image / text features."""
     method_of(kind)
     pipe = pipeline_settings(shard_size, resume, worker, progress, workers, encode_batch_size, False,
-                             Output.make("encode", None, dtype, normalize), lease_seconds, column, DEFAULT_ENGINE)
+                             Output.make("encode", None, dtype, normalize, keep_columns), lease_seconds, column, DEFAULT_ENGINE)
     return _run(inputs, out_dir, model, kind=kind, method="encode", config=None, device=device, pipe=pipe,
                 warm=None)
 

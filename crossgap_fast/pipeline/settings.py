@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
 
-from crossgap_fast.defaults import DEFAULT_RAY_ACTORS, DEFAULT_STEPS
+from crossgap_fast.defaults import DEFAULT_KEEP_COLUMNS, DEFAULT_NORMALIZE, DEFAULT_RAY_ACTORS, DEFAULT_STEPS
 from crossgap_fast.inversion.config import InversionConfig, check_int
 from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS
 from crossgap_fast.models import ClipModel, model_name_id, pretrained_id
 from crossgap_fast.pipeline.encode import default_workers
 from crossgap_fast.pipeline.inputs import InputItems
+from crossgap_fast.pipeline.inputs.carried import parse_keep
 from crossgap_fast.pipeline.store import schema as fmt
 
 ENGINES = ("local", "ray")
@@ -94,18 +95,37 @@ def warm_settings(method: str, warm_start: int, calibration_steps: int | None) -
 @dataclass(frozen=True)
 class Output:
     """What the store keeps: ``store`` columns (features, tokens, targets, losses), the
-    feature ``dtype`` (float32 or float16) and whether features are L2-normalised."""
+    feature ``dtype`` (float32 or float16), whether features are L2-normalised (None: as
+    asked by nobody, so :data:`~crossgap_fast.defaults.DEFAULT_NORMALIZE` for a new run and
+    what a resumed run recorded), and which of the input's own columns the metadata carries
+    (``keep_columns``: None for all, else names)."""
 
     store: tuple[str, ...] = fmt.DEFAULT_STORE
     dtype: str = fmt.DEFAULT_DTYPE
-    normalize: bool = False
+    normalize: bool | None = None
+    keep_columns: tuple[str, ...] | None = None
 
     @classmethod
-    def make(cls, method: str, store: str | Sequence[str] | None, dtype: str, normalize: bool) -> "Output":
-        return cls(fmt.parse_store(store, method), fmt.check_dtype(dtype), bool(normalize))
+    def make(cls, method: str, store: str | Sequence[str] | None, dtype: str, normalize: bool | None,
+             keep_columns: str | Sequence[str] | None = DEFAULT_KEEP_COLUMNS) -> "Output":
+        return cls(fmt.parse_store(store, method), fmt.check_dtype(dtype),
+                   None if normalize is None else bool(normalize), parse_keep(keep_columns))
 
     def record(self) -> dict:
-        return {"store": list(self.store), "dtype": self.dtype, "normalize": self.normalize}
+        """The manifest's "output" entry (``keep_columns`` only when not all: stores written
+        before it existed carried what they had)."""
+        r = {"store": list(self.store), "dtype": self.dtype,
+             "normalize": DEFAULT_NORMALIZE if self.normalize is None else self.normalize}
+        if self.keep_columns is not None:
+            r["keep_columns"] = list(self.keep_columns)
+        return r
+
+    def as_recorded(self, recorded: Any) -> "Output":
+        """This output with a normalisation left unasked taken from a run's recorded "output"
+        entry (an older store, written raw, resumes raw)."""
+        if self.normalize is not None or not isinstance(recorded, dict) or "normalize" not in recorded:
+            return self
+        return replace(self, normalize=bool(recorded["normalize"]))
 
 
 @dataclass

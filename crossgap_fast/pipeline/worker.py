@@ -109,7 +109,7 @@ def _open_items(place: Place, inputs, store: GalleryStore, leases: Leases, cm: C
 
     def listed() -> InputItems:
         gallery = load_input(inputs, kind, tokenizer=cm.tokenizer, context_length=cm.context_length,
-                             column=pipe.column)
+                             column=pipe.column, keep_columns=pipe.output.keep_columns)
         check_input(gallery, cm, method)
         return gallery
 
@@ -132,6 +132,7 @@ def _open_items(place: Place, inputs, store: GalleryStore, leases: Leases, cm: C
         return gallery
 
     def join(manifest: dict) -> InputItems:
+        pipe.output = pipe.output.as_recorded(manifest.get("output"))  # an unasked default follows the run
         mine = run_settings(kind, method, cm, config, pipe, dev, warm, None, manifest.get("input"))
         store.check_settings(manifest, mine, [k for k in JOIN_KEYS if k != "input"])
         if pipe.resume and not pipe.worker and place.rank == 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from crossgap_fast.errors import InputError
 from crossgap_fast.models import unreadable_file_reason
+from crossgap_fast.pipeline.inputs.carried import drop_empty
 from crossgap_fast.pipeline.inputs.feature_rows import FeatureFile, FeatureRows, open_npy
 from crossgap_fast.pipeline.inputs.items import InputItems
 from crossgap_fast.pipeline.inputs.parquet import (
@@ -179,6 +180,36 @@ def _metadata_names(root: Path, files: list[FeatureFile], column: str | None) ->
             raise InputError(f"metadata column {column!r} of {str(root)!r} has {why}; names must "
                              "be present and unique")
     return None, [str(i) for i in range(total)]
+
+
+#: Metadata columns of a crossgap store that only spell a name's bytes (never carried).
+_NAME_BYTES = ("name_bytes", "name_surrogatepass")
+
+
+def embedding_meta(root: Path, name_column: str | None, keep: Sequence[str] | None = None):
+    """The metadata columns of an embedding folder (checked by :func:`list_embedding_folder`)
+    to carry to the output, one row per embedding row: every column but the one naming the
+    rows (``keep`` ones only, when given), all-null ones dropped; None when none is left."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta_dir = root / METADATA_FOLDER
+    metas = sorted(p for p in meta_dir.iterdir() if p.suffix.lower() == ".parquet") if meta_dir.is_dir() else []
+    if not metas or (keep is not None and not keep):
+        return None
+    tables = []
+    for meta in metas:
+        cols = [c for c in parquet_columns(meta) if c != name_column and c not in _NAME_BYTES
+                and (keep is None or c in keep)]
+        try:
+            tables.append(pq.read_table(meta, columns=cols))
+        except Exception as err:
+            raise InputError(f"metadata {str(meta)!r} is unreadable ({type(err).__name__}: {err})") from None
+    try:
+        table = pa.concat_tables(tables, promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise InputError(f"the metadata files of {str(root)!r} disagree on their columns' types ({err})") from None
+    return drop_empty(table)
 
 
 def _check_pair(npy: Path, meta: Path) -> None:

@@ -25,6 +25,8 @@ INDEX_FORMAT = "crossgap-input-index"
 INDEX_VERSION = 1
 #: The schema metadata key holding the gallery-level fields (JSON, ASCII-escaped).
 INDEX_KEY = b"crossgap.input_index"
+#: Prefix of the index columns that hold the input's carried columns (``InputItems.meta``).
+META_PREFIX = "meta:"
 #: String columns of the index that have a binary ``<name>_raw`` twin for exact bytes.
 _LOSSLESS = ("name", "item", "member")
 
@@ -78,8 +80,13 @@ def read_index(path: str | os.PathLike) -> InputItems:
     elif feats is not None:
         flat = table.column("feature").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         features = torch.from_numpy(flat.reshape(len(table), feats["dim"]).copy())
+    carried = meta.get("meta_columns")  # absent from indexes written before columns were carried
+    keep = meta.get("keep")
     return InputItems(meta["kind"], meta["source"], names=cols["name"], items=items, features=features,
-                   issues=issues, stamps=stamps, problems=meta["problems"])
+                      issues=issues, stamps=stamps, problems=meta["problems"],
+                      meta=(table.select([META_PREFIX + c for c in carried]).rename_columns(carried)
+                            if carried else None),
+                      keep=None if keep is None else tuple(keep))
 
 
 def _index_table(g: InputItems):
@@ -118,7 +125,12 @@ def _index_table(g: InputItems):
         features = {"type": "tensor", "dim": int(g.features.shape[1])}
     meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": g.kind, "source": g.source,
             "problems": g.problems, "has_items": g.items is not None, "has_stamps": g.stamps is not None,
-            "features": features, "surrogatepass": passed}
+            "features": features, "surrogatepass": passed,
+            "meta_columns": g.meta.column_names if g.meta is not None else None,
+            "keep": None if g.keep is None else list(g.keep)}
+    if g.meta is not None:
+        for name in g.meta.column_names:
+            data[META_PREFIX + name] = g.meta.column(name)
     return pa.table(data).replace_schema_metadata({INDEX_KEY: json.dumps(meta).encode()})
 
 

@@ -53,6 +53,9 @@ class InputItems:
     (tar size, tar modification time, member size)), or None when it could not be found or
     is a URL. ``problems``: records of what the input listing had to skip that is no item
     (an unreadable sub-folder): {"index": None, "name", "level", "reason"}.
+    ``meta``: the input's own columns, a ``pyarrow.Table`` with a row per item (see
+    :mod:`~crossgap_fast.pipeline.inputs.carried`), or None. ``keep``: the columns
+    :meth:`columns` gives (None: all).
     """
 
     kind: str
@@ -63,6 +66,8 @@ class InputItems:
     issues: dict[int, dict] = field(default_factory=dict)
     stamps: list[tuple[int, ...] | None] | None = None
     problems: list[dict] = field(default_factory=list)
+    meta: Any = None
+    keep: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -104,17 +109,40 @@ class InputItems:
     def has_urls(self) -> bool:
         return self.kind == "images" and any(isinstance(item, ImageUrl) for item in self.items)
 
-    def columns(self, indices: Sequence[int]) -> dict[str, list]:
+    @cached_property
+    def only_urls(self) -> bool:
+        """Every image is a URL (so ``image_path`` would be null throughout and is left out)."""
+        return self.kind == "images" and all(isinstance(item, ImageUrl) for item in self.items)
+
+    def column_names(self) -> list[str]:
+        """The names of every column :meth:`columns` can give, before ``keep``."""
+        return list(self._columns([]))
+
+    def columns(self, indices: Sequence[int]) -> dict[str, Any]:
         """What the items at ``indices`` were, for an output's metadata, as valid UTF-8:
-        images: ``image_path`` (a tar member as ``"<tar path>#<member path>"``, None for a
-        URL), plus ``url`` when the input has URLs; texts: ``caption`` (None for an unusable
-        text); features: the embedding folder's name column (``{column: names}``), or nothing.
-        The same columns for every call on one gallery."""
+        images: ``image_path`` (a tar member as ``"<tar path>#<member path>"``; left out when
+        every item is a URL), plus ``url`` when the input has URLs; texts: ``caption`` (None
+        for an unusable text); features: the embedding folder's name column (``{column:
+        names}``), or nothing; then the input's own columns (:attr:`meta`, as typed arrays).
+        Only the ``keep`` ones when set. The same columns for every call on one gallery."""
+        out = self._columns(indices)
+        return out if self.keep is None else {k: v for k, v in out.items() if k in self.keep}
+
+    def _columns(self, indices: Sequence[int]) -> dict[str, Any]:
+        out = self._item_columns(indices)
+        if self.meta is not None:
+            rows = self.meta.take(list(indices)) if len(indices) else self.meta.slice(0, 0)
+            for name in self.meta.column_names:
+                out.setdefault(name, rows.column(name))  # the item's own column wins a clash
+        return out
+
+    def _item_columns(self, indices: Sequence[int]) -> dict[str, Any]:
         if self.kind == "texts":
             return {"caption": [None if self.items[i] is None else utf8_safe(self.items[i])[0] for i in indices]}
         if self.kind == "features":
             column = getattr(self.features, "name_column", None)
-            return {column: [utf8_safe(self.names[i])[0] for i in indices]} if column else {}
+            # a column called "name" is the store's own name column already
+            return {column: [utf8_safe(self.names[i])[0] for i in indices]} if column not in (None, "name") else {}
         paths: list[str | None] = []
         urls: list[str | None] = []
         for i in indices:
@@ -123,4 +151,6 @@ class InputItems:
             path = None if url else f"{item.tar}#{item.member}" if isinstance(item, TarMember) else str(item)
             paths.append(None if path is None else utf8_safe(path)[0])
             urls.append(None if url is None else utf8_safe(url)[0])
+        if self.only_urls:
+            return {"url": urls}
         return {"image_path": paths, "url": urls} if self.has_urls else {"image_path": paths}

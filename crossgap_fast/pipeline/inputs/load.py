@@ -21,8 +21,10 @@ import numpy as np
 from torch import Tensor
 
 from crossgap_fast.errors import InputError
+from crossgap_fast.pipeline.inputs.carried import check_keep, parse_keep
 from crossgap_fast.pipeline.inputs.features import (
     FEATURE_EXTENSIONS,
+    embedding_meta,
     features_items,
     is_embedding_folder,
     list_embedding_folder,
@@ -56,6 +58,7 @@ def load_input(
     tokenizer: Callable[[Sequence[str]], Tensor] | None = None,
     context_length: int | None = None,
     column: str | None = None,
+    keep_columns: str | Sequence[str] | None = None,
 ) -> InputItems:
     """Resolve ``inputs`` for ``kind`` ("images" or "texts").
 
@@ -73,14 +76,26 @@ def load_input(
     items from, or the metadata column to name an embedding folder's rows by.
     ``tokenizer`` and ``context_length`` flag texts too long for the model's context (they
     are truncated).
+    ``keep_columns`` picks the columns carried to the output's metadata ("all", the default,
+    "none", or names; see :meth:`InputItems.columns`); a name the input lacks is refused.
     """
+    keep = parse_keep(keep_columns)
+    gallery = _listed(inputs, kind, tokenizer, context_length, column, keep)
+    check_keep(keep, gallery.column_names(), gallery.source)
+    gallery.keep = keep
+    return gallery
+
+
+def _listed(inputs: Any, kind: str, tokenizer, context_length: int | None, column: str | None,
+            keep: tuple[str, ...] | None) -> InputItems:
+    """The items of ``inputs`` (see :func:`load_input`)."""
     if kind not in ("images", "texts"):
         raise ValueError(f"kind must be 'images' or 'texts', got {kind!r}")
     if isinstance(inputs, (Tensor, np.ndarray)):
         _refuse_column(column, "a feature array")
         return features_items(inputs, "features")
     if isinstance(inputs, (str, os.PathLike)):
-        gallery = _path_items(os.fspath(inputs), kind, column)
+        gallery = _path_items(os.fspath(inputs), kind, column, keep)
         if gallery.kind != "texts":
             return gallery
     elif isinstance(inputs, Sequence):
@@ -112,28 +127,30 @@ def load_input(
     return gallery
 
 
-def _path_items(text: str, kind: str, column: str | None) -> InputItems:
+def _path_items(text: str, kind: str, column: str | None, keep: tuple[str, ...] | None) -> InputItems:
     """The items of a path input (a file, a folder, or a webdataset shard pattern)."""
     path = Path(text)
     if not path.exists():
         refuse_remote(text)
         if is_tar_pattern(text):
             _refuse_column(column, text)
-            return tar_items(text, expand_shards(text), kind)
+            return tar_items(text, expand_shards(text), kind, keep)
         raise InputError(f"input {str(path)!r} does not exist")
     mode = path.stat().st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise InputError(f"input {str(path)!r} is {file_kind(mode)}, not a file or folder")
     if path.is_dir() and is_embedding_folder(path):
         rows, names = list_embedding_folder(path, kind, column)
-        return features_items(rows, text, names)
+        gallery = features_items(rows, text, names)
+        gallery.meta = embedding_meta(path, rows.name_column, keep)
+        return gallery
     suffix = path.name.lower()
     if path.is_file() and suffix.endswith(".parquet"):
-        return parquet_items(path, kind, column)
+        return parquet_items(path, kind, column, keep)
     _refuse_column(column, text)
     if path.is_file() and (suffix.endswith(".tar") or is_compressed_tar(suffix)):
         check_tar_path(text, text)
-        return tar_items(text, [text], kind)
+        return tar_items(text, [text], kind, keep)
     if path.is_file() and path.suffix.lower() in FEATURE_EXTENSIONS:
         return features_items(read_features(path), str(path))
     if kind == "images":

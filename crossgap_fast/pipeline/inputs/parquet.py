@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from crossgap_fast.errors import InputError
+from crossgap_fast.pipeline.inputs.carried import drop_empty
 from crossgap_fast.pipeline.inputs.folders import images_items
 from crossgap_fast.pipeline.inputs.items import InputItems, ImageUrl
 from crossgap_fast.pipeline.inputs.texts import check_unique_ids, pick_column
@@ -73,14 +74,30 @@ def require_column(path: str | os.PathLike, found: Sequence[str], column: str) -
     return column
 
 
-def parquet_items(path: Path, kind: str, column: str | None) -> InputItems:
+def carried_columns(path: str | os.PathLike, names: Sequence[str], keep: Sequence[str] | None = None):
+    """The columns ``names`` of a parquet file (only those in ``keep`` when given) as a
+    table, all-null ones dropped; None when nothing is left."""
+    import pyarrow.parquet as pq
+
+    wanted = [c for c in names if keep is None or c in keep]
+    if not wanted:
+        return None
+    try:
+        return drop_empty(pq.read_table(path, columns=wanted))
+    except Exception as err:
+        raise InputError(f"parquet input {str(path)!r} is unreadable ({type(err).__name__}: {err})") from None
+
+
+def parquet_items(path: Path, kind: str, column: str | None, keep: Sequence[str] | None = None) -> InputItems:
     """Images: a path column (relative paths are relative to the file's folder) or a URL
     column (http/https, fetched when decoded); texts: a caption column. ``column`` picks
     it, else the first of :data:`IMAGE_PATH_COLUMNS` + :data:`IMAGE_URL_COLUMNS` /
     :data:`CAPTION_COLUMNS`.
     Names: the ``id`` / ``key`` / ``name`` column (unique; a null is named by its 1-based
     row), else the path or URL as written when they are unique (images), else the 1-based
-    row."""
+    row. The other columns (``keep`` ones only, when given) are carried to the output's
+    metadata; the item column is (as ``image_path`` / ``url`` / ``caption``), and so is a
+    ``name`` column (as the names)."""
     found = parquet_columns(path)
     if column is not None:
         col = require_column(path, found, column)
@@ -111,8 +128,10 @@ def parquet_items(path: Path, kind: str, column: str | None) -> InputItems:
             names = [str(row) for row in range(1, len(values) + 1)]  # rows name the results
     else:
         names = [str(row) for row in range(1, len(values) + 1)]
+    meta = carried_columns(path, [c for c in found if c != col and not (c == id_col and c.lower() == "name")],
+                           keep)
     if kind == "texts":
-        return InputItems("texts", str(path), names=names, items=values, issues=issues)
+        return InputItems("texts", str(path), names=names, items=values, issues=issues, meta=meta)
     items: list[Any] = []
     for i, v in enumerate(values):
         if not v:
@@ -124,4 +143,6 @@ def parquet_items(path: Path, kind: str, column: str | None) -> InputItems:
             issues[i] = {"level": "error", "reason": "unsupported URL scheme (only http and https are fetched)"}
         else:
             items.append(v if os.path.isabs(v) else str(path.parent / v))
-    return images_items(str(path), names, items, issues=issues)
+    gallery = images_items(str(path), names, items, issues=issues)
+    gallery.meta = meta
+    return gallery

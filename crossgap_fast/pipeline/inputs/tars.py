@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from crossgap_fast.errors import InputError, ItemReadError
+from crossgap_fast.pipeline.inputs.carried import json_fields, table_of
 from crossgap_fast.pipeline.inputs.folders import IMAGE_EXTENSIONS, images_items
 from crossgap_fast.pipeline.inputs.items import InputItems, TarMember
 from crossgap_fast.pipeline.inputs.texts import TEXT_ENCODING, json_text
@@ -232,30 +233,39 @@ def _is_image_suffix(suffix: str) -> bool:
     return "." + suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
 
 
-def tar_items(source: str, tars: list[str], kind: str) -> InputItems:
+def tar_items(source: str, tars: list[str], kind: str, keep: Sequence[str] | None = None) -> InputItems:
     """Images: one item per sample with an image member (its first, in tar order), named by
     the sample key; texts: the sample's ``.txt``, else ``.caption``, else a ``.json`` with a
     "text" / "caption" field (one line terminator at the end of a text file is dropped).
-    Samples without such a member are no item."""
+    Samples without such a member are no item. The fields of each sample's ``.json`` (and,
+    for images, its ``.txt`` as ``caption``) are carried to the output (``keep`` ones only,
+    when given)."""
     samples = tar_samples(tars, source)
     names: list[str] = []
+    jsons: list[TarMember | None] = []
     if kind == "images":
         items: list[TarMember] = []
+        captions: list[TarMember | None] = []
         for sample in samples:
             member = next((m for suffix, m in sample.members.items() if _is_image_suffix(suffix)), None)
             if member is not None:
                 names.append(sample.key)
                 items.append(member)
+                jsons.append(sample.members.get("json"))
+                captions.append(sample.members.get("txt"))
         if not items:
             raise InputError(f"webdataset input {source!r} has no sample with an image member "
                              f"({', '.join(sorted(IMAGE_EXTENSIONS))}) in {len(tars)} shard(s)")
-        return images_items(source, names, items)
+        gallery = images_items(source, names, items)
+        gallery.meta = _sample_fields(jsons, captions, keep)
+        return gallery
     picked: list[tuple[str, TarMember]] = []
     for sample in samples:
         suffix = next((x for x in TAR_TEXT_SUFFIXES if x in sample.members), None)
         if suffix is not None:
             names.append(sample.key)
             picked.append((suffix, sample.members[suffix]))
+            jsons.append(sample.members.get("json"))
     if not picked:
         raise InputError(f"webdataset input {source!r} has no sample with a text member "
                          f"({', '.join('.' + x for x in TAR_TEXT_SUFFIXES)}) in {len(tars)} shard(s)")
@@ -266,7 +276,33 @@ def tar_items(source: str, tars: list[str], kind: str) -> InputItems:
         texts.append(text)
         if reason is not None:
             issues[i] = {"level": "error", "reason": reason}
-    return InputItems("texts", source, names=names, items=texts, issues=issues)
+    return InputItems("texts", source, names=names, items=texts, issues=issues,
+                      meta=_sample_fields(jsons, [None] * len(jsons), keep))
+
+
+def _sample_fields(jsons: Sequence[TarMember | None], captions: Sequence[TarMember | None],
+                   keep: Sequence[str] | None):
+    """The carried table of samples' ``.json`` fields and ``.txt`` captions (a JSON caption
+    field wins), or None when they carry nothing."""
+    if keep is not None and not keep:
+        return None
+    columns: dict[str, list] = {}
+    if any(c is not None for c in captions):
+        columns["caption"] = [None if d is None else _member_text("txt", d)[0] for d in _read_some(captions)]
+    if any(j is not None for j in jsons):
+        columns.update(json_fields(_read_some(jsons)))
+    if keep is not None:
+        columns = {k: v for k, v in columns.items() if k in keep}
+    return table_of(len(jsons), columns)
+
+
+def _read_some(members: Sequence[TarMember | None]) -> list[bytes | Exception | None]:
+    """The data of the members given (None where there is none)."""
+    at = [i for i, m in enumerate(members) if m is not None]
+    out: list[bytes | Exception | None] = [None] * len(members)
+    for i, data in zip(at, read_members([members[i] for i in at])):
+        out[i] = data
+    return out
 
 
 def _member_text(suffix: str, data: bytes | Exception) -> tuple[str | None, str | None]:

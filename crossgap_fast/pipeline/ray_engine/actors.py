@@ -17,19 +17,19 @@ from crossgap_fast.pipeline.settings import check_config
 class EncodeBatches(ModelBatches):
     """``map_batches`` callable: plain CLIP features of a batch's images or texts.
 
-    Input columns: ``index`` (int64) and one of ``image`` (HWC arrays or encoded bytes),
-    ``item`` (image paths) or ``text``. Output: ``index``, ``features`` (N, D) float32 (NaN
-    rows for failed items) and ``error`` ("" when fine); other input columns pass through.
+    Input columns: as for :class:`InvertBatches` (``index`` optional; Ray's readers' output
+    as it comes). Output: ``index``, ``features`` (N, D) float32 (NaN rows for failed items)
+    and ``error`` (null when fine); other input columns pass through.
     """
 
     takes_features = False
 
     def __init__(self, model: ModelSpec, kind: str = "images", device: str | torch.device | None = "auto",
-                 *, encode_batch_size: int = DEFAULT_ENCODE_BATCH):
-        super().__init__(model, kind, device, encode_batch_size)
+                 *, encode_batch_size: int = DEFAULT_ENCODE_BATCH, column_map: dict[str, str] | None = None):
+        super().__init__(model, kind, device, encode_batch_size, column_map)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        index, feats, errors = self._features(batch)
+        batch, index, feats, errors = self._features(batch)
         out = passthrough(batch)
         out.update(index=index, features=feats.numpy(), error=np.array(errors, dtype=object))
         return out
@@ -42,35 +42,42 @@ class InvertBatches(ModelBatches):
     :class:`~crossgap_fast.inversion.config.InversionConfig` or a dict for ``from_dict``; its method
     must be the kind's: OTI for "images", OVI for "texts"), ``kind``, ``device`` ("auto",
     "cpu", "cuda"; with Ray's ``num_gpus=1`` an actor sees its GPU as "cuda"),
-    ``encode_batch_size`` (items per encoder call) and ``keep_loss_curve``.
+    ``encode_batch_size`` (items per encoder call), ``keep_loss_curve`` and ``column_map``
+    ({a batch's column: ``features`` / ``image`` / ``item`` / ``text`` / ``index``}, for
+    columns named otherwise).
 
-    Input columns: ``index`` (int64 global item index: it seeds the item's random start) and
-    one of ``features`` (N, D), ``image`` (decoded HWC arrays as from
-    ``ray.data.read_images``, or encoded bytes), ``item`` (image paths) or ``text``.
+    Input columns: one of ``features`` (N, D), ``image`` (decoded HWC arrays as from
+    ``ray.data.read_images``, PIL images, or encoded bytes), ``item`` (image paths) or
+    ``text``; without these, ``read_webdataset``'s ``jpg`` / ``png`` / ``webp`` (images) or
+    ``txt`` (texts). ``index`` (int64 global item index) seeds the item's random start; without
+    it, it is an integer ``id`` / ``key`` column, else a stable hash of the ``id`` / ``key`` /
+    ``__key__`` / ``path`` / ``url`` column, else of the item itself, so results never depend
+    on Ray's batching.
     Output: ``index``; ``features`` (N, D), ``targets`` (N, D, the encoder's features),
     ``tokens`` (N, R, d) and ``loss`` (N, final 1 - cos(features, targets)), all float32;
-    ``error``: "" when fine, else why the item failed (its numbers are NaN: one bad item never
+    ``error``: null when fine, else why the item failed (its numbers are NaN: one bad item never
     fails the batch); ``loss_curve`` (N, steps) with ``keep_loss_curve``. Other input columns
     (a path, a name) pass through.
     """
 
     def __init__(self, model: ModelSpec, config: InversionConfig | dict, kind: str = "images",
                  device: str | torch.device | None = "auto", *,
-                 encode_batch_size: int = DEFAULT_ENCODE_BATCH, keep_loss_curve: bool = False):
+                 encode_batch_size: int = DEFAULT_ENCODE_BATCH, keep_loss_curve: bool = False,
+                 column_map: dict[str, str] | None = None):
         config = check_config(config, kind, accept_dict=True)
-        super().__init__(model, kind, device, encode_batch_size)
+        super().__init__(model, kind, device, encode_batch_size, column_map)
         self.keep_loss_curve = bool(keep_loss_curve)
         self.inverter = Inverter(self.model, config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        index, targets, errors = self._features(batch)
+        batch, index, targets, errors = self._features(batch)
         n = len(index)
         inv = self.inverter
         features = torch.full((n, inv.embed_dim), float("nan"))
         tokens = torch.full((n, *inv.token_shape), float("nan"))
         loss = torch.full((n,), float("nan"))
         curves = torch.full((n, inv.config.steps), float("nan"))
-        ok = [i for i, e in enumerate(errors) if not e]
+        ok = [i for i, e in enumerate(errors) if e is None]
         if ok:
             x = targets[ok]
             # sample ids are the global indices: starts never depend on Ray's batching

@@ -1,9 +1,12 @@
 """What each Ray actor holds and does before inverting: one model (built from a
 :data:`ModelSpec`) on its device, and a batch's items (feature rows, texts, image paths,
-bytes or arrays) turned into (N, D) features, a failed item's row NaN with its reason."""
+bytes or arrays) turned into (N, D) features, a failed item's row NaN with its reason. A batch
+may come as Ray's readers make it: an ``index`` is derived when missing (:func:`item_index`)
+and ``read_webdataset``'s members are taken as the items (:func:`mapped`)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from typing import Any, Callable, Union
 
@@ -71,13 +74,61 @@ class Item:
         return value.value if isinstance(value, Item) else value
 
 
+#: Columns an item's ``index`` comes from when a batch has none, in order: an integer column
+#: as it is, any other by a stable hash of its text (``read_webdataset``'s ``__key__``,
+#: ``read_images(include_paths=True)``'s ``path``).
+INDEX_SOURCES = ("id", "key", "__key__", "path", "url")
+#: Columns of Ray's readers taken as the items as they come, when a batch holds none of
+#: :data:`INPUT_COLUMNS` (``read_webdataset``'s image and text members).
+READER_COLUMNS = {"jpg": "image", "jpeg": "image", "png": "image", "webp": "image", "txt": "text",
+                  "caption": "text"}
+
+
+def stable_hash(value: Any) -> int:
+    """A non-negative 63-bit hash of ``value`` that is the same in every process and run
+    (Python's ``hash`` of a string is not)."""
+    if isinstance(value, np.ndarray):
+        data = repr((value.dtype.str, value.shape)).encode() + np.ascontiguousarray(value).tobytes()
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+    else:
+        data = str(value).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def item_index(batch: dict[str, Any], column: str) -> np.ndarray:
+    """The batch's ``index`` column, else one derived from :data:`INDEX_SOURCES`, else a
+    stable hash of each item itself (an image's pixels or bytes, a text): it seeds the item's
+    random start, so it must not depend on how Ray batches."""
+    if "index" in batch:
+        return np.asarray(batch["index"]).astype(np.int64, copy=False)
+    for name in INDEX_SOURCES:
+        if name in batch:
+            values = np.asarray(batch[name])
+            if values.dtype.kind in "iu":
+                return values.astype(np.int64)
+            return np.array([stable_hash(v) for v in values], dtype=np.int64)
+    return np.array([stable_hash(v) for v in batch[column]], dtype=np.int64)
+
+
+def mapped(batch: dict[str, Any], column_map: dict[str, str] | None, kind: str) -> dict[str, Any]:
+    """The batch with ``column_map``'s columns renamed, and, when it holds none of
+    :data:`INPUT_COLUMNS`, the first of Ray's reader columns (:data:`READER_COLUMNS`) that
+    ``kind`` reads renamed to its input column."""
+    if column_map:
+        batch = {column_map.get(k, k): v for k, v in batch.items()}
+    if not any(c in batch for c in INPUT_COLUMNS):
+        found = next((c for c, to in READER_COLUMNS.items() if c in batch and to in KIND_COLUMNS[kind]), None)
+        if found is not None:
+            batch = {(READER_COLUMNS[found] if k == found else k): v for k, v in batch.items()}
+    return batch
+
+
 def input_column(batch: dict[str, np.ndarray]) -> str:
-    if "index" not in batch:
-        raise ValueError(f"a batch needs an 'index' column (global item index); it has {sorted(batch)}")
     given = [c for c in INPUT_COLUMNS if c in batch]
     if len(given) != 1:
-        raise ValueError(f"a batch needs exactly one of the columns {', '.join(INPUT_COLUMNS)}; "
-                         f"it has {sorted(batch)}")
+        raise ValueError(f"a batch needs exactly one of the columns {', '.join(INPUT_COLUMNS)} (or "
+                         f"{', '.join(READER_COLUMNS)}, or a column_map); it has {sorted(batch)}")
     return given[0]
 
 
@@ -91,6 +142,8 @@ def decode_image(value: Any, preprocess: Callable[[Any], Tensor]) -> Tensor:
             return preprocess(to_rgb(im))
     if isinstance(value, np.ndarray):
         return preprocess(to_rgb(Image.fromarray(np.ascontiguousarray(value))))
+    if isinstance(value, Image.Image):  # read_webdataset's decoder may give PIL images
+        return preprocess(to_rgb(value))
     raise TypeError(f"an image must be encoded bytes or an HWC array, got {type(value).__name__}")
 
 
@@ -100,8 +153,13 @@ class ModelBatches:
     takes_features = True  # a batch may hold features already (nothing to encode)
 
     def __init__(self, model: ModelSpec, kind: str, device: str | torch.device | None,
-                 encode_batch_size: int):
+                 encode_batch_size: int, column_map: dict[str, str] | None = None):
         method_of(kind)
+        if column_map is not None and not (isinstance(column_map, dict) and all(
+                isinstance(k, str) and v in INPUT_COLUMNS + ("index",) for k, v in column_map.items())):
+            raise ValueError(f"column_map must map column names to {', '.join(INPUT_COLUMNS + ('index',))}, "
+                             f"got {column_map!r}")
+        self.column_map = column_map
         self.kind = kind
         self.encode_batch_size = check_int("encode_batch_size", encode_batch_size)
         cm = build_model(model)
@@ -109,17 +167,19 @@ class ModelBatches:
         self.model = cm.to(dev) if cm.device != dev else cm
         self.device = dev
 
-    def _features(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, Tensor, list[str]]:
-        """(indices, (N, D) float32 features with NaN rows where ``errors`` is not "")."""
+    def _features(self, batch: dict[str, np.ndarray]) -> tuple[dict, np.ndarray, Tensor, list[str | None]]:
+        """(the batch with its columns mapped, indices, (N, D) float32 features with NaN rows
+        where ``errors`` is not None)."""
+        batch = mapped(batch, self.column_map, self.kind)
         column = input_column(batch)
         if column not in KIND_COLUMNS[self.kind]:
             raise ValueError(f"a batch of {self.kind} holds its items in one of the columns "
                              f"{', '.join(KIND_COLUMNS[self.kind])}, not {column!r}")
-        index = np.asarray(batch["index"]).astype(np.int64, copy=False)
+        index = item_index(batch, column)
         values = batch[column]
         n, width = len(index), self.model.embed_dim
         feats = torch.full((n, width), float("nan"))
-        errors = [""] * n
+        errors: list[str | None] = [None] * n
         with frozen(self.model.model):
             if column == "features":
                 self._check_features(values, feats, errors)
@@ -127,7 +187,7 @@ class ModelBatches:
                 self._encode_texts(values, feats, errors)
             else:
                 self._encode_images(column, values, feats, errors)
-        return index, feats, errors
+        return batch, index, feats, errors
 
     def _check_features(self, values, feats: Tensor, errors: list[str]) -> None:
         if not self.takes_features:

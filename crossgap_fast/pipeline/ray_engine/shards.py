@@ -108,7 +108,8 @@ class ShardBuffer:
         if len(np.unique(index)) != len(index):  # a row came back twice: never write it as two items
             raise RayRunError(f"the Ray run returned item {int(index[np.flatnonzero(np.diff(index) == 0)[0]])} "
                               "twice; nothing of that shard was written")
-        good = np.array([not e for e in error], dtype=bool)
+        # null when fine ("" before; an all-null column comes back from Arrow as NaN floats)
+        good = np.array([not (isinstance(e, str) and e) for e in error], dtype=bool)
         idx = index[good].tolist()
         payload: dict = {"indices": torch.tensor(idx, dtype=torch.long),
                          "names": [self.gallery.names[j] for j in idx],

@@ -102,5 +102,5 @@ def _item_columns(root: Path, entry: dict) -> dict:
     """The metadata columns that describe the items (kept as they are)."""
     table = fmt.read_metadata(root, fmt.column_files(entry)[fmt.METADATA])
     own = fmt.RESERVED_COLUMNS
-    return {c: table.column(c).to_pylist() for c in table.column_names if c not in own}
+    return {c: table.column(c) for c in table.column_names if c not in own}  # typed as they were
 

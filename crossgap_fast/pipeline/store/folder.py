@@ -16,6 +16,7 @@ Layout of an output directory (``OUTDIR``), readable without this package (see
                             [i * shard_size, (i + 1) * shard_size) of the input, minus failures
     workers/{id}.jsonl      the finished shards of one worker, one entry per line, appended
     leases/                 which worker is computing which shard (:mod:`crossgap_fast.pipeline.leases`)
+    README.md               a dataset card: ``datasets.load_dataset(OUTDIR)`` reads metadata/
     errors.jsonl            one JSON object per failed item (level "error") or warning
                             (level "warning"), in input order: index, name, level, reason
 
@@ -54,6 +55,7 @@ from crossgap_fast.files import atomic_write_bytes, atomic_write_json, file_sha2
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.pipeline.store.entries import parse_log, resolve_entries
 from crossgap_fast.pipeline.store.manifest import (
+    CARD,
     ERRORS,
     FORMAT,
     INPUT_INDEX,
@@ -63,6 +65,7 @@ from crossgap_fast.pipeline.store.manifest import (
     SETTINGS_KEYS,
     VERSION,
     WORKERS,
+    dataset_card,
     error_line,
     read_manifest,
     run_changes,
@@ -165,6 +168,8 @@ class GalleryStore:
         with self.writing(MANIFEST, "choose a writable output directory"):
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.manifest_path, manifest)
+            # after the manifest: a folder holding only a card is no run
+            atomic_write_bytes(self.root / CARD, dataset_card(manifest).encode())
         self.manifest = manifest
         return manifest
 
@@ -364,5 +369,7 @@ class GalleryStore:
         with self.writing(f"{ERRORS} and {MANIFEST}", self._kept_hint()):
             atomic_write_bytes(self.errors_path, lines.encode())
             atomic_write_json(self.manifest_path, manifest)
+            # after the manifest: a folder holding only a card is no run
+            atomic_write_bytes(self.root / CARD, dataset_card(manifest).encode())
         self.manifest = manifest
         return manifest

@@ -23,6 +23,9 @@ ERRORS = "errors.jsonl"
 INPUT_INDEX = "input.parquet"
 WORKERS = "workers"
 LEASES = "leases"
+#: The dataset card: its ``configs:`` point Hugging Face ``datasets.load_dataset(OUTDIR)`` at
+#: ``metadata/*.parquet`` (the root also holds ``input.parquet``, of another schema).
+CARD = "README.md"
 
 #: Manifest keys that must match for ``resume`` to continue a run.
 SETTINGS_KEYS = (
@@ -123,3 +126,30 @@ def shard_ranges(total: int, shard_size: int) -> list[tuple[int, int]]:
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     return [(lo, min(lo + shard_size, total)) for lo in range(0, total, shard_size)]
+
+
+def dataset_card(manifest: dict) -> str:
+    """The ``README.md`` of an output folder: a Hugging Face dataset card whose one config
+    reads the metadata shards, and a few lines on what the folder holds."""
+    out = manifest.get("output") or {}
+    layout = manifest.get("layout") or {}
+    feats = layout.get("features", "text_emb" if manifest.get("method") == "oti" else "img_emb")
+    norm = "L2-normalised (inner product = cosine)" if out.get("normalize") else "not normalised"
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: metadata/*.parquet
+---
+# crossgap output ({manifest.get("method")}, model {manifest.get("model")})
+
+Written by crossgap-fast. `metadata/*.parquet` holds one row per item (`index`: position in the
+input, `name`, the input's own columns, `loss`); row k of `metadata/metadata_NNNNN.parquet` is
+row k of `{feats}/{feats}_NNNNN.npy` ({out.get("dtype", "float32")}, {norm}). `manifest.json`
+records the settings; `errors.jsonl` the items skipped.
+
+    datasets.load_dataset(OUTDIR)             # the metadata
+    pandas.read_parquet(OUTDIR / "metadata")  # the same, as one DataFrame
+    crossgap_fast.iter_inversions(OUTDIR)     # arrays and metadata, in batches
+"""

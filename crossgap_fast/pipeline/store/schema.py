@@ -130,6 +130,8 @@ def metadata_table(indices: Sequence[int], names: Sequence[str], columns: dict[s
     for key, values in columns.items():
         if isinstance(values, np.ndarray):
             data[key] = pa.array(values)
+        elif isinstance(values, (pa.Array, pa.ChunkedArray)):  # an input's own column, typed once
+            data[key] = values
         else:  # what the items were: text, typed so that an all-None shard matches the others
             data[key] = pa.array([None if v is None else utf8_safe(str(v))[0] for v in values], type=pa.string())
     return pa.table(data)
