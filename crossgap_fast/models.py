@@ -21,6 +21,7 @@ import torch
 from open_clip.model import convert_to_custom_text_state_dict
 from torch import nn
 
+from crossgap_fast.defaults import RANDOM_MODEL_SEED
 from crossgap_fast.demo.assets import DEMO_MODEL, demo_checkpoint_path
 from crossgap_fast.errors import CheckpointError
 from crossgap_fast.files import file_sha256
@@ -201,10 +202,6 @@ def load_model(
         name=name,
         pretrained=tag,
     )
-
-
-#: Seed of the random weights of ``pretrained="random"`` in :func:`load_named_model`.
-RANDOM_MODEL_SEED = 0
 
 
 def load_named_model(name: str, pretrained: str, device: str = "cpu") -> ClipModel:

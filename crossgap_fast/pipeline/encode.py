@@ -33,11 +33,6 @@ _HANDOVER = 2
 _END = object()
 
 
-def default_workers() -> int:
-    """Image decoding processes when none are asked for: ``min(4, cpus)``."""
-    return min(4, os.cpu_count() or 1)
-
-
 @dataclass
 class Timer:
     """Seconds spent per stage (this process)."""

@@ -23,6 +23,10 @@ ERRORS = "errors.jsonl"
 INPUT_INDEX = "input.parquet"
 WORKERS = "workers"
 LEASES = "leases"
+#: A warm-started run's calibration set (torch file) and fitted map (written by
+#: :mod:`crossgap_fast.pipeline.calibration`; named here so that copying a store needs no torch).
+CALIBRATION_FILE = "calibration.pt"
+MAP_FILE = "warm-start.npz"
 
 #: Manifest keys that must match for ``resume`` to continue a run.
 SETTINGS_KEYS = (
