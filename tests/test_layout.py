@@ -19,7 +19,7 @@ MAX_LINES = 400
 LAYERS = {
     "base": ("version", "defaults", "errors", "files", "safe_pickle", "images", "progress", "threads",
              "demo.assets"),
-    "solver": ("kernels", "models", "towers", "inversion", "api"),
+    "solver": ("kernels", "checkpoints", "models", "towers", "inversion", "api"),
     "pipeline": ("pipeline",),
     "eval": ("eval",),
     "apps": ("cli", "demo"),
