@@ -232,17 +232,18 @@ def load_model(
     )
 
 
-def load_named_model(name: str, pretrained: str, device: str = "cpu") -> ClipModel:
+def load_named_model(name: str, pretrained: str, device: str = "cpu", **open_clip_kwargs: Any) -> ClipModel:
     """The model as the command line and Ray actors name it. Random weights
     (``pretrained="random"``) are made under ``torch.manual_seed(RANDOM_MODEL_SEED)``, so every
-    process (a resumed run, each worker) builds the same ones."""
+    process (a resumed run, each worker) builds the same ones. ``open_clip_kwargs`` as for
+    :func:`load_model` (``precision``, ...)."""
     torch.manual_seed(RANDOM_MODEL_SEED)
     quiet = _NoRandomWeightsWarning()
     root = logging.getLogger()  # open_clip logs there; its level and handlers stay the user's
     if pretrained == "random":  # open_clip warns that no weights were loaded: that is the point
         root.addFilter(quiet)
     try:
-        return load_model(name, pretrained, device=device)
+        return load_model(name, pretrained, device=device, **open_clip_kwargs)
     finally:
         root.removeFilter(quiet)
 

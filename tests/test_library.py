@@ -105,6 +105,9 @@ def test_load_model_passes_open_clip_keywords_through(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model_and_transforms", recording)
     cg.load_model("crossgap-tiny", cache_dir="/tmp/crossgap-test-cache")
     assert seen["cache_dir"] == "/tmp/crossgap-test-cache"
+    # the command line's loader passes them on too (for its --precision)
+    named = load_named_model("crossgap-tiny", "random", precision="bf16")
+    assert seen["precision"] == "bf16" and torch.bfloat16 in {p.dtype for p in named.model.parameters()}
 
 
 # ------------------------------------------------------------------------------------ logging
