@@ -33,7 +33,6 @@ import pytest
 import torch
 
 import crossgap_fast as cg
-from crossgap_fast.models import as_clip_model
 from crossgap_fast.towers import text as text_mod
 from crossgap_fast.towers.blocks import block_matmuls
 from crossgap_fast.towers.template import make_template
@@ -172,9 +171,8 @@ def cpu_bidir_model(request):
     cfg = open_clip.get_model_config("ViT-B-32")
     cfg["text_cfg"] = dict(cfg["text_cfg"], no_causal_mask=True, pool_type="last")
     model = open_clip.CustomTextCLIP(**cfg).eval().requires_grad_(False)
-    cm = as_clip_model(model)
-    cm.name = "ViT-B-32-bidir-text"
-    return cm
+    # a bare bidirectional module gets no guessed tokenizer: ViT-B-32's is the one it is built with
+    return cg.ClipModel(model, tokenizer=open_clip.get_tokenizer("ViT-B-32"), name="ViT-B-32-bidir-text")
 
 
 _GPU_MODELS: dict[str, cg.ClipModel] = {}

@@ -131,7 +131,8 @@ def oti_features(
     """Text features (N, D) of stored OTI pseudo tokens (N, R, d), as ``oti`` returns them."""
     cm = as_clip_model(model)
     tokens = _stored_tokens(tokens, check_text_tower(cm.model).width)
-    tpl = make_template(template, tokens.shape[1], cm.tokenizer, cm.model)
+    tpl = make_template(template, tokens.shape[1], cm.require_tokenizer("read OTI tokens (their template is text)"),
+                        cm.model)
     with frozen(cm.model):
         fwd = text_forward(cm.model, tpl)
         return _batched(fwd, tokens, cm.device, batch_size)
@@ -197,7 +198,8 @@ def encode_texts(texts: Sequence[str], model: ClipModel | nn.Module, batch_size:
     empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if empty:
         raise ValueError(f"texts has {len(empty)} empty or non-string entries, e.g. indices {empty[:10]}")
-    long = text_too_long(cm.tokenizer, texts, cm.context_length)
+    tokenizer = cm.require_tokenizer("encode texts")
+    long = text_too_long(tokenizer, texts, cm.context_length)
     if long:
         raise ValueError(
             f"{len(long)} texts are longer than the model's context of {cm.context_length} tokens, "
@@ -206,7 +208,7 @@ def encode_texts(texts: Sequence[str], model: ClipModel | nn.Module, batch_size:
     with frozen(cm.model):
         out = []
         for i in range(0, len(texts), batch_size):
-            tok = cm.tokenizer(texts[i:i + batch_size]).to(cm.device)
+            tok = tokenizer(texts[i:i + batch_size]).to(cm.device)
             out.append(cm.model.encode_text(tok).float().cpu())
     return torch.cat(out)
 

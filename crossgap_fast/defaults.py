@@ -46,6 +46,20 @@ DEFAULT_TEXT_BATCH = 1024
 #: (``--pretrained`` may be left out for it; any other ``--model`` needs ``--pretrained``).
 DEFAULT_MODEL = DEMO_MODEL
 DEFAULT_PRETRAINED: str | None = None
+#: Seed under which ``--pretrained random`` builds its weights (``torch.manual_seed``), so that
+#: every process of a run (a resume, each worker) builds the same ones.
+RANDOM_MODEL_SEED = 0
+
+# ------------------------------------------------------------------------------- CPU threads
+#: OpenMP wait policy the command line sets before torch loads, unless ``OMP_WAIT_POLICY`` is
+#: set: idle workers sleep instead of spinning, so a run stays fast when other processes share
+#: the cores (see :mod:`crossgap_fast.threads`).
+DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
+#: torch's CPU threads in the command line, unless ``OMP_NUM_THREADS`` is set; None: one per
+#: CPU the process may run on (``os.sched_getaffinity``).
+DEFAULT_CPU_THREADS: int | None = None
+#: Most image decoding processes when ``--workers`` is not given (fewer on fewer CPUs).
+DEFAULT_MAX_DECODE_WORKERS = 4
 
 # ------------------------------------------------------------------------------- the pipeline
 #: Items per shard of the output store (a shard is the unit of work, resume and leasing).

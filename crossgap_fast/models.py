@@ -18,11 +18,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import open_clip
 import torch
-from open_clip.model import convert_to_custom_text_state_dict
 from torch import nn
 
+from crossgap_fast.checkpoints import checkpoint_problem
+from crossgap_fast.defaults import RANDOM_MODEL_SEED
 from crossgap_fast.demo.assets import DEMO_MODEL, demo_checkpoint_path
-from crossgap_fast.errors import CheckpointError
+from crossgap_fast.errors import CheckpointError, UnsupportedModelError
 from crossgap_fast.files import file_sha256
 from crossgap_fast.towers.text import text_tower
 
@@ -31,6 +32,7 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 #: hub or a local folder (it ignores ``pretrained`` then).
 HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"
 _registered = False
+logger = logging.getLogger(__name__)
 
 
 def register_model_configs() -> None:
@@ -41,34 +43,26 @@ def register_model_configs() -> None:
         _registered = True
 
 
-def unreadable_file_reason(path: str | os.PathLike, err: BaseException, expected: str) -> str:
-    """Why ``path`` could not be loaded as ``expected`` (e.g. "a PyTorch file of tensors"),
-    in words that never suggest loading it unsafely: torch and numpy advise
-    ``weights_only=False`` / ``allow_pickle=True``, which would run code from the file."""
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        return f"it cannot be read ({e.strerror or e})"
-    if size == 0:
-        return "the file is empty"
-    if isinstance(err, OSError) and not isinstance(err, EOFError):
-        return f"it cannot be read ({err.strerror or err})"
-    if isinstance(err, EOFError):
-        return f"the file ends early: it is truncated or damaged ({size} bytes)"
-    return (f"it is not {expected}: it is damaged, or it holds Python objects, which are "
-            "never unpickled because that could run code from the file")
-
-
 @dataclass
 class ClipModel:
     """A frozen open_clip model with its tokenizer and image preprocessing.
 
     ``model`` is the open_clip module; ``tokenizer`` maps a list of strings to a
     (n, context_length) LongTensor; ``preprocess`` maps a PIL image to a tensor.
+    :func:`load_model` makes one; to use open_clip objects of your own, wrap them::
+
+        model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained="openai")
+        cm = crossgap_fast.ClipModel(model, tokenizer=open_clip.get_tokenizer("ViT-B-32"),
+                                     preprocess=preprocess, name="ViT-B-32", pretrained="openai")
+
+    Only what a call uses is needed: features in and out (``oti`` / ``ovi`` of features,
+    ``ovi_features``, a gallery of feature files) need neither; texts and OTI's template need the
+    tokenizer; PIL images and image files need ``preprocess``. A call missing one says so.
+    ``name`` and ``pretrained`` are what a gallery run records as the model's identity.
     """
 
     model: nn.Module
-    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    tokenizer: Callable[[Sequence[str]], torch.Tensor] | None = None
     preprocess: Callable[[Any], torch.Tensor] | None = None
     name: str = "custom"
     pretrained: str | None = None
@@ -93,18 +87,45 @@ class ClipModel:
         self.model.to(device)
         return self
 
+    def require_tokenizer(self, purpose: str) -> Callable[[Sequence[str]], torch.Tensor]:
+        """The tokenizer; ValueError naming ``purpose`` (e.g. "encode texts") when there is none."""
+        if self.tokenizer is None:
+            raise ValueError(
+                f"model {self.name!r} has no tokenizer, which is needed to {purpose}: pass "
+                "crossgap_fast.ClipModel(model, tokenizer=open_clip.get_tokenizer(NAME)) or load it "
+                "with crossgap_fast.load_model"
+            )
+        return self.tokenizer
 
-def _default_tokenizer(model: nn.Module) -> Callable[[Sequence[str]], torch.Tensor]:
-    ctx = int(getattr(model, "context_length", 77))
-    return open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+
+#: Vocabulary of open_clip's SimpleTokenizer (CLIP's byte-pair encoding).
+CLIP_VOCAB_SIZE = 49408
+
+
+def own_tokenizer(model: nn.Module) -> Callable[[Sequence[str]], torch.Tensor] | None:
+    """The tokenizer a bare open_clip module's own layout makes unambiguous, else None.
+
+    A causal open_clip text Transformer with CLIP's 49,408-token vocabulary, pooled at the
+    end-of-text token (the highest id, "argmax"), gets open_clip's SimpleTokenizer at the model's
+    context length: every open_clip config of that layout uses it (CLIP, OpenCLIP, EVA,
+    MobileCLIP, PE). Any other module (SigLIP, CLIPA, another vocabulary) gets none: nothing in
+    the module says which tokenizer it was trained with, and a guess would give wrong features.
+    """
+    try:
+        tower = text_tower(model)
+    except UnsupportedModelError:
+        return None
+    stock = tower.causal and tower.pool_type == "argmax" and tower.token_embedding.num_embeddings == CLIP_VOCAB_SIZE
+    return open_clip.tokenizer.SimpleTokenizer(context_length=int(model.context_length)) if stock else None
 
 
 def as_clip_model(model: ClipModel | nn.Module) -> ClipModel:
-    """Accept either a :class:`ClipModel` or a bare open_clip module."""
+    """Accept either a :class:`ClipModel` or a bare open_clip module (its tokenizer as
+    :func:`own_tokenizer` finds it; no image preprocess)."""
     if isinstance(model, ClipModel):
         return model
     if isinstance(model, nn.Module):
-        return ClipModel(model=model, tokenizer=_default_tokenizer(model))
+        return ClipModel(model=model, tokenizer=own_tokenizer(model))
     raise TypeError(
         f"model must be a crossgap_fast.ClipModel (from load_model) or an open_clip model, "
         f"got {type(model).__name__}"
@@ -132,6 +153,7 @@ def load_model(
     name: str,
     pretrained: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
+    **open_clip_kwargs: Any,
 ) -> ClipModel:
     """Create a frozen open_clip model in eval mode.
 
@@ -145,6 +167,9 @@ def load_model(
             ``"laion2b_s34b_b79k"``, ...); or the path of a local checkpoint file. Must be
             ``None`` for ``hf-hub:`` / ``local-dir:`` names, whose weights come with them.
         device: where to put the model.
+        open_clip_kwargs: passed to ``open_clip.create_model_and_transforms`` (``precision``,
+            ``cache_dir``, ``force_quick_gelu``, ``force_context_length``, ``force_image_size``,
+            ...); ``cache_dir`` and ``force_context_length`` also reach the tokenizer.
     """
     register_model_configs()
     if name == DEMO_MODEL and (pretrained is None or str(pretrained) == "demo"):
@@ -174,8 +199,11 @@ def load_model(
                     f"pretrained={tag!r} is neither a file nor a pretrained tag of {name!r} "
                     f"(known tags: {sorted(known) or 'none'})"
                 )
+    # the tokenizer must follow a forced context length, and find its files where the weights go
+    tok_kwargs = {k: open_clip_kwargs[o] for k, o in (("context_length", "force_context_length"),
+                                                      ("cache_dir", "cache_dir")) if open_clip_kwargs.get(o) is not None}
     try:  # before the weights: a missing tokenizer dependency should fail fast
-        tokenizer = open_clip.get_tokenizer(name)
+        tokenizer = open_clip.get_tokenizer(name, **tok_kwargs)
     except ImportError as err:
         missing = getattr(err, "name", None) or "a package"
         raise ImportError(
@@ -184,16 +212,17 @@ def load_model(
         ) from err
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=tag, device=device
+            name, pretrained=tag, device=device, **open_clip_kwargs
         )
     except Exception as err:
         if tag is None or not os.path.isfile(tag):
             raise
         raise CheckpointError(
-            f"pretrained checkpoint {tag!r} cannot be loaded into {name!r}: {_checkpoint_problem(name, tag, err)}"
+            f"pretrained checkpoint {tag!r} cannot be loaded into {name!r}: {checkpoint_problem(name, tag, err)}"
         ) from err
     model.eval()
     model.requires_grad_(False)
+    logger.info("loaded %s (weights: %s) on %s", name, tag or "random", device)
     return ClipModel(
         model=model,
         tokenizer=tokenizer,
@@ -203,68 +232,27 @@ def load_model(
     )
 
 
-#: Seed of the random weights of ``pretrained="random"`` in :func:`load_named_model`.
-RANDOM_MODEL_SEED = 0
-
-
-def load_named_model(name: str, pretrained: str, device: str = "cpu") -> ClipModel:
+def load_named_model(name: str, pretrained: str, device: str = "cpu", **open_clip_kwargs: Any) -> ClipModel:
     """The model as the command line and Ray actors name it. Random weights
     (``pretrained="random"``) are made under ``torch.manual_seed(RANDOM_MODEL_SEED)``, so every
-    process (a resumed run, each worker) builds the same ones."""
+    process (a resumed run, each worker) builds the same ones. ``open_clip_kwargs`` as for
+    :func:`load_model` (``precision``, ...)."""
     torch.manual_seed(RANDOM_MODEL_SEED)
-    root = logging.getLogger()
-    level = root.level
+    quiet = _NoRandomWeightsWarning()
+    root = logging.getLogger()  # open_clip logs there; its level and handlers stay the user's
     if pretrained == "random":  # open_clip warns that no weights were loaded: that is the point
-        root.setLevel(logging.ERROR)
+        root.addFilter(quiet)
     try:
-        return load_model(name, pretrained, device=device)
+        return load_model(name, pretrained, device=device, **open_clip_kwargs)
     finally:
-        root.setLevel(level)
+        root.removeFilter(quiet)
 
 
-def _checkpoint_problem(name: str, path: str, err: Exception) -> str:
-    """What is wrong with the checkpoint ``path`` that open_clip failed to load (raising
-    ``err``), found by reading it again ourselves: open_clip's own errors range from an
-    unpickling error that advises an unsafe load to an interpolation error of fp16 weights."""
-    if not path.endswith((".npz", ".npy", ".safetensors")):
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as load_err:
-            return unreadable_file_reason(path, load_err, "a PyTorch checkpoint of tensors")
-        if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-            data = data["state_dict"]
-        if not isinstance(data, dict):
-            return f"it holds a {type(data).__name__}, not a state dict of tensors"
-        other = next((k for k, v in data.items() if not isinstance(v, torch.Tensor)), None)
-        if other is not None:
-            return f"it is not a state dict of tensors (entry {other!r} is a {type(data[other]).__name__})"
-        mismatch = _state_dict_mismatch(name, data)
-        if mismatch:
-            return f"its weights do not fit the {name!r} architecture ({mismatch})"
-    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-    return f"{type(err).__name__}: {first}"
+class _NoRandomWeightsWarning(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded" warning, and nothing else."""
 
-
-def _state_dict_mismatch(name: str, state: dict) -> str:
-    """'' when every tensor of ``state`` fits a fresh ``name`` model, else a short summary."""
-    with torch.random.fork_rng(devices=[]):  # the throwaway model must not move the caller's RNG
-        fresh = open_clip.create_model(name)
-    expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    if "positional_embedding" in state and not hasattr(fresh, "positional_embedding"):
-        state = convert_to_custom_text_state_dict(state)  # as open_clip does for CustomTextCLIP
-    got = {k.removeprefix("module."): tuple(v.shape) for k, v in state.items()}
-    shape = [k for k in got if k in expected and got[k] != expected[k]]
-    missing = [k for k in expected if k not in got]
-    if not shape and not missing:
-        return ""
-    parts = []
-    if shape:
-        k = shape[0]
-        parts.append(f"{len(shape)} tensor(s) of another shape, e.g. {k!r}: checkpoint "
-                     f"{list(got[k])}, model {list(expected[k])}")
-    if missing:
-        parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
-    return "; ".join(parts)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ MAX_LINES = 400
 #: Lower layers never import higher ones. Modules not listed (the package's root and
 #: ``__main__``) may import anything.
 LAYERS = {
-    "base": ("version", "defaults", "errors", "files", "safe_pickle", "images", "progress", "demo.assets"),
-    "solver": ("kernels", "models", "towers", "inversion", "api"),
+    "base": ("version", "defaults", "errors", "files", "safe_pickle", "images", "progress", "threads",
+             "demo.assets"),
+    "solver": ("kernels", "checkpoints", "models", "towers", "inversion", "api"),
     "pipeline": ("pipeline",),
     "eval": ("eval",),
     "apps": ("cli", "demo"),

@@ -500,7 +500,8 @@ def test_custom_text_clip_text_towers_are_supported(causal):
     model = CustomTextCLIP(32, _tiny_vision_cfg(), _tiny_text_cfg(no_causal_mask=not causal, pool_type="last"))
     tower = check_text_tower(model)
     assert tower.owner is model.text and tower.causal is causal and tower.width == 32
-    res = cg.oti(torch.randn(2, 32), model, steps=2)
+    # pooled at the last position: no tokenizer is guessed for the bare module; the user names it
+    res = cg.oti(torch.randn(2, 32), cg.ClipModel(model, tokenizer=open_clip.tokenizer.SimpleTokenizer()), steps=2)
     assert res.features.shape == (2, 32) and torch.isfinite(res.features).all()
 
 

@@ -30,7 +30,7 @@ from typing import Sequence
 from crossgap_fast.cli import evaluate, invert, tools
 from crossgap_fast.cli.messages import fail, format_warning, os_problem
 from crossgap_fast.demo.assets import DEMO_MODEL
-from crossgap_fast.models import HF_HUB, LOCAL_DIR, load_named_model
+from crossgap_fast.threads import configure_cpu_threads
 
 #: The commands that load no model from ``--model`` / ``--pretrained`` themselves.
 _STANDALONE = {"demo": tools.demo, "selfcheck": tools.selfcheck, "status": tools.status, "export": tools.export}
@@ -54,9 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    configure_cpu_threads()  # before anything imports torch: OpenMP reads it once, at load
     args = build_parser().parse_args(argv)
     if args.command in _STANDALONE:
         return _STANDALONE[args.command](args)
+    from crossgap_fast.models import HF_HUB, LOCAL_DIR  # torch and open_clip: only for a model
+
     if args.pretrained is None and args.model == DEMO_MODEL:
         args.pretrained = "demo"
     if args.pretrained is None and not args.model.startswith((HF_HUB, LOCAL_DIR)):  # those bring their weights
@@ -75,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_with_model(args: argparse.Namespace) -> int:
     """Load ``--model`` / ``--pretrained``, then run ``eval``, ``invert`` or ``encode`` with it."""
+    from crossgap_fast.models import load_named_model
+
     try:
         model = load_named_model(args.model, args.pretrained)
     except (ValueError, RuntimeError, ImportError) as err:

@@ -21,9 +21,6 @@ from crossgap_fast.defaults import (
     DEFAULT_WARM_STEPS,
 )
 from crossgap_fast.errors import DeviceFailure, GalleryError, UnsupportedModelError
-from crossgap_fast.eval.harness import evaluate_retrieval, evaluate_zeroshot
-from crossgap_fast.eval.paper import TABLE_JSON, TABLE_TXT, run_paper
-from crossgap_fast.eval.reports import write_outputs
 
 _TASKS = (("retrieval", "image-image (OTI) or text-text (OVI) retrieval, intra vs inter"),
           ("zeroshot", "zero-shot classification, inter (standard) vs intra via OTI"),
@@ -109,6 +106,8 @@ def run(args: argparse.Namespace, model) -> int:
 
 
 def _paper(args: argparse.Namespace, model) -> int:
+    from crossgap_fast.eval.paper import TABLE_JSON, TABLE_TXT, run_paper  # torch: only when running
+
     names = [d for d in args.datasets.split(",") if d.strip()]
     table = run_paper(args.dataroot, model, args.out, datasets=names or None, steps=args.steps,
                       num_tokens=args.num_tokens, template=args.template, seed=args.seed,
@@ -124,6 +123,9 @@ def _paper(args: argparse.Namespace, model) -> int:
 
 
 def _evaluate(args: argparse.Namespace, model) -> int:
+    from crossgap_fast.eval.harness import evaluate_retrieval, evaluate_zeroshot  # torch: only when running
+    from crossgap_fast.eval.reports import write_outputs
+
     if args.task == "paper":
         return _paper(args, model)
     if getattr(args, "keep_query", False) and args.exclude_self_inter:

@@ -28,15 +28,14 @@ from crossgap_fast.defaults import (
     DEFAULT_TEMPLATE,
     DEFAULT_WARM_STEPS,
     DEFAULT_WEIGHT_DECAY,
+    RANDOM_MODEL_SEED,
 )
 from crossgap_fast.demo.assets import DEMO_MODEL
 from crossgap_fast.errors import DeviceFailure, GalleryError, UnsupportedModelError
 from crossgap_fast.inversion.config import InversionConfig
-from crossgap_fast.models import RANDOM_MODEL_SEED
-from crossgap_fast.pipeline.encode import default_workers
-from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
-from crossgap_fast.pipeline.settings import ENGINES, method_of
+from crossgap_fast.pipeline.kinds import ENGINES, method_of
 from crossgap_fast.pipeline.store import schema as fmt
+from crossgap_fast.threads import default_workers
 
 _WHAT = {("invert", "images"): "OTI: images -> pseudo tokens and text features",
          ("invert", "texts"): "OVI: texts -> pseudo patches and image features",
@@ -151,6 +150,8 @@ def _add_inversion_options(p: argparse.ArgumentParser, kind: str) -> None:
 
 def run(args: argparse.Namespace, model) -> int:
     """Run ``invert`` / ``encode`` with the loaded ``model``; print the summary; the exit code."""
+    from crossgap_fast.pipeline.run import encode_gallery, invert_gallery  # torch: only when running
+
     common = dict(
         kind=args.kind, shard_size=args.shard_size, resume=args.resume, device=args.device,
         progress=not args.no_progress, workers=args.workers, worker=args.worker,

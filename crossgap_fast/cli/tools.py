@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import torch
+from typing import TYPE_CHECKING
 
 from crossgap_fast.cli.messages import fail, os_problem, printable
 from crossgap_fast.cli.options import add_model_option, positive
 from crossgap_fast.defaults import DEFAULT_FAILURES_SHOWN, DEFAULT_STEPS
 from crossgap_fast.demo.assets import DEMO_MODEL
-from crossgap_fast.demo.job import run_demo
 from crossgap_fast.errors import GalleryError, StatusError
-from crossgap_fast.inversion.selfcheck import parse_stages, run_selfcheck
-from crossgap_fast.models import load_named_model
 from crossgap_fast.pipeline.status import read_status
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.pipeline.store.export import export_store
+
+if TYPE_CHECKING:
+    import torch
 
 
 # --------------------------------------------------------------------------------------- demo
@@ -42,6 +41,8 @@ def add_demo_parser(top) -> None:
 
 def demo(args: argparse.Namespace) -> int:
     """Run ``demo``; a failure is one line and exit code 2."""
+    from crossgap_fast.demo.job import run_demo  # torch: only when running
+
     try:
         run_demo(args.out, steps=args.steps, variant=args.variant, device=args.device,
                  progress=not args.no_progress)
@@ -72,6 +73,8 @@ def add_selfcheck_parser(top) -> None:
 
 def _selfcheck_device(name: str) -> torch.device:
     """The device of ``selfcheck --device NAME``; ValueError (one line) when it cannot run there."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -90,6 +93,9 @@ def _selfcheck_device(name: str) -> torch.device:
 
 def selfcheck(args: argparse.Namespace) -> int:
     """Run ``selfcheck``: exit code 0 when every stage agreed, 1 when one did not, 2 on bad input."""
+    from crossgap_fast.inversion.selfcheck import parse_stages, run_selfcheck  # torch: only when running
+    from crossgap_fast.models import load_named_model
+
     try:
         device = _selfcheck_device(args.device)
     except ValueError as err:

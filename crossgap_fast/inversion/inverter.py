@@ -88,7 +88,8 @@ class Inverter:
         with frozen(m):
             if config.method == "oti":
                 width = check_text_tower(m).width
-                self.template = make_template(config.template, config.num_tokens, self.model.tokenizer, m)
+                self.template = make_template(config.template, config.num_tokens,
+                                              self.model.require_tokenizer("run OTI (its template is text)"), m)
             else:
                 tower = check_vision_tower(m)
                 width = tower.width

@@ -28,9 +28,8 @@ from crossgap_fast.files import atomic_write
 from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.inversion.inverter import Inverter, InversionResult
 from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS, WarmStart, fit_warm_start, load_warm_start
+from crossgap_fast.pipeline.store.manifest import CALIBRATION_FILE, MAP_FILE
 
-CALIBRATION_FILE = "calibration.pt"
-MAP_FILE = "warm-start.npz"
 _CAL_KEYS = ("indices", "targets", "features", "tokens", "curves")
 
 

@@ -33,11 +33,6 @@ _HANDOVER = 2
 _END = object()
 
 
-def default_workers() -> int:
-    """Image decoding processes when none are asked for: ``min(4, cpus)``."""
-    return min(4, os.cpu_count() or 1)
-
-
 @dataclass
 class Timer:
     """Seconds spent per stage (this process)."""
@@ -57,7 +52,7 @@ def encode_image_batch(cm: ClipModel, images: Tensor, dev: torch.device) -> Tens
 @torch.no_grad()
 def encode_text_batch(cm: ClipModel, texts: list[str], dev: torch.device) -> Tensor:
     """(N, D) float32 CPU features of ``texts``, encoded on ``dev``."""
-    tokens = cm.tokenizer(texts)  # truncates texts longer than the context
+    tokens = cm.require_tokenizer("encode texts")(texts)  # truncates texts longer than the context
     return cm.model.encode_text(tokens.to(dev)).float().cpu()
 
 

@@ -21,14 +21,12 @@ from crossgap_fast.defaults import DEFAULT_KEEP_COLUMNS, DEFAULT_NORMALIZE, DEFA
 from crossgap_fast.inversion.config import InversionConfig, check_int
 from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS
 from crossgap_fast.models import ClipModel, model_name_id, pretrained_id
-from crossgap_fast.pipeline.encode import default_workers
 from crossgap_fast.pipeline.inputs import InputItems
 from crossgap_fast.pipeline.inputs.carried import parse_keep
+from crossgap_fast.pipeline.kinds import ENGINES, method_of
 from crossgap_fast.pipeline.store import schema as fmt
+from crossgap_fast.threads import default_workers
 
-ENGINES = ("local", "ray")
-#: The inversion each kind of input runs.
-KINDS = {"images": "oti", "texts": "ovi"}
 #: InversionConfig fields the gallery sets itself or cannot store (snapshots are not kept).
 _GALLERY_OWNED = {"method", "snapshot_steps"}
 
@@ -36,13 +34,6 @@ _GALLERY_OWNED = {"method", "snapshot_steps"}
 # --------------------------------------------------------------------------------------------
 # The inversion's settings
 # --------------------------------------------------------------------------------------------
-def method_of(kind: str) -> str:
-    """"oti" for images, "ovi" for texts."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be 'images' or 'texts', got {kind!r}")
-    return KINDS[kind]
-
-
 def check_config(config: InversionConfig | dict, kind: str, *, accept_dict: bool = False) -> InversionConfig:
     """``config`` as the :class:`InversionConfig` of ``kind``'s method (with ``accept_dict``, a
     dict for :meth:`InversionConfig.from_dict`; without "method" it takes the kind's)."""

@@ -202,6 +202,9 @@ def check_input(gallery: InputItems, cm: ClipModel, method: str) -> None:
             )
     if gallery.kind == "images" and cm.preprocess is None:
         raise InputError("the model has no image preprocess transform: cannot read image files")
+    if gallery.kind == "texts" and cm.tokenizer is None:  # refused before any work
+        raise InputError(f"model {cm.name!r} has no tokenizer to read the texts of {gallery.source!r}: pass "
+                         "crossgap_fast.ClipModel(model, tokenizer=open_clip.get_tokenizer(NAME))")
     refuse_unusable(gallery)
 
 

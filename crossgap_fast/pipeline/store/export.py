@@ -2,7 +2,8 @@
 
 Converts a version-1 store (``shard-*.pt``) into the numpy + parquet layout, or a current
 store into another feature dtype, normalisation or column selection. Shard by shard: memory
-holds one shard at a time. The source is only read.
+holds one shard at a time. The source is only read. A version-2 store is converted with numpy
+and pyarrow alone (torch is imported for version-1 shards only).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from pathlib import Path
 from typing import Sequence
 
 from crossgap_fast.errors import GalleryError, OutputExistsError
-from crossgap_fast.pipeline import calibration as cal_mod
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.pipeline.store.folder import GalleryStore
-from crossgap_fast.pipeline.store.manifest import INPUT_INDEX, SETTINGS_KEYS
-from crossgap_fast.pipeline.store.reader import open_store, pick_entry, shard_tensors
+from crossgap_fast.pipeline.store.manifest import CALIBRATION_FILE, INPUT_INDEX, MAP_FILE, SETTINGS_KEYS
+from crossgap_fast.pipeline.store.reader import open_store, pick_entry, shard_arrays
 from crossgap_fast.progress import Progress
 
 #: Manifest keys that describe a run's state, not its settings (made anew by the export).
@@ -42,8 +42,6 @@ def export_store(source: str | os.PathLike, target: str | os.PathLike, *,
     if lacking:  # refused before the target is made
         raise GalleryError(f"the run in {str(source)!r} did not store {', '.join(lacking)} (it kept "
                            f"{', '.join(kept)}): cannot export it")
-    import torch
-
     recorded = manifest.get("output") or {}
     dtype = fmt.check_dtype(dtype if dtype is not None else recorded.get("dtype") or fmt.DEFAULT_DTYPE)
     normalize = bool(recorded.get("normalize")) if normalize is None else bool(normalize)
@@ -64,9 +62,11 @@ def export_store(source: str | os.PathLike, target: str | os.PathLike, *,
         for shard in sorted(candidates):
             entry = pick_entry(src_root, shard, candidates[shard], verify=True)
             if manifest.get("version") == 1:
+                import torch  # version-1 shards are torch files
+
                 payload = torch.load(src_root / entry["file"], map_location="cpu", weights_only=True)
             else:
-                payload = shard_tensors(src_root, entry)
+                payload = shard_arrays(src_root, entry)
                 payload["columns"] = _item_columns(src_root, entry)
             missing = [c for c in columns if payload.get(c) is None]
             if missing:
@@ -74,7 +74,7 @@ def export_store(source: str | os.PathLike, target: str | os.PathLike, *,
                                    "cannot export it")
             out.write_shard(shard, payload, {k: v for k, v in entry.items() if k not in _ENTRY_OWN})
             bar.update(1)
-        for name in (INPUT_INDEX, cal_mod.CALIBRATION_FILE, cal_mod.MAP_FILE):
+        for name in (INPUT_INDEX, CALIBRATION_FILE, MAP_FILE):
             if (src_root / name).is_file():
                 shutil.copyfile(src_root / name, out.root / name)
         out.open()

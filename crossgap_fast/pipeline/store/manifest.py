@@ -26,6 +26,10 @@ LEASES = "leases"
 #: The dataset card: its ``configs:`` point Hugging Face ``datasets.load_dataset(OUTDIR)`` at
 #: ``metadata/*.parquet`` (the root also holds ``input.parquet``, of another schema).
 CARD = "README.md"
+#: A warm-started run's calibration set (torch file) and fitted map (written by
+#: :mod:`crossgap_fast.pipeline.calibration`; named here so that copying a store needs no torch).
+CALIBRATION_FILE = "calibration.pt"
+MAP_FILE = "warm-start.npz"
 
 #: Manifest keys that must match for ``resume`` to continue a run.
 SETTINGS_KEYS = (

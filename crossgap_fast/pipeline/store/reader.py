@@ -1,7 +1,10 @@
 """Reading a run back: :func:`load_inversions` (everything, as tensors) and
 :func:`iter_inversions` (streamed batches of memory-mapped arrays, for stores that do not fit
 in memory). Both read store version 2 (``.npy`` + ``.parquet`` shards) and version 1
-(``shard-*.pt``)."""
+(``shard-*.pt``).
+
+Streaming a version-2 store needs numpy and pyarrow only: torch is imported where tensors are
+made (:func:`load_inversions`) or a version-1 store is read, never on import."""
 
 from __future__ import annotations
 
@@ -9,17 +12,18 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from crossgap_fast.defaults import DEFAULT_READ_BATCH
 from crossgap_fast.errors import CorruptStoreError, GalleryError
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.pipeline.store.entries import entry_mismatch, shard_candidates
 from crossgap_fast.pipeline.store.manifest import MANIFEST, read_manifest
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: Array columns :func:`iter_inversions` can stream.
 ARRAY_COLUMNS = ("features", "targets", "tokens", "loss_curves")
@@ -96,6 +100,8 @@ def load_inversions(out_dir: str | os.PathLike, *, allow_partial: bool = False, 
     ``verify`` checks every file against the sha256 in its manifest entry. For stores too
     large for memory use :func:`iter_inversions`.
     """
+    import torch
+
     root, manifest, candidates, complete = open_store(out_dir, allow_partial)
     entries = [pick_entry(root, s, candidates[s], verify) for s in sorted(candidates)]
     if manifest.get("version") == 1:
@@ -133,22 +139,27 @@ def load_inversions(out_dir: str | os.PathLike, *, allow_partial: bool = False, 
     )
 
 
-def shard_tensors(root: Path, entry: dict) -> dict:
-    """One version-2 shard as the tensors :class:`Inversions` holds."""
+def shard_arrays(root: Path, entry: dict) -> dict:
+    """One version-2 shard as numpy arrays (float32 columns, int64 indices, bool calibration)
+    and its names: the keys of :class:`Inversions`, read without torch."""
     cols = fmt.column_files(entry)
     table = fmt.read_metadata(root, cols[fmt.METADATA])
-    out: dict = {
-        "names": fmt.names_of(table),
-        "indices": torch.from_numpy(table.column("index").to_numpy().astype(np.int64)),
-    }
+    out: dict = {"names": fmt.names_of(table), "indices": table.column("index").to_numpy().astype(np.int64)}
     for key in ARRAY_COLUMNS:
         if key in cols:
-            out[key] = torch.from_numpy(np.array(fmt.load_array(root, cols[key], mmap=False), dtype=np.float32))
+            out[key] = np.array(fmt.load_array(root, cols[key], mmap=False), dtype=np.float32)
     if "loss" in table.column_names:
-        out["losses"] = torch.from_numpy(table.column("loss").to_numpy().astype(np.float32))
+        out["losses"] = table.column("loss").to_numpy().astype(np.float32)
     if "calibration" in table.column_names:
-        out["calibration"] = torch.from_numpy(table.column("calibration").to_numpy(zero_copy_only=False).astype(bool))
+        out["calibration"] = table.column("calibration").to_numpy(zero_copy_only=False).astype(bool)
     return out
+
+
+def shard_tensors(root: Path, entry: dict) -> dict:
+    """One version-2 shard as the tensors :class:`Inversions` holds."""
+    import torch
+
+    return {k: v if k == "names" else torch.from_numpy(v) for k, v in shard_arrays(root, entry).items()}
 
 
 def iter_inversions(
@@ -214,6 +225,8 @@ def _join(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
 def _shard_views(root: Path, manifest: dict, entry: dict, columns: Sequence[str],
                  metadata_columns: Sequence[str] | None):
     if manifest.get("version") == 1:
+        import torch  # version-1 shards are torch files
+
         part = torch.load(root / entry["file"], map_location="cpu", weights_only=True)
         arrays = {}
         for c in columns:
