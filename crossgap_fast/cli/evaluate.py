@@ -18,7 +18,7 @@ from crossgap_fast.defaults import (
     DEFAULT_TEMPLATE,
     DEFAULT_WARM_STEPS,
 )
-from crossgap_fast.errors import DeviceFailure, GalleryError, UnsupportedModelError
+from crossgap_fast.errors import DeviceFailure, GalleryError, UnsafePickleError, UnsupportedModelError
 from crossgap_fast.eval.harness import evaluate_retrieval, evaluate_zeroshot
 from crossgap_fast.eval.reports import write_outputs
 
@@ -73,8 +73,8 @@ def run(args: argparse.Namespace, model) -> int:
     GPU failed mid-run)."""
     try:
         return _evaluate(args, model)
-    except (GalleryError, UnsupportedModelError, FileNotFoundError) as err:
-        return fail(str(err))
+    except (GalleryError, UnsupportedModelError, FileNotFoundError, UnsafePickleError) as err:
+        return fail(str(err))  # a refused pickle names its file and what it asked for
     except DeviceFailure as err:  # cached features and inversions are kept for the rerun
         return fail(str(err), EXIT_DEVICE)
     except ValueError as err:
