@@ -66,6 +66,12 @@ DEFAULT_STORE = ("features", "tokens", "targets", "losses")
 DEFAULT_DTYPE = "float32"
 #: Rows per batch of :func:`crossgap_fast.iter_inversions`.
 DEFAULT_READ_BATCH = 65536
+#: What one input item may cost to read (see :class:`~crossgap_fast.pipeline.inputs.limits.InputLimits`):
+#: seconds for a whole download (connect, headers and body under one deadline), bytes of one
+#: image (a download, a tar member or a local file), and redirects followed by one download.
+DEFAULT_DOWNLOAD_TIMEOUT_S = 30.0
+DEFAULT_MAX_ITEM_BYTES = 64 << 20
+DEFAULT_MAX_REDIRECTS = 5
 #: Failures listed by ``crossgap status`` (the most recent ones).
 DEFAULT_FAILURES_SHOWN = 5
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 import argparse
 
 from crossgap_fast.cli.messages import EXIT_DEVICE, fail, os_problem, printable
-from crossgap_fast.cli.options import add_model_option, fraction, non_negative, positive
+from crossgap_fast.cli.options import add_model_option, fraction, non_negative, positive, positive_seconds
 from crossgap_fast.defaults import (
+    DEFAULT_DOWNLOAD_TIMEOUT_S,
     DEFAULT_ENCODE_BATCH,
     DEFAULT_ENGINE,
     DEFAULT_LEASE_SECONDS,
     DEFAULT_LR,
     DEFAULT_MAX_FAILED_FRACTION,
+    DEFAULT_MAX_ITEM_BYTES,
+    DEFAULT_MAX_REDIRECTS,
     DEFAULT_NUM_TOKENS,
     DEFAULT_PRETRAINED,
     DEFAULT_RAY_ACTORS,
@@ -32,6 +35,7 @@ from crossgap_fast.errors import DeviceFailure, GalleryError, UnsupportedModelEr
 from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.models import RANDOM_MODEL_SEED
 from crossgap_fast.pipeline.encode import default_workers
+from crossgap_fast.pipeline.inputs.limits import InputLimits
 from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
 from crossgap_fast.pipeline.settings import ENGINES, method_of
 from crossgap_fast.pipeline.store import schema as fmt
@@ -98,9 +102,34 @@ def _add_common_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--workers", type=non_negative, default=None,
                    help=f"image decoding processes (default min(4, cpus) = {default_workers()})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_limit_options(p)
     p.add_argument("--max-failed-fraction", type=fraction, default=DEFAULT_MAX_FAILED_FRACTION,
                    help="exit with code 2 when more than this fraction of the items fail (default "
                    f"{DEFAULT_MAX_FAILED_FRACTION}); a run in which every item fails always does")
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    """What reading one item may cost, and where items may come from (shared services)."""
+    p.add_argument("--download-timeout", type=positive_seconds, default=DEFAULT_DOWNLOAD_TIMEOUT_S,
+                   help="seconds one image download may take in all: connect, headers, body and "
+                   f"redirects (default {DEFAULT_DOWNLOAD_TIMEOUT_S:g})")
+    p.add_argument("--max-item-bytes", type=positive, default=DEFAULT_MAX_ITEM_BYTES,
+                   help="largest image read: a download, a tar member or a local file; larger "
+                   f"ones are item errors (default {DEFAULT_MAX_ITEM_BYTES})")
+    p.add_argument("--max-redirects", type=non_negative, default=DEFAULT_MAX_REDIRECTS,
+                   help=f"redirects one download follows, to http(s) only (default {DEFAULT_MAX_REDIRECTS})")
+    p.add_argument("--allow-host", action="append", default=None, metavar="HOST",
+                   help="download only from this host name (repeat for several); default: any host")
+    p.add_argument("--input-root", action="append", default=None, metavar="DIR",
+                   help="read local image paths only under this folder (repeat for several); a path "
+                   "elsewhere is an item error that does not tell whether it exists; default: anywhere")
+
+
+def _limits(args: argparse.Namespace) -> InputLimits:
+    return InputLimits(timeout_s=args.download_timeout, max_bytes=args.max_item_bytes,
+                       max_redirects=args.max_redirects,
+                       allowed_hosts=tuple(args.allow_host) if args.allow_host else None,
+                       local_roots=tuple(args.input_root) if args.input_root else None)
 
 
 def _add_inversion_options(p: argparse.ArgumentParser, kind: str) -> None:
@@ -150,6 +179,7 @@ def run(args: argparse.Namespace, model) -> int:
         column=args.input_column,
     )
     try:
+        common["input_limits"] = _limits(args)
         if args.command == "invert":
             summary = invert_gallery(
                 args.input, args.out, model, config=_inversion_config(args), warm_start=args.warm_start,

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, Sequence
 from torch import Tensor
 
 from crossgap_fast.pipeline.inputs.feature_rows import FeatureRows
+from crossgap_fast.pipeline.inputs.limits import InputLimits
 from crossgap_fast.pipeline.store.schema import utf8_safe
 
 
@@ -63,6 +64,7 @@ class InputItems:
     issues: dict[int, dict] = field(default_factory=dict)
     stamps: list[tuple[int, ...] | None] | None = None
     problems: list[dict] = field(default_factory=list)
+    limits: InputLimits = field(default_factory=InputLimits, compare=False)
 
     def __len__(self) -> int:
         return len(self.names)

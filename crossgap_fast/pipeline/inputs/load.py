@@ -35,7 +35,8 @@ from crossgap_fast.pipeline.inputs.folders import (
     read_image_list,
     scan_images,
 )
-from crossgap_fast.pipeline.inputs.items import InputItems
+from crossgap_fast.pipeline.inputs.items import InputItems, TarMember
+from crossgap_fast.pipeline.inputs.limits import DEFAULT_LIMITS, InputLimits
 from crossgap_fast.pipeline.inputs.parquet import parquet_items
 from crossgap_fast.pipeline.inputs.tars import (
     check_tar_path,
@@ -56,6 +57,7 @@ def load_input(
     tokenizer: Callable[[Sequence[str]], Tensor] | None = None,
     context_length: int | None = None,
     column: str | None = None,
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> InputItems:
     """Resolve ``inputs`` for ``kind`` ("images" or "texts").
 
@@ -72,15 +74,41 @@ def load_input(
     precomputed features, memory-mapped. ``column`` names the parquet column to take the
     items from, or the metadata column to name an embedding folder's rows by.
     ``tokenizer`` and ``context_length`` flag texts too long for the model's context (they
-    are truncated).
+    are truncated). ``limits`` bound what one item may cost to read, and with ``local_roots``
+    which local paths may be read at all (see
+    :class:`~crossgap_fast.pipeline.inputs.limits.InputLimits`); they travel with the items.
     """
+    gallery = _load(inputs, kind, tokenizer, context_length, column, limits)
+    gallery.limits = limits
+    if gallery.kind == "images" and limits.local_roots is not None:
+        _refuse_outside_roots(gallery, limits)
+    return gallery
+
+
+def _refuse_outside_roots(gallery: InputItems, limits: InputLimits) -> None:
+    """Image paths outside the allowed folders become errors with one reason, replacing what
+    listing found (a "not a regular file" would tell that the path exists)."""
+    for i, item in enumerate(gallery.items):
+        path = item.tar if isinstance(item, TarMember) else item
+        if not isinstance(path, str) or not path:
+            continue
+        try:
+            limits.check_local(path)
+        except OSError as err:
+            gallery.issues[i] = {"level": "error", "reason": str(err)}
+            if gallery.stamps is not None:
+                gallery.stamps[i] = None
+
+
+def _load(inputs: Any, kind: str, tokenizer, context_length: int | None, column: str | None,
+          limits: InputLimits) -> InputItems:
     if kind not in ("images", "texts"):
         raise ValueError(f"kind must be 'images' or 'texts', got {kind!r}")
     if isinstance(inputs, (Tensor, np.ndarray)):
         _refuse_column(column, "a feature array")
         return features_items(inputs, "features")
     if isinstance(inputs, (str, os.PathLike)):
-        gallery = _path_items(os.fspath(inputs), kind, column)
+        gallery = _path_items(os.fspath(inputs), kind, column, limits)
         if gallery.kind != "texts":
             return gallery
     elif isinstance(inputs, Sequence):
@@ -112,14 +140,16 @@ def load_input(
     return gallery
 
 
-def _path_items(text: str, kind: str, column: str | None) -> InputItems:
+def _path_items(text: str, kind: str, column: str | None, limits: InputLimits) -> InputItems:
     """The items of a path input (a file, a folder, or a webdataset shard pattern)."""
+    if not text.strip():  # Path("") is the working folder: an empty --input would invert it all
+        raise InputError("input path is empty: name a folder, list, text, feature, .tar or .parquet file")
     path = Path(text)
     if not path.exists():
         refuse_remote(text)
         if is_tar_pattern(text):
             _refuse_column(column, text)
-            return tar_items(text, expand_shards(text), kind)
+            return tar_items(text, expand_shards(text), kind, limits.max_bytes)
         raise InputError(f"input {str(path)!r} does not exist")
     mode = path.stat().st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
@@ -133,7 +163,7 @@ def _path_items(text: str, kind: str, column: str | None) -> InputItems:
     _refuse_column(column, text)
     if path.is_file() and (suffix.endswith(".tar") or is_compressed_tar(suffix)):
         check_tar_path(text, text)
-        return tar_items(text, [text], kind)
+        return tar_items(text, [text], kind, limits.max_bytes)
     if path.is_file() and path.suffix.lower() in FEATURE_EXTENSIONS:
         return features_items(read_features(path), str(path))
     if kind == "images":
