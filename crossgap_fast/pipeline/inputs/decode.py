@@ -21,8 +21,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from crossgap_fast.errors import ItemReadError, NotRegularFileError
+from crossgap_fast.files import file_kind
 from crossgap_fast.images import to_rgb
-from crossgap_fast.pipeline.inputs.folders import file_kind
 from crossgap_fast.pipeline.inputs.items import ImageUrl, TarMember
 from crossgap_fast.pipeline.inputs.limits import DEFAULT_LIMITS, InputLimits
 from crossgap_fast.pipeline.inputs.tars import read_tar_member

@@ -21,6 +21,7 @@ import numpy as np
 from torch import Tensor
 
 from crossgap_fast.errors import InputError
+from crossgap_fast.files import file_kind
 from crossgap_fast.pipeline.inputs.features import (
     FEATURE_EXTENSIONS,
     features_items,
@@ -30,7 +31,6 @@ from crossgap_fast.pipeline.inputs.features import (
 )
 from crossgap_fast.pipeline.inputs.folders import (
     IMAGE_EXTENSIONS,
-    file_kind,
     images_items,
     read_image_list,
     scan_images,
