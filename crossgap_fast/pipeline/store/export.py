@@ -16,6 +16,7 @@ from crossgap_fast.errors import GalleryError, OutputExistsError
 from crossgap_fast.pipeline import calibration as cal_mod
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.pipeline.store.folder import GalleryStore
+from crossgap_fast.pipeline.store.legacy import load_v1_shard
 from crossgap_fast.pipeline.store.manifest import INPUT_INDEX, SETTINGS_KEYS
 from crossgap_fast.pipeline.store.reader import open_store, pick_entry, shard_tensors
 from crossgap_fast.progress import Progress
@@ -42,8 +43,7 @@ def export_store(source: str | os.PathLike, target: str | os.PathLike, *,
     if lacking:  # refused before the target is made
         raise GalleryError(f"the run in {str(source)!r} did not store {', '.join(lacking)} (it kept "
                            f"{', '.join(kept)}): cannot export it")
-    import torch
-
+    
     recorded = manifest.get("output") or {}
     dtype = fmt.check_dtype(dtype if dtype is not None else recorded.get("dtype") or fmt.DEFAULT_DTYPE)
     normalize = bool(recorded.get("normalize")) if normalize is None else bool(normalize)
@@ -64,7 +64,7 @@ def export_store(source: str | os.PathLike, target: str | os.PathLike, *,
         for shard in sorted(candidates):
             entry = pick_entry(src_root, shard, candidates[shard], verify=True)
             if manifest.get("version") == 1:
-                payload = torch.load(src_root / entry["file"], map_location="cpu", weights_only=True)
+                payload = load_v1_shard(src_root, entry)
             else:
                 payload = shard_tensors(src_root, entry)
                 payload["columns"] = _item_columns(src_root, entry)
