@@ -8,6 +8,7 @@ returns a failure as the error record's reason (:func:`unreadable_image`, "file 
 
 from __future__ import annotations
 
+import contextvars
 import io
 import os
 import pickle
@@ -37,11 +38,20 @@ def read_item_bytes(item: TarMember | ImageUrl, limits: InputLimits = DEFAULT_LI
     return read_tar_member(item, limits.max_bytes)
 
 
+#: The limits of the dataset decoding in this thread (see :class:`ImageDataset`): a context
+#: variable, so that :func:`load_image` keeps the two-argument call wrappers replace.
+_LIMITS: contextvars.ContextVar[InputLimits] = contextvars.ContextVar("crossgap_input_limits",
+                                                                      default=DEFAULT_LIMITS)
+
+
 def load_image(path: str | TarMember | ImageUrl, preprocess: Callable[[Any], Tensor],
-               limits: InputLimits = DEFAULT_LIMITS) -> Tensor:
+               limits: InputLimits | None = None) -> Tensor:
     """Decode the image file ``path`` (or tar member, or URL) to RGB (see :func:`to_rgb`)
-    and preprocess it; ``limits`` bound what is read (see :class:`InputLimits`)."""
+    and preprocess it; ``limits`` (default: those of the dataset decoding it, else the
+    defaults) bound what is read (see :class:`InputLimits`)."""
     from PIL import Image
+
+    limits = _LIMITS.get() if limits is None else limits
 
     if isinstance(path, (TarMember, ImageUrl)):
         source: Any = io.BytesIO(read_item_bytes(path, limits))
@@ -96,14 +106,17 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, Tensor | None, str | None]:
         path = self.paths[index]
+        token = _LIMITS.set(self.limits)
         try:
-            return index, load_image(path, self.preprocess, self.limits), None
+            return index, load_image(path, self.preprocess), None
         except FileNotFoundError:
             return index, None, "file not found"
         except (NotRegularFileError, ItemReadError) as err:
             return index, None, str(err)
         except Exception as err:  # PIL raises many types for corrupt files
             return index, None, unreadable_image(err)
+        finally:
+            _LIMITS.reset(token)
 
 
 def unreadable_image(err: Exception) -> str:

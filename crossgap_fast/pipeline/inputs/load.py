@@ -145,7 +145,11 @@ def _path_items(text: str, kind: str, column: str | None, limits: InputLimits) -
     if not text.strip():  # Path("") is the working folder: an empty --input would invert it all
         raise InputError("input path is empty: name a folder, list, text, feature, .tar or .parquet file")
     path = Path(text)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as err:  # a name too long, a loop of links
+        raise InputError(f"input {text!r} cannot be read ({err.strerror or err})") from None
+    if not exists:
         refuse_remote(text)
         if is_tar_pattern(text):
             _refuse_column(column, text)
