@@ -18,6 +18,9 @@ DEFAULT_STEPS = {"oti": 150, "ovi": 1000}
 #: demo model: OTI reaches the exact 150-step loss by 10 steps and is below it at 15; OVI at 150
 #: steps is within 0.001 of the exact 1000-step loss (scripts/measure_warm_start.py).
 DEFAULT_WARM_STEPS = {"oti": 15, "ovi": 150}
+#: The most steps an inversion may take: every item's per-step losses are kept (4 bytes a
+#: step), so a mistyped count would fail in the allocator instead of being refused.
+MAX_STEPS = 1_000_000
 DEFAULT_TEMPLATE = "a photo of {}"
 DEFAULT_LR = 2e-2
 DEFAULT_WEIGHT_DECAY = 0.01

@@ -23,6 +23,8 @@ rank) builds the same weights.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import warnings
 from typing import Sequence
 
@@ -51,8 +53,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit code of a command whose output pipe was closed by its reader (``| head -1``): a
+#: shell's code for a process ended by SIGPIPE.
+EXIT_CLOSED_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code. Output
+    into a pipe whose reader is gone (``crossgap status DIR | head -1``) ends quietly."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # buffered output meets a closed pipe here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_CLOSED_PIPE
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (captured)
+        pass
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in _STANDALONE:
         return _STANDALONE[args.command](args)

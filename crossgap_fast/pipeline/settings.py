@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from crossgap_fast.defaults import DEFAULT_RAY_ACTORS, DEFAULT_STEPS
+from crossgap_fast.defaults import DEFAULT_RAY_ACTORS, DEFAULT_STEPS, MAX_STEPS
 from crossgap_fast.inversion.config import InversionConfig, check_int
 from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS
 from crossgap_fast.models import ClipModel, model_name_id, pretrained_id
@@ -85,7 +85,7 @@ def warm_settings(method: str, warm_start: int, calibration_steps: int | None) -
     if warm_start < MIN_FIT_ITEMS:
         raise ValueError(f"warm_start must be 0 (off) or at least {MIN_FIT_ITEMS} calibration items, "
                          f"got {warm_start}")
-    steps = DEFAULT_STEPS[method] if calibration_steps is None else check_int("calibration_steps", calibration_steps)
+    steps = DEFAULT_STEPS[method] if calibration_steps is None else check_int("calibration_steps", calibration_steps, maximum=MAX_STEPS)
     return warm_start, steps
 
 
