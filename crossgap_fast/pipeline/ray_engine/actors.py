@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from crossgap_fast.defaults import DEFAULT_ENCODE_BATCH
 from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.inversion.inverter import Inverter
+from crossgap_fast.pipeline.inputs.limits import InputLimits
 from crossgap_fast.pipeline.ray_engine.batches import ModelBatches, ModelSpec, passthrough
 from crossgap_fast.pipeline.settings import check_config
 
@@ -25,8 +26,8 @@ class EncodeBatches(ModelBatches):
     takes_features = False
 
     def __init__(self, model: ModelSpec, kind: str = "images", device: str | torch.device | None = "auto",
-                 *, encode_batch_size: int = DEFAULT_ENCODE_BATCH):
-        super().__init__(model, kind, device, encode_batch_size)
+                 *, encode_batch_size: int = DEFAULT_ENCODE_BATCH, limits: InputLimits | None = None):
+        super().__init__(model, kind, device, encode_batch_size, limits)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         index, feats, errors = self._features(batch)
@@ -42,7 +43,8 @@ class InvertBatches(ModelBatches):
     :class:`~crossgap_fast.inversion.config.InversionConfig` or a dict for ``from_dict``; its method
     must be the kind's: OTI for "images", OVI for "texts"), ``kind``, ``device`` ("auto",
     "cpu", "cuda"; with Ray's ``num_gpus=1`` an actor sees its GPU as "cuda"),
-    ``encode_batch_size`` (items per encoder call) and ``keep_loss_curve``.
+    ``encode_batch_size`` (items per encoder call), ``keep_loss_curve`` and ``limits`` (an
+    :class:`~crossgap_fast.pipeline.inputs.limits.InputLimits`: what reading one image may cost).
 
     Input columns: ``index`` (int64 global item index: it seeds the item's random start) and
     one of ``features`` (N, D), ``image`` (decoded HWC arrays as from
@@ -56,9 +58,10 @@ class InvertBatches(ModelBatches):
 
     def __init__(self, model: ModelSpec, config: InversionConfig | dict, kind: str = "images",
                  device: str | torch.device | None = "auto", *,
-                 encode_batch_size: int = DEFAULT_ENCODE_BATCH, keep_loss_curve: bool = False):
+                 encode_batch_size: int = DEFAULT_ENCODE_BATCH, keep_loss_curve: bool = False,
+                 limits: InputLimits | None = None):
         config = check_config(config, kind, accept_dict=True)
-        super().__init__(model, kind, device, encode_batch_size)
+        super().__init__(model, kind, device, encode_batch_size, limits)
         self.keep_loss_curve = bool(keep_loss_curve)
         self.inverter = Inverter(self.model, config)
 
