@@ -59,6 +59,12 @@ def crafted_torch_file(path: Path, marker: Path, extra: dict | None = None) -> N
     torch.save({**(extra or {}), "payload": Payload(marker)}, path)
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy_for_local_servers(monkeypatch):
+    """The local test servers are reached directly, whatever proxy the machine names."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
 def single_error(stderr: str) -> str:
     lines = error_lines(stderr)
     assert len(lines) == 1, stderr
@@ -379,6 +385,7 @@ class RedirectServer:
                 pass
 
             def do_GET(self):
+                outer.seen.append(self.path)
                 if self.path.startswith("/hop/"):
                     n = int(self.path.rsplit("/", 1)[1])
                     self.send_response(302)
@@ -392,6 +399,7 @@ class RedirectServer:
                     self.wfile.write(png)
 
         self.final = final
+        self.seen: list[str] = []
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -425,6 +433,20 @@ def test_weak_url_allowed_hosts_only():
                 fetch_url(server.base + "/hop/0", limits=only_ip)  # refused at the redirect
             with pytest.raises(ItemReadError, match="host '127.0.0.1' is not an allowed host"):
                 fetch_url(server.base + "/img.png", limits=InputLimits(allowed_hosts=("example.org",)))
+    finally:
+        server.close()
+
+
+def test_weak_urls_still_go_through_the_environment_proxy(monkeypatch):
+    """The bounded fetch talks http itself; a proxy the environment names is still used (as
+    urllib did), and allowed hosts name the target, not the proxy."""
+    server = RedirectServer()
+    monkeypatch.setenv("http_proxy", server.base)
+    monkeypatch.setenv("no_proxy", "")
+    try:
+        with deadline(30):
+            data = fetch_url("http://images.example/img.png", limits=InputLimits(allowed_hosts=("images.example",)))
+        assert data[:4] == b"\x89PNG" and server.seen == ["http://images.example/img.png"]
     finally:
         server.close()
 

@@ -12,6 +12,7 @@ import re
 import socket
 import threading
 import time
+import urllib.request
 from urllib.parse import urljoin, urlsplit
 
 from crossgap_fast.defaults import DEFAULT_DOWNLOAD_TIMEOUT_S, DEFAULT_MAX_ITEM_BYTES
@@ -68,8 +69,18 @@ def _get_once(url: str, deadline: float, timeout: float, max_bytes: int,
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise ItemReadError(f"download took longer than {timeout:g} s")
-    cls = http.client.HTTPSConnection if parts.scheme.lower() == "https" else http.client.HTTPConnection
-    conn = cls(host, port, timeout=remaining)
+    https = parts.scheme.lower() == "https"
+    cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    proxy = _proxy_for(parts.scheme.lower(), host)
+    if proxy is None:
+        conn = cls(host, port, timeout=remaining)
+    else:  # the environment's proxy, as urllib would use it; allowed hosts still name the target
+        conn = cls(proxy[0], proxy[1], timeout=remaining)
+        if https:
+            conn.set_tunnel(host, port)
+        else:
+            target = url.split("#", 1)[0]  # a plain-http proxy takes the absolute URL
     expired = threading.Event()
 
     def cut() -> None:
@@ -87,7 +98,6 @@ def _get_once(url: str, deadline: float, timeout: float, max_bytes: int,
     timer.daemon = True
     timer.start()
     try:
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         conn.request("GET", target, headers={"Accept-Encoding": "identity", "User-Agent": "crossgap-fast"})
         resp = conn.getresponse()
         if resp.status in _REDIRECTS:
@@ -122,6 +132,20 @@ def _get_once(url: str, deadline: float, timeout: float, max_bytes: int,
     if announced is not None and size < announced:
         raise ItemReadError(f"download cut short ({size} of {announced} bytes)")
     return resp.status, None, b"".join(chunks)
+
+
+def _proxy_for(scheme: str, host: str) -> tuple[str, int] | None:
+    """(host, port) of the proxy the environment names for ``scheme`` (``http_proxy``,
+    ``https_proxy``), unless ``no_proxy`` exempts ``host``; None for a direct connection."""
+    proxy = urllib.request.getproxies().get(scheme)
+    if not proxy or urllib.request.proxy_bypass(host):
+        return None
+    parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return (parts.hostname, port or 80) if parts.hostname else None
 
 
 def is_remote(text: str) -> bool:
