@@ -31,6 +31,7 @@ from crossgap_fast.inversion.inverter import Inverter
 from crossgap_fast.inversion.step_cache import clear as clear_compiled_steps
 from crossgap_fast.inversion.warm_start import WarmStart, fit_warm_start, load_warm_start
 from crossgap_fast.models import ClipModel, load_model
+from crossgap_fast.pipeline.inputs.limits import InputLimits
 from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
 from crossgap_fast.pipeline.store.reader import Inversions, iter_inversions, load_inversions
 from crossgap_fast.version import __version__
@@ -44,6 +45,7 @@ __all__ = [
     "FastPathError",
     "GalleryError",
     "InputError",
+    "InputLimits",
     "OutputExistsError",
     "OutputWriteError",
     "SettingsMismatchError",
