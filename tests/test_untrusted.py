@@ -282,6 +282,23 @@ def test_bad8_status_into_a_closed_pipe_ends_quietly(tiny, tmp_path, json_flag):
     assert proc.stderr == b"" and proc.returncode == 141, proc.stderr.decode()
 
 
+def test_bad8_export_into_a_closed_pipe_ends_quietly_with_its_output_written(tmp_path):
+    """Any command, not only status: the export is finished before its line meets the pipe."""
+    import test_export
+
+    test_export.make_v1_store(tmp_path / "v1")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "crossgap_fast", "export", str(tmp_path / "v1"), "--to",
+                               str(tmp_path / "v2"), "--no-progress"], stdout=write_end, stderr=subprocess.PIPE,
+                              timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == b"" and proc.returncode == 141, proc.stderr.decode()
+    assert len(load_inversions(tmp_path / "v2")) == len(load_inversions(tmp_path / "v1"))
+
+
 @pytest.mark.parametrize("device", ["meta", "mps", "xla", "hpu"])
 def test_bad8_unusable_device_is_one_line(tmp_path, capsys, device):
     src = features_file(tmp_path)

@@ -29,7 +29,7 @@ import warnings
 from typing import Sequence
 
 from crossgap_fast.cli import evaluate, invert, tools
-from crossgap_fast.cli.messages import fail, format_warning, os_problem
+from crossgap_fast.cli.messages import ClosedOutput, fail, format_warning, os_problem
 from crossgap_fast.demo.assets import DEMO_MODEL
 from crossgap_fast.models import HF_HUB, LOCAL_DIR, load_named_model
 
@@ -64,10 +64,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = _main(argv)
         sys.stdout.flush()  # buffered output meets a closed pipe here, not at interpreter exit
-        return code
-    except BrokenPipeError:
+    except ClosedOutput:
         _drop_stdout()
         return EXIT_CLOSED_PIPE
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe (a worker's): not the reader of our output going away
+        _drop_stdout()
+        return EXIT_CLOSED_PIPE
+    return code
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader is gone (poll reports an error on it)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _drop_stdout() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from crossgap_fast.cli.messages import EXIT_DEVICE, fail, os_problem
+from crossgap_fast.cli.messages import EXIT_DEVICE, emit, fail, os_problem
 from crossgap_fast.cli.options import add_model_option, non_negative, positive
 from crossgap_fast.defaults import (
     DEFAULT_NUM_TOKENS,
@@ -98,8 +98,8 @@ def _evaluate(args: argparse.Namespace, model) -> int:
     else:
         report = evaluate_zeroshot(args.dataset, args.dataroot, model,
                                    steps=DEFAULT_STEPS["oti"] if args.steps is None else args.steps, **common)
-    print(report.format())
-    if args.out:
-        for path in write_outputs(report, args.out):
-            print(f"wrote {path}")
+    written = list(write_outputs(report, args.out)) if args.out else []  # before output that a closed pipe could cut
+    emit(report.format())
+    for path in written:
+        emit(f"wrote {path}")
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from crossgap_fast.cli.messages import EXIT_DEVICE, fail, os_problem, printable
+from crossgap_fast.cli.messages import EXIT_DEVICE, emit, fail, os_problem, printable
 from crossgap_fast.cli.options import add_model_option, fraction, non_negative, positive, positive_seconds
 from crossgap_fast.defaults import (
     DEFAULT_DOWNLOAD_TIMEOUT_S,
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace, model) -> int:
         return fail(f"{os_problem(err)}; finished shards in {args.out!r} are kept")
     except KeyboardInterrupt:
         return fail(f"interrupted; finished shards in {args.out!r} are kept: rerun with --resume", 130)
-    print(printable(summary.format()))
+    emit(printable(summary.format()))
     failure = summary.failure(args.max_failed_fraction)
     return fail(failure) if failure else 0
 

@@ -29,6 +29,19 @@ LONG_WORD = 200
 _LONG_WORD_RE = re.compile(r"\S{%d,}" % (LONG_WORD + 1))
 
 
+class ClosedOutput(Exception):
+    """stdout's reader is gone (``crossgap status DIR | head -1``): the command ends quietly.
+    Not an OSError, so no command's handler of failed reads or writes mistakes it for one."""
+
+
+def emit(text: str) -> None:
+    """Print ``text`` on stdout (a command's output); a closed pipe raises :class:`ClosedOutput`."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise ClosedOutput() from None
+
+
 def fail(message: str, code: int = 2) -> int:
     """Print ``message`` as the command's one-line error and return the exit code ``code``."""
     print(f"crossgap: error{rank_label()}: {shorten(printable(message))}", file=sys.stderr)
