@@ -91,3 +91,21 @@ def file_kind(mode: int) -> str:
         if test(mode):
             return kind
     return "not a regular file"
+
+
+def unreadable_file_reason(path: str | os.PathLike, err: BaseException, expected: str) -> str:
+    """Why ``path`` could not be loaded as ``expected`` (e.g. "a PyTorch file of tensors"),
+    in words that never suggest loading it unsafely: torch and numpy advise
+    ``weights_only=False`` / ``allow_pickle=True``, which would run code from the file."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    if size == 0:
+        return "the file is empty"
+    if isinstance(err, OSError) and not isinstance(err, EOFError):
+        return f"it cannot be read ({err.strerror or err})"
+    if isinstance(err, EOFError):
+        return f"the file ends early: it is truncated or damaged ({size} bytes)"
+    return (f"it is not {expected}: it is damaged, or it holds Python objects, which are "
+            "never unpickled because that could run code from the file")

@@ -25,7 +25,7 @@ from torch import nn
 
 from crossgap_fast.demo.assets import DEMO_MODEL, demo_checkpoint_path
 from crossgap_fast.errors import CheckpointError
-from crossgap_fast.files import file_kind, file_sha256
+from crossgap_fast.files import file_kind, file_sha256, unreadable_file_reason
 from crossgap_fast.towers.text import text_tower
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -41,24 +41,6 @@ def register_model_configs() -> None:
     if not _registered:
         open_clip.add_model_config(_CONFIG_DIR)
         _registered = True
-
-
-def unreadable_file_reason(path: str | os.PathLike, err: BaseException, expected: str) -> str:
-    """Why ``path`` could not be loaded as ``expected`` (e.g. "a PyTorch file of tensors"),
-    in words that never suggest loading it unsafely: torch and numpy advise
-    ``weights_only=False`` / ``allow_pickle=True``, which would run code from the file."""
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        return f"it cannot be read ({e.strerror or e})"
-    if size == 0:
-        return "the file is empty"
-    if isinstance(err, OSError) and not isinstance(err, EOFError):
-        return f"it cannot be read ({err.strerror or err})"
-    if isinstance(err, EOFError):
-        return f"the file ends early: it is truncated or damaged ({size} bytes)"
-    return (f"it is not {expected}: it is damaged, or it holds Python objects, which are "
-            "never unpickled because that could run code from the file")
 
 
 @dataclass

@@ -26,11 +26,10 @@ import torch
 from torch import Tensor
 
 from crossgap_fast.defaults import DEFAULT_STEPS
-from crossgap_fast.files import atomic_write
+from crossgap_fast.files import atomic_write, unreadable_file_reason
 from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.inversion.inverter import Inverter, InversionResult
 from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS, WarmStart, fit_warm_start, load_warm_start
-from crossgap_fast.models import unreadable_file_reason
 
 CALIBRATION_FILE = "calibration.pt"
 MAP_FILE = "warm-start.npz"

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from crossgap_fast.errors import InputError
-from crossgap_fast.models import unreadable_file_reason
+from crossgap_fast.files import unreadable_file_reason
 
 #: Memory budget of one chunk when a whole embedding folder is scanned (row checks).
 FEATURE_CHUNK_BYTES = 64 << 20

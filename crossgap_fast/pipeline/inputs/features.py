@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from crossgap_fast.errors import InputError
-from crossgap_fast.models import unreadable_file_reason
+from crossgap_fast.files import unreadable_file_reason
 from crossgap_fast.pipeline.inputs.feature_rows import FeatureFile, FeatureRows, open_npy
 from crossgap_fast.pipeline.inputs.items import InputItems
 from crossgap_fast.pipeline.inputs.parquet import (

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from crossgap_fast.errors import CorruptStoreError
-from crossgap_fast.models import unreadable_file_reason
+from crossgap_fast.files import unreadable_file_reason
 
 
 def load_v1_shard(root: Path, entry: dict) -> dict:
