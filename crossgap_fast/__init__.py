@@ -49,6 +49,7 @@ _EXPORTS = {
     "load_warm_start": "crossgap_fast.inversion.warm_start",
     "ClipModel": "crossgap_fast.models",
     "load_model": "crossgap_fast.models",
+    "InputLimits": "crossgap_fast.pipeline.inputs.limits",
     "encode_gallery": "crossgap_fast.pipeline.run",
     "invert_gallery": "crossgap_fast.pipeline.run",
     "Inversions": "crossgap_fast.pipeline.store.reader",
@@ -67,6 +68,8 @@ __all__ = [
     "FastPathError",
     "GalleryError",
     "InputError",
+    "InputLimits",
+    "InputLimits",
     "OutputExistsError",
     "OutputWriteError",
     "SettingsMismatchError",
@@ -150,5 +153,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from crossgap_fast.inversion.step_cache import clear as clear_compiled_steps
     from crossgap_fast.inversion.warm_start import WarmStart, fit_warm_start, load_warm_start
     from crossgap_fast.models import ClipModel, load_model
+    from crossgap_fast.pipeline.inputs.limits import InputLimits
     from crossgap_fast.pipeline.run import encode_gallery, invert_gallery
     from crossgap_fast.pipeline.store.reader import Inversions, iter_inversions, load_inversions

@@ -18,6 +18,9 @@ DEFAULT_STEPS = {"oti": 150, "ovi": 1000}
 #: demo model: OTI reaches the exact 150-step loss by 10 steps and is below it at 15; OVI at 150
 #: steps is within 0.001 of the exact 1000-step loss (scripts/measure_warm_start.py).
 DEFAULT_WARM_STEPS = {"oti": 15, "ovi": 150}
+#: The most steps an inversion may take: every item's per-step losses are kept (4 bytes a
+#: step), so a mistyped count would fail in the allocator instead of being refused.
+MAX_STEPS = 1_000_000
 DEFAULT_TEMPLATE = "a photo of {}"
 DEFAULT_LR = 2e-2
 DEFAULT_WEIGHT_DECAY = 0.01
@@ -86,6 +89,12 @@ DEFAULT_NORMALIZE = True
 DEFAULT_KEEP_COLUMNS = "all"
 #: Rows per batch of :func:`crossgap_fast.iter_inversions`.
 DEFAULT_READ_BATCH = 65536
+#: What one input item may cost to read (see :class:`~crossgap_fast.pipeline.inputs.limits.InputLimits`):
+#: seconds for a whole download (connect, headers and body under one deadline), bytes of one
+#: image (a download, a tar member or a local file), and redirects followed by one download.
+DEFAULT_DOWNLOAD_TIMEOUT_S = 30.0
+DEFAULT_MAX_ITEM_BYTES = 64 << 20
+DEFAULT_MAX_REDIRECTS = 5
 #: Failures listed by ``crossgap status`` (the most recent ones).
 DEFAULT_FAILURES_SHOWN = 5
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from crossgap_fast.checkpoints import checkpoint_problem
 from crossgap_fast.defaults import RANDOM_MODEL_SEED
 from crossgap_fast.demo.assets import DEMO_MODEL, demo_checkpoint_path
 from crossgap_fast.errors import CheckpointError, UnsupportedModelError
-from crossgap_fast.files import file_sha256
+from crossgap_fast.files import file_kind, file_sha256
 from crossgap_fast.towers.text import text_tower
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -174,6 +176,10 @@ def load_model(
     register_model_configs()
     if name == DEMO_MODEL and (pretrained is None or str(pretrained) == "demo"):
         pretrained = demo_checkpoint_path()
+    if name.startswith(HF_HUB) and not _HF_REPO_RE.match(name[len(HF_HUB):]):
+        # open_clip would pass it on as a path or repo id (and blame a missing package)
+        raise ValueError(f"{name!r}: {name[len(HF_HUB):]!r} is not a Hugging Face Hub repository id "
+                         "(expected hf-hub:ORG/NAME: letters, digits, '-', '_', '.', no '..')")
     if name.startswith((HF_HUB, LOCAL_DIR)):
         if pretrained is not None:  # open_clip would ignore it and load the model's own weights
             raise ValueError(
@@ -190,6 +196,9 @@ def load_model(
     else:
         tag = os.fspath(pretrained)
         looks_like_path = os.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        if looks_like_path and os.path.exists(tag) and not os.path.isfile(tag):  # /dev/zero, a folder
+            raise ValueError(f"pretrained checkpoint {tag!r} is {file_kind(os.stat(tag).st_mode)}, "
+                             "not a checkpoint file")
         if looks_like_path and not os.path.isfile(tag):
             raise FileNotFoundError(f"pretrained checkpoint {tag!r} does not exist")
         if not os.path.isfile(tag):
@@ -215,6 +224,8 @@ def load_model(
             name, pretrained=tag, device=device, **open_clip_kwargs
         )
     except Exception as err:
+        if isinstance(err, pickle.UnpicklingError) and name.startswith((HF_HUB, LOCAL_DIR)):
+            raise CheckpointError(f"the weights of {name!r} cannot be loaded: {_folder_weights_problem(name)}") from err
         if tag is None or not os.path.isfile(tag):
             raise
         raise CheckpointError(
@@ -246,6 +257,23 @@ def load_named_model(name: str, pretrained: str, device: str = "cpu", **open_cli
         return load_model(name, pretrained, device=device, **open_clip_kwargs)
     finally:
         root.removeFilter(quiet)
+
+
+#: A Hugging Face Hub repository id: an optional owner and a name, no path tricks.
+_HF_REPO_RE = re.compile(r"^(?!.*\.\.)(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _folder_weights_problem(name: str) -> str:
+    """Why the pickled weights of a ``local-dir:`` / ``hf-hub:`` model were refused (torch's
+    own message advises an unsafe load)."""
+    why = ("it holds Python objects, which are never unpickled because that could run code "
+           "from the file (only tensors are read)")
+    if name.startswith(LOCAL_DIR):
+        folder = Path(name[len(LOCAL_DIR):])
+        files = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth"))
+        if files:
+            return f"{str(folder / files[0])!r}: {why}"
+    return f"its weights file: {why}"
 
 
 class _NoRandomWeightsWarning(logging.Filter):

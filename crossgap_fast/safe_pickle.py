@@ -31,6 +31,14 @@ class _PlainDict(dict):
         pass
 
 
+def _plain_bytes(*args: Any) -> bytes:
+    """``bytes(...)`` as protocol-2 pickles use it (an empty numpy array's buffer is
+    ``bytes()``); a size (``bytes(10**9)``) would let a tiny file allocate gigabytes."""
+    if args and not isinstance(args[0], (str, bytes, bytearray, list, tuple)):
+        raise ValueError(f"bytes() of a {type(args[0]).__name__} is refused")  # named by the caller
+    return bytes(*args)
+
+
 _NUMPY_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
                   "numpy._core.numeric")
 _ALLOWED: dict[tuple[str, str], Any] = {
@@ -38,6 +46,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytes"): _plain_bytes,
     ("builtins", "complex"): complex,
     # Protocol 2 pickles of bytes (numpy's array buffers) go through this encoder; it runs no code.
     ("_codecs", "encode"): __import__("codecs").encode,

@@ -24,11 +24,13 @@ rank) builds the same weights.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import warnings
 from typing import Sequence
 
 from crossgap_fast.cli import evaluate, invert, tools
-from crossgap_fast.cli.messages import fail, format_warning, os_problem
+from crossgap_fast.cli.messages import ClosedOutput, fail, format_warning, os_problem
 from crossgap_fast.demo.assets import DEMO_MODEL
 from crossgap_fast.threads import configure_cpu_threads
 
@@ -52,9 +54,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit code of a command whose output pipe was closed by its reader (``| head -1``): a
+#: shell's code for a process ended by SIGPIPE.
+EXIT_CLOSED_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code. Output
+    into a pipe whose reader is gone (``crossgap status DIR | head -1``) ends quietly."""
     configure_cpu_threads()  # before anything imports torch: OpenMP reads it once, at load
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # buffered output meets a closed pipe here, not at interpreter exit
+    except ClosedOutput:
+        _drop_stdout()
+        return EXIT_CLOSED_PIPE
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe (a worker's): not the reader of our output going away
+        _drop_stdout()
+        return EXIT_CLOSED_PIPE
+    return code
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader is gone (poll reports an error on it)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (captured)
+        pass
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in _STANDALONE:
         return _STANDALONE[args.command](args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crossgap_fast.cli.messages import EXIT_DEVICE, fail, os_problem
+from crossgap_fast.cli.messages import EXIT_DEVICE, emit, fail, os_problem
 from crossgap_fast.cli.options import add_model_option, non_negative, positive
 from crossgap_fast.defaults import (
     DEFAULT_NUM_TOKENS,
@@ -20,7 +20,7 @@ from crossgap_fast.defaults import (
     DEFAULT_TEMPLATE,
     DEFAULT_WARM_STEPS,
 )
-from crossgap_fast.errors import DeviceFailure, GalleryError, UnsupportedModelError
+from crossgap_fast.errors import DeviceFailure, GalleryError, UnsafePickleError, UnsupportedModelError
 
 _TASKS = (("retrieval", "image-image (OTI) or text-text (OVI) retrieval, intra vs inter"),
           ("zeroshot", "zero-shot classification, inter (standard) vs intra via OTI"),
@@ -95,8 +95,8 @@ def run(args: argparse.Namespace, model) -> int:
     GPU failed mid-run)."""
     try:
         return _evaluate(args, model)
-    except (GalleryError, UnsupportedModelError, FileNotFoundError) as err:
-        return fail(str(err))
+    except (GalleryError, UnsupportedModelError, FileNotFoundError, UnsafePickleError) as err:
+        return fail(str(err))  # a refused pickle names its file and what it asked for
     except DeviceFailure as err:  # cached features and inversions are kept for the rerun
         return fail(str(err), EXIT_DEVICE)
     except ValueError as err:
@@ -145,8 +145,8 @@ def _evaluate(args: argparse.Namespace, model) -> int:
     else:
         report = evaluate_zeroshot(args.dataset, args.dataroot, model,
                                    steps=DEFAULT_STEPS["oti"] if args.steps is None else args.steps, **common)
-    print(report.format())
-    if args.out:
-        for path in write_outputs(report, args.out):
-            print(f"wrote {path}")
+    written = list(write_outputs(report, args.out)) if args.out else []  # before output that a closed pipe could cut
+    emit(report.format())
+    for path in written:
+        emit(f"wrote {path}")
     return 0

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import argparse
 
-from crossgap_fast.cli.messages import EXIT_DEVICE, fail, os_problem, printable
-from crossgap_fast.cli.options import add_model_option, fraction, non_negative, positive
+from crossgap_fast.cli.messages import EXIT_DEVICE, emit, fail, os_problem, printable
+from crossgap_fast.cli.options import add_model_option, fraction, non_negative, positive, positive_seconds
 from crossgap_fast.defaults import (
+    DEFAULT_DOWNLOAD_TIMEOUT_S,
     DEFAULT_ENCODE_BATCH,
     DEFAULT_ENGINE,
     DEFAULT_KEEP_COLUMNS,
     DEFAULT_LEASE_SECONDS,
     DEFAULT_LR,
     DEFAULT_MAX_FAILED_FRACTION,
+    DEFAULT_MAX_ITEM_BYTES,
+    DEFAULT_MAX_REDIRECTS,
     DEFAULT_NORMALIZE,
     DEFAULT_NUM_TOKENS,
     DEFAULT_PRETRAINED,
@@ -105,9 +108,37 @@ def _add_common_options(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--workers", type=non_negative, default=None,
                    help=f"image decoding processes (default min(4, cpus) = {default_workers()})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_limit_options(p)
     p.add_argument("--max-failed-fraction", type=fraction, default=DEFAULT_MAX_FAILED_FRACTION,
                    help="exit with code 2 when more than this fraction of the items fail (default "
                    f"{DEFAULT_MAX_FAILED_FRACTION}); a run in which every item fails always does")
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    """What reading one item may cost, and where items may come from (shared services)."""
+    p.add_argument("--download-timeout", type=positive_seconds, default=DEFAULT_DOWNLOAD_TIMEOUT_S,
+                   help="seconds one image download may take in all: connect, headers, body and "
+                   f"redirects (default {DEFAULT_DOWNLOAD_TIMEOUT_S:g})")
+    p.add_argument("--max-item-bytes", type=positive, default=DEFAULT_MAX_ITEM_BYTES,
+                   help="largest image read: a download, a tar member or a local file; larger "
+                   f"ones are item errors (default {DEFAULT_MAX_ITEM_BYTES})")
+    p.add_argument("--max-redirects", type=non_negative, default=DEFAULT_MAX_REDIRECTS,
+                   help=f"redirects one download follows, to http(s) only (default {DEFAULT_MAX_REDIRECTS})")
+    p.add_argument("--allow-host", action="append", default=None, metavar="HOST",
+                   help="download only from this host name (repeat for several); default: any host")
+    p.add_argument("--input-root", action="append", default=None, metavar="DIR",
+                   help="read local image paths only under this folder (repeat for several); a path "
+                   "elsewhere is an item error that does not tell whether it exists; default: anywhere")
+
+
+def _limits(args: argparse.Namespace):
+    """The run's bounds on reading items (an ``InputLimits``), from the options."""
+    from crossgap_fast.pipeline.inputs.limits import InputLimits  # the inputs package loads torch
+
+    return InputLimits(timeout_s=args.download_timeout, max_bytes=args.max_item_bytes,
+                       max_redirects=args.max_redirects,
+                       allowed_hosts=tuple(args.allow_host) if args.allow_host else None,
+                       local_roots=tuple(args.input_root) if args.input_root else None)
 
 
 def _add_inversion_options(p: argparse.ArgumentParser, kind: str) -> None:
@@ -159,6 +190,7 @@ def run(args: argparse.Namespace, model) -> int:
         column=args.input_column, keep_columns=args.keep_columns,
     )
     try:
+        common["input_limits"] = _limits(args)
         if args.command == "invert":
             summary = invert_gallery(
                 args.input, args.out, model, config=_inversion_config(args), warm_start=args.warm_start,
@@ -178,7 +210,7 @@ def run(args: argparse.Namespace, model) -> int:
         return fail(f"{os_problem(err)}; finished shards in {args.out!r} are kept")
     except KeyboardInterrupt:
         return fail(f"interrupted; finished shards in {args.out!r} are kept: rerun with --resume", 130)
-    print(printable(summary.format()))
+    emit(printable(summary.format()))
     failure = summary.failure(args.max_failed_fraction)
     return fail(failure) if failure else 0
 

@@ -9,6 +9,7 @@ so reporting a name that is not UTF-8 never raises.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 
@@ -23,10 +24,40 @@ def rank_label() -> str:
     return f" (rank {os.environ.get('RANK', '0')} of {world})" if world not in ("", "1") else ""
 
 
+#: A word of an error message (a path, a value) longer than this is shortened to its ends.
+LONG_WORD = 200
+_LONG_WORD_RE = re.compile(r"\S{%d,}" % (LONG_WORD + 1))
+
+
+class ClosedOutput(Exception):
+    """stdout's reader is gone (``crossgap status DIR | head -1``): the command ends quietly.
+    Not an OSError, so no command's handler of failed reads or writes mistakes it for one."""
+
+
+def emit(text: str) -> None:
+    """Print ``text`` on stdout (a command's output); a closed pipe raises :class:`ClosedOutput`."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise ClosedOutput() from None
+
+
 def fail(message: str, code: int = 2) -> int:
     """Print ``message`` as the command's one-line error and return the exit code ``code``."""
-    print(f"crossgap: error{rank_label()}: {printable(message)}", file=sys.stderr)
+    print(f"crossgap: error{rank_label()}: {shorten(printable(message))}", file=sys.stderr)
     return code
+
+
+def shorten(text: str) -> str:
+    """``text`` with every word (a path, a value) over :data:`LONG_WORD` characters cut to
+    its two ends, so a 100 KB path cannot bury what the message says is wrong with it."""
+    keep = LONG_WORD // 2 - 10
+
+    def cut(m: re.Match) -> str:
+        word = m.group(0)
+        return f"{word[:keep]}...({len(word) - 2 * keep} characters)...{word[-keep:]}"
+
+    return _LONG_WORD_RE.sub(cut, text)
 
 
 def printable(text: str) -> str:

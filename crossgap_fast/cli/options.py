@@ -26,6 +26,14 @@ def non_negative(text: str) -> int:
     return v
 
 
+def positive_seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    v = float(text)
+    if not 0.0 < v < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text}")
+    return v
+
+
 def fraction(text: str) -> float:
     """A number between 0 and 1."""
     v = float(text)

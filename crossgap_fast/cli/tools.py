@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from crossgap_fast.cli.messages import fail, os_problem, printable
+from crossgap_fast.cli.messages import emit, fail, os_problem, printable
 from crossgap_fast.cli.options import add_model_option, positive
 from crossgap_fast.defaults import DEFAULT_FAILURES_SHOWN, DEFAULT_STEPS
 from crossgap_fast.demo.assets import DEMO_MODEL
@@ -134,7 +134,7 @@ def status(args: argparse.Namespace) -> int:
         return fail(f"cannot read {args.out_dir!r}: {err.strerror or err}")
     except (KeyError, TypeError, ValueError) as err:  # an entry or lease without what it must hold
         return fail(f"{args.out_dir!r} holds a damaged manifest or shard entry ({type(err).__name__}: {err})")
-    print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
+    emit(json.dumps(report.to_json(), indent=2) if args.json else report.format())
     return 0
 
 
@@ -166,7 +166,7 @@ def export(args: argparse.Namespace) -> int:
         return fail(f"invalid settings: {err}")
     except OSError as err:
         return fail(os_problem(err))
-    print(printable(f"crossgap: exported {manifest.get('items_ok', 0)} items in {len(manifest['shards'])} "
+    emit(printable(f"crossgap: exported {manifest.get('items_ok', 0)} items in {len(manifest['shards'])} "
                     f"shard(s) -> {args.to} (status {manifest['status']})"))
     return 0
 

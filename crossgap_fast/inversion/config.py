@@ -24,6 +24,7 @@ from crossgap_fast.defaults import (
     DEFAULT_STEPS,
     DEFAULT_TEMPLATE,
     DEFAULT_WEIGHT_DECAY,
+    MAX_STEPS,
 )
 from crossgap_fast.errors import ConfigError
 
@@ -45,13 +46,15 @@ RESULT_FIELDS = ("method", "steps", "lr", "weight_decay", "betas", "eps", "num_t
 # --------------------------------------------------------------------------------------------
 # Checks: numbers are numbers (numpy scalars accepted), bools are not numbers, no NaN / inf
 # --------------------------------------------------------------------------------------------
-def check_int(name: str, value: Any, minimum: int | None = 1) -> int:
+def check_int(name: str, value: Any, minimum: int | None = 1, maximum: int | None = None) -> int:
     """``value`` as a Python int: ints and numpy integers, never bools or floats."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     value = int(value)
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -128,7 +131,7 @@ class InversionConfig:
 
     def __post_init__(self) -> None:
         method = check_choice("method", self.method, METHODS)
-        steps = DEFAULT_STEPS[method] if self.steps is None else check_int("steps", self.steps)
+        steps = DEFAULT_STEPS[method] if self.steps is None else check_int("steps", self.steps, maximum=MAX_STEPS)
         template = self.template
         if method == "oti":
             template = DEFAULT_TEMPLATE if template is None else template

@@ -16,6 +16,8 @@ they exist redoes the calibration, which is deterministic.
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor
 
 from crossgap_fast.defaults import DEFAULT_STEPS
-from crossgap_fast.files import atomic_write
+from crossgap_fast.files import atomic_write, unreadable_file_reason
 from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.inversion.inverter import Inverter, InversionResult
 from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS, WarmStart, fit_warm_start, load_warm_start
@@ -94,19 +96,26 @@ def save_calibration(root: Path, indices: list[int], targets: Tensor, result: In
     return Calibration(indices, payload["targets"], result.features, result.tokens, result.losses, ws)
 
 
+def _redo(path: Path, why: str) -> None:
+    warnings.warn(f"{str(path)!r} is unreadable ({why}): the calibration is redone", stacklevel=3)
+    return None
+
+
 def load_calibration(root: Path, inverter: Inverter) -> Calibration | None:
-    """The stored calibration, or None when it is missing or unreadable (then it is redone);
+    """The stored calibration, or None when it is missing or unreadable (then it is redone,
+    with a warning: a file holding Python objects is never unpickled, only refused);
     a stored map fitted for another model or other settings is an error."""
     cal_path, map_path = root / CALIBRATION_FILE, root / MAP_FILE
     if not (cal_path.is_file() and map_path.is_file()):
         return None
     try:
         data = torch.load(cal_path, map_location="cpu", weights_only=True)
-        if not isinstance(data, dict) or any(k not in data for k in _CAL_KEYS):
-            return None
+        if not isinstance(data, dict) or any(not isinstance(data.get(k), Tensor) for k in _CAL_KEYS):
+            return _redo(cal_path, "it does not hold the calibration's tensors")
         ws = load_warm_start(map_path)
-    except (OSError, ValueError, RuntimeError, EOFError):
-        return None
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        # weights_only refuses Python objects (torch's message advises an unsafe load): redone
+        return _redo(cal_path, unreadable_file_reason(cal_path, err, "a calibration of tensors"))
     cfg = inverter.config
     ws.check(model=inverter.model, method=cfg.method, num_tokens=cfg.num_tokens, template=cfg.template)
     return Calibration([int(i) for i in data["indices"]], data["targets"], data["features"], data["tokens"],

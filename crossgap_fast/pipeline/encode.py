@@ -106,7 +106,7 @@ def _image_groups(gallery: InputItems, groups, good, cm: ClipModel, dev, workers
     prefetch = _prefetch_factor(cm, workers, encode_batch)
     if prefetch is not None and look_ahead:
         prefetch = min(prefetch, max(2, math.ceil(look_ahead / encode_batch / workers)))
-    dataset = ImageDataset(gallery.items, cm.preprocess)
+    dataset = ImageDataset(gallery.items, cm.preprocess, gallery.limits)
     decoded = _decoded_batches(dataset, sampler(), issued, workers, prefetch, pin=dev.type == "cuda")
     ahead: list[dict] = []
     try:

@@ -40,6 +40,10 @@ def place_from_env() -> Place:
     return place
 
 
+#: The device types a run can use.
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
 def resolve_device(device: str | torch.device | None, place: Place, current: torch.device) -> torch.device:
     """``None``: the model's device; ``"auto"``: CUDA if available, else CPU. A CUDA device
     without an index means ``cuda:LOCAL_RANK`` under a launcher's ranks."""
@@ -54,6 +58,8 @@ def resolve_device(device: str | torch.device | None, place: Place, current: tor
             raise GalleryError(
                 f"device {str(device)!r} is not a device: use auto, cpu, cuda or cuda:N"
             ) from err
+        if dev.type not in SUPPORTED_DEVICES:  # meta holds no data; mps, xla, hpu are not built for
+            raise GalleryError(f"device {str(device)!r} is not supported: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise GalleryError(f"device {str(dev)!r} asked for, but CUDA is not available")

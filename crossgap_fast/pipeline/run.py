@@ -42,6 +42,7 @@ from crossgap_fast.defaults import (
 from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.inversion.inverter import Inverter
 from crossgap_fast.models import ClipModel, as_clip_model, frozen
+from crossgap_fast.pipeline.inputs.limits import InputLimits
 from crossgap_fast.pipeline.leases import Leases
 from crossgap_fast.pipeline.placement import place_from_env, resolve_device
 from crossgap_fast.pipeline.settings import (
@@ -91,6 +92,7 @@ def invert_gallery(
     engine: str = DEFAULT_ENGINE,
     ray_actors: int = DEFAULT_RAY_ACTORS,
     keep_columns: str | Sequence[str] = DEFAULT_KEEP_COLUMNS,
+    input_limits: InputLimits | None = None,
     **settings: Any,
 ) -> GallerySummary:
     """Invert every item of a gallery into ``out_dir``; returns a :class:`GallerySummary`.
@@ -136,7 +138,9 @@ def invert_gallery(
     :mod:`crossgap_fast.pipeline.tasks`). ``column`` names the input column of a parquet input.
     ``engine="ray"`` runs the shards with Ray Data on up to ``ray_actors`` actors (one
     Inverter each; see :mod:`crossgap_fast.pipeline.ray_engine`), on the cluster ``ray.init()`` joins; not
-    with ``warm_start``.
+    with ``warm_start``. ``input_limits`` (an :class:`~crossgap_fast.pipeline.inputs.limits.InputLimits`)
+    bounds reading each item: the download deadline and redirects, the largest image, and
+    optionally the hosts and local folders items may come from.
     """
     method = method_of(kind)
     check_overrides(settings)
@@ -150,7 +154,7 @@ def invert_gallery(
         raise ValueError("warm_start is not supported with engine='ray'")
     pipe = pipeline_settings(shard_size, resume, worker, progress, workers, encode_batch_size, keep_loss_curve,
                              Output.make(method, store, dtype, normalize, keep_columns), lease_seconds, column, engine,
-                             ray_actors)
+                             ray_actors, input_limits)
     return _run(inputs, out_dir, model, kind=kind, method=method, config=config, device=device, pipe=pipe,
                 warm=warm)
 
@@ -173,14 +177,16 @@ def encode_gallery(
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     column: str | None = None,
     keep_columns: str | Sequence[str] = DEFAULT_KEEP_COLUMNS,
+    input_limits: InputLimits | None = None,
 ) -> GallerySummary:
     """Plain CLIP features of every image / text of a gallery, stored like
-    :func:`invert_gallery` (same store, errors file, resume, workers, ``normalize`` and
-    ``keep_columns``); ``features`` of
+    :func:`invert_gallery` (same store, errors file, resume, workers, ``normalize``,
+    ``keep_columns`` and input limits); ``features`` of
     :func:`crossgap_fast.load_inversions` are the image / text features."""
     method_of(kind)
     pipe = pipeline_settings(shard_size, resume, worker, progress, workers, encode_batch_size, False,
-                             Output.make("encode", None, dtype, normalize, keep_columns), lease_seconds, column, DEFAULT_ENGINE)
+                             Output.make("encode", None, dtype, normalize, keep_columns), lease_seconds, column,
+                             DEFAULT_ENGINE, limits=input_limits)
     return _run(inputs, out_dir, model, kind=kind, method="encode", config=None, device=device, pipe=pipe,
                 warm=None)
 

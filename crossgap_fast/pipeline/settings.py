@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
 
-from crossgap_fast.defaults import DEFAULT_KEEP_COLUMNS, DEFAULT_NORMALIZE, DEFAULT_RAY_ACTORS, DEFAULT_STEPS
+from crossgap_fast.defaults import DEFAULT_KEEP_COLUMNS, DEFAULT_NORMALIZE, DEFAULT_RAY_ACTORS, DEFAULT_STEPS, MAX_STEPS
 from crossgap_fast.inversion.config import InversionConfig, check_int
 from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS
 from crossgap_fast.models import ClipModel, model_name_id, pretrained_id
 from crossgap_fast.pipeline.inputs import InputItems
 from crossgap_fast.pipeline.inputs.carried import parse_keep
 from crossgap_fast.pipeline.kinds import ENGINES, method_of
+from crossgap_fast.pipeline.inputs.limits import InputLimits
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.threads import default_workers
 
@@ -76,7 +77,7 @@ def warm_settings(method: str, warm_start: int, calibration_steps: int | None) -
     if warm_start < MIN_FIT_ITEMS:
         raise ValueError(f"warm_start must be 0 (off) or at least {MIN_FIT_ITEMS} calibration items, "
                          f"got {warm_start}")
-    steps = DEFAULT_STEPS[method] if calibration_steps is None else check_int("calibration_steps", calibration_steps)
+    steps = DEFAULT_STEPS[method] if calibration_steps is None else check_int("calibration_steps", calibration_steps, maximum=MAX_STEPS)
     return warm_start, steps
 
 
@@ -136,11 +137,12 @@ class PipelineSettings:
     engine: str
     ray_actors: int
     ray_device: str = "auto"  # what the Ray actors resolve (set by the run)
+    limits: InputLimits = field(default_factory=InputLimits)  # what reading one item may cost
 
 
 def pipeline_settings(shard_size, resume, worker, progress, workers, encode_batch_size, keep_loss_curve,
                       output: Output, lease_seconds, column, engine,
-                      ray_actors: int = DEFAULT_RAY_ACTORS) -> PipelineSettings:
+                      ray_actors: int = DEFAULT_RAY_ACTORS, limits: InputLimits | None = None) -> PipelineSettings:
     """Check the pipeline's own settings before anything is written (the inversion settings
     are checked by :class:`~crossgap_fast.inversion.config.InversionConfig`)."""
     check_int("shard_size", shard_size)
@@ -152,9 +154,12 @@ def pipeline_settings(shard_size, resume, worker, progress, workers, encode_batc
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     check_int("ray_actors", ray_actors)
+    if limits is not None and not isinstance(limits, InputLimits):
+        raise TypeError(f"input_limits must be an InputLimits, got {type(limits).__name__}")
     return PipelineSettings(shard_size, bool(resume), bool(worker), bool(progress),
                             default_workers() if workers is None else workers, encode_batch_size,
-                            bool(keep_loss_curve), output, float(lease_seconds), column, engine, ray_actors)
+                            bool(keep_loss_curve), output, float(lease_seconds), column, engine, ray_actors,
+                            limits=limits or InputLimits())
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def work(place: Place, inputs, store: GalleryStore, leases: Leases, cm: ClipMode
     values = run_values(config, pipe.encode_batch_size, dev)
     gallery, resumed = _open_items(place, inputs, store, leases, cm, dev, kind=kind, method=method,
                                      inverter=inverter, pipe=pipe, warm=warm, values=values)
+    gallery.limits = pipe.limits  # this process's limits, also when the items came from the index
     store.open()
     if resumed and not pipe.worker:
         store.warn_run_changes(values)
@@ -109,7 +110,8 @@ def _open_items(place: Place, inputs, store: GalleryStore, leases: Leases, cm: C
 
     def listed() -> InputItems:
         gallery = load_input(inputs, kind, tokenizer=cm.tokenizer, context_length=cm.context_length,
-                             column=pipe.column, keep_columns=pipe.output.keep_columns)
+                             column=pipe.column, keep_columns=pipe.output.keep_columns,
+                             limits=pipe.limits)
         check_input(gallery, cm, method)
         return gallery
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import pickle
 
 from crossgap_fast.eval.datasets.base import ImageRetrievalSet, as_root, check_first, find_dir, require
+from crossgap_fast.safe_pickle import load_plain_pickle
 
 _LAYOUT = """
 {name}/gnd_{name}.pkl    pickle dict: "imlist", "qimlist", "gnd" (one dict per query: "bbx", "easy", "hard", "junk")
@@ -19,7 +19,8 @@ LAYOUTS = {n: _LAYOUT.format(name=n) for n in ("roxford5k", "rparis6k")}
 def load_revisited(name: str, dataroot: str | os.PathLike, split: str = "test") -> ImageRetrievalSet:
     """roxford5k / rparis6k: queries are the qimlist images (crop boxes in ``query_boxes``),
     the gallery is imlist, ``gnd`` is the pickle's per-query ground truth passed through
-    unchanged (indices into the gallery). There are no class labels: all labels are -1.
+    unchanged (indices into the gallery; read as plain data only: a pickle asking for anything
+    else raises :class:`~crossgap_fast.errors.UnsafePickleError`). There are no class labels: all labels are -1.
     Only split "test" exists. The 1M distractor set is not added.
 
     Expected layout (relative to dataroot)::
@@ -33,8 +34,10 @@ def load_revisited(name: str, dataroot: str | os.PathLike, split: str = "test") 
     if split != "test":
         raise ValueError(f"{name}: only split 'test' exists (queries = qimlist, gallery = imlist), got {split!r}")
     root = find_dir(as_root(dataroot, name, layout), [name, ""], f"gnd_{name}.pkl", name, layout)
-    with open(root / f"gnd_{name}.pkl", "rb") as f:
-        cfg = pickle.load(f)
+    # a dataset folder is user data: its pickle is read as plain data only, never run
+    cfg = load_plain_pickle(root / f"gnd_{name}.pkl")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{name}: gnd_{name}.pkl holds a {type(cfg).__name__}, not a dict")
     for key in ("imlist", "qimlist", "gnd"):
         if key not in cfg:
             raise ValueError(f"{name}: gnd_{name}.pkl has no {key!r} entry")

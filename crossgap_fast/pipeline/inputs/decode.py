@@ -8,6 +8,7 @@ returns a failure as the error record's reason (:func:`unreadable_image`, "file 
 
 from __future__ import annotations
 
+import contextvars
 import io
 import os
 import pickle
@@ -21,31 +22,46 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from crossgap_fast.errors import ItemReadError, NotRegularFileError
+from crossgap_fast.files import file_kind
 from crossgap_fast.images import to_rgb
-from crossgap_fast.pipeline.inputs.folders import file_kind
 from crossgap_fast.pipeline.inputs.items import ImageUrl, TarMember
+from crossgap_fast.pipeline.inputs.limits import DEFAULT_LIMITS, InputLimits
 from crossgap_fast.pipeline.inputs.tars import read_tar_member
 from crossgap_fast.pipeline.inputs.urls import fetch_url
 
 
-def read_item_bytes(item: TarMember | ImageUrl) -> bytes:
-    """The bytes of a tar member (seek + read) or of a URL (one GET, bounded in time and size)."""
+def read_item_bytes(item: TarMember | ImageUrl, limits: InputLimits = DEFAULT_LIMITS) -> bytes:
+    """The bytes of a tar member (seek + read) or of a URL (one GET, bounded in time and
+    size), within ``limits``."""
     if isinstance(item, ImageUrl):
-        return fetch_url(item.url)
-    return read_tar_member(item)
+        return fetch_url(item.url, limits=limits)
+    return read_tar_member(item, limits.max_bytes)
 
 
-def load_image(path: str | TarMember | ImageUrl, preprocess: Callable[[Any], Tensor]) -> Tensor:
+#: The limits of the dataset decoding in this thread (see :class:`ImageDataset`): a context
+#: variable, so that :func:`load_image` keeps the two-argument call wrappers replace.
+_LIMITS: contextvars.ContextVar[InputLimits] = contextvars.ContextVar("crossgap_input_limits",
+                                                                      default=DEFAULT_LIMITS)
+
+
+def load_image(path: str | TarMember | ImageUrl, preprocess: Callable[[Any], Tensor],
+               limits: InputLimits | None = None) -> Tensor:
     """Decode the image file ``path`` (or tar member, or URL) to RGB (see :func:`to_rgb`)
-    and preprocess it."""
+    and preprocess it; ``limits`` (default: those of the dataset decoding it, else the
+    defaults) bound what is read (see :class:`InputLimits`)."""
     from PIL import Image
 
+    limits = _LIMITS.get() if limits is None else limits
+
     if isinstance(path, (TarMember, ImageUrl)):
-        source: Any = io.BytesIO(read_item_bytes(path))
+        source: Any = io.BytesIO(read_item_bytes(path, limits))
     else:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):  # checked again here: the file may have changed since listing
-            raise NotRegularFileError(f"not a regular file ({file_kind(mode)})")
+        limits.check_local(path)  # before any stat: the reason must not tell whether it exists
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # checked again here: the file may have changed since listing
+            raise NotRegularFileError(f"not a regular file ({file_kind(st.st_mode)})")
+        if st.st_size > limits.max_bytes:
+            raise ItemReadError(f"image file larger than {limits.max_bytes} bytes ({st.st_size})")
         source = path
     with Image.open(source) as im:
         im.load()
@@ -79,15 +95,18 @@ class ImageDataset(Dataset):
     """Decodes and preprocesses images in DataLoader workers; a failure comes back as an
     error string instead of raising, so one bad file never stops the run."""
 
-    def __init__(self, paths: Sequence[str | TarMember | ImageUrl], preprocess: Callable[[Any], Tensor]):
+    def __init__(self, paths: Sequence[str | TarMember | ImageUrl], preprocess: Callable[[Any], Tensor],
+                 limits: InputLimits = DEFAULT_LIMITS):
         self.paths = PackedItems(paths)
         self.preprocess = preprocess
+        self.limits = limits
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, Tensor | None, str | None]:
         path = self.paths[index]
+        token = _LIMITS.set(self.limits)
         try:
             return index, load_image(path, self.preprocess), None
         except FileNotFoundError:
@@ -96,6 +115,8 @@ class ImageDataset(Dataset):
             return index, None, str(err)
         except Exception as err:  # PIL raises many types for corrupt files
             return index, None, unreadable_image(err)
+        finally:
+            _LIMITS.reset(token)
 
 
 def unreadable_image(err: Exception) -> str:

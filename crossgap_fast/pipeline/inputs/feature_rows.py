@@ -53,6 +53,11 @@ class FeatureRows:
 
     dtype = torch.float32
 
+    @property
+    def source_dtype(self) -> np.dtype:
+        """The widest dtype of the files on disk (rows are read as float32)."""
+        return max((self._array(i).dtype for i in range(len(self.files))), key=lambda d: d.itemsize)
+
     def __len__(self) -> int:
         return int(self._starts[-1])
 
@@ -106,7 +111,8 @@ class FeatureRows:
             which = np.searchsorted(self._starts, idx, side="right") - 1
             for f in np.unique(which):
                 sel = which == f
-                out[sel] = self._array(int(f))[idx[sel] - self._starts[f]]
+                with np.errstate(over="ignore", under="ignore"):  # float64 rows: reported per row
+                    out[sel] = self._array(int(f))[idx[sel] - self._starts[f]]
         return torch.from_numpy(out)
 
     def _range(self, lo: int, hi: int) -> Tensor:
@@ -118,7 +124,8 @@ class FeatureRows:
                 if a >= hi:
                     break
                 if b > a:
-                    out[a - lo:b - lo] = self._array(f)[a - self._starts[f]:b - self._starts[f]]
+                    with np.errstate(over="ignore", under="ignore"):  # float64 rows: reported per row
+                        out[a - lo:b - lo] = self._array(f)[a - self._starts[f]:b - self._starts[f]]
         return torch.from_numpy(out)
 
     def chunks(self, max_bytes: int | None = None) -> Iterator[tuple[int, Tensor]]:

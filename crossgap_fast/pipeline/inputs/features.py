@@ -41,7 +41,7 @@ METADATA_FOLDER = "metadata"
 
 
 def read_features(path: str | os.PathLike) -> Tensor:
-    """An (N, D) float tensor from a ``.npy`` file or a ``.pt`` file holding a tensor, an
+    """An (N, D) float tensor (its own float dtype) from a ``.npy`` file or a ``.pt`` file holding a tensor, an
     array or a dict with a "features" entry."""
     path = Path(path)
     npy = path.suffix.lower() == ".npy"
@@ -66,37 +66,57 @@ def read_features(path: str | os.PathLike) -> Tensor:
         data = torch.from_numpy(np.ascontiguousarray(data))
     if not isinstance(data, Tensor):
         raise InputError(f"feature file {str(path)!r} holds {type(data).__name__}, not an (N, D) array")
-    return _check_feature_array(data, str(path))
+    return _check_feature_array(data, str(path), cast=False)  # features_items casts, naming rows float32 cannot hold
 
 
-def _check_feature_array(x: Tensor, source: str) -> Tensor:
+_NONFINITE = "NaN or infinite values"
+_ZERO = "all-zero feature (no direction to match)"
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_feature_array(x: Tensor, source: str, cast: bool = True) -> Tensor:
     if x.ndim != 2:
         raise InputError(f"features {source!r} must be 2-D (N, D), got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise InputError(f"features {source!r} have no rows")
+    if x.shape[1] == 0:
+        raise InputError(f"features {source!r} have width 0: each row needs at least one value")
     if not x.is_floating_point():
         raise InputError(f"features {source!r} must be floating point, got {x.dtype}")
-    return x.detach().float().cpu().contiguous()
+    return x.detach().float().cpu().contiguous() if cast else x.detach().cpu()
 
 
 def features_items(x: Any, source: str, names: list[str] | None = None) -> InputItems:
     """A features gallery; rows with NaN / infinite values or all zeros are error items.
     Lazy rows are checked chunk by chunk (bounded memory)."""
+    issues: dict[int, dict] = {}
     if isinstance(x, FeatureRows):
         chunks: Any = x.chunks()
+        if x.source_dtype.itemsize > 4:  # float64 files are read as float32 (the cast is silent)
+            nonfinite, zero_reason = _NONFINITE + " (or beyond float32's range)", _ZERO + " (or too small for float32)"
+        else:
+            nonfinite, zero_reason = _NONFINITE, _ZERO
     else:
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(np.ascontiguousarray(x))
+        given = x
         x = _check_feature_array(x, source)
         chunks = [(0, x)]
-    issues: dict[int, dict] = {}
+        nonfinite, zero_reason = _NONFINITE, _ZERO
+        if given.dtype == torch.float64:  # the cast to float32 turns these into inf or zeros
+            wide = given.detach().cpu()
+            finite = torch.isfinite(wide).all(dim=1)
+            for i in (finite & (wide.abs().amax(dim=1) > _F32_MAX)).nonzero().flatten().tolist():
+                issues[i] = {"level": "error", "reason": f"values beyond float32's range (|x| > {_F32_MAX:.3g})"}
+            for i in ((x.abs().amax(dim=1) == 0) & (wide.abs().amax(dim=1) > 0)).nonzero().flatten().tolist():
+                issues[i] = {"level": "error", "reason": "values too small for float32 (all round to zero)"}
     for start, rows in chunks:
         finite = torch.isfinite(rows).all(dim=1)
         zero = rows.abs().amax(dim=1) == 0
         for i in (~finite).nonzero().flatten().tolist():
-            issues[start + i] = {"level": "error", "reason": "NaN or infinite values"}
+            issues.setdefault(start + i, {"level": "error", "reason": nonfinite})
         for i in (zero & finite).nonzero().flatten().tolist():
-            issues[start + i] = {"level": "error", "reason": "all-zero feature (no direction to match)"}
+            issues.setdefault(start + i, {"level": "error", "reason": zero_reason})
     names = [str(i) for i in range(x.shape[0])] if names is None else names
     return InputItems("features", source, names=names, features=x, issues=issues)
 
@@ -127,6 +147,8 @@ def list_embedding_folder(root: Path, kind: str, column: str | None = None) -> t
         if a.ndim != 2 or a.dtype.kind != "f":
             raise InputError(f"feature file {path!r} must hold a 2-D float array, got shape "
                              f"{a.shape} of {a.dtype}")
+        if a.shape[1] == 0:
+            raise InputError(f"feature file {path!r} has width 0: each row needs at least one value")
         if dim is not None and a.shape[1] != dim:
             raise InputError(f"feature file {path!r} has width {a.shape[1]}, the first file {dim}")
         dim = a.shape[1]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from crossgap_fast.errors import InputError
+from crossgap_fast.files import file_kind
 from crossgap_fast.pipeline.inputs.items import InputItems, ImageUrl, TarMember
 from crossgap_fast.pipeline.inputs.texts import TEXT_ENCODING
 
@@ -72,15 +73,6 @@ def _is_dir(entry: os.DirEntry) -> bool:
 def _listing_problem(name: str, what: str, err: OSError) -> dict:
     return {"index": None, "name": name, "level": "error",
             "reason": f"{what} ({type(err).__name__}: {err.strerror or err})"}
-
-
-def file_kind(mode: int) -> str:
-    """What a file that is not a regular file is, in words ("a FIFO", "a folder", ...)."""
-    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def images_items(source: str, names: list[str], items: list[Any], problems: list[dict] | None = None,

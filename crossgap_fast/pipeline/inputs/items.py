@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, Sequence
 from torch import Tensor
 
 from crossgap_fast.pipeline.inputs.feature_rows import FeatureRows
+from crossgap_fast.pipeline.inputs.limits import InputLimits
 from crossgap_fast.pipeline.store.schema import utf8_safe
 
 
@@ -68,6 +69,7 @@ class InputItems:
     problems: list[dict] = field(default_factory=list)
     meta: Any = None
     keep: tuple[str, ...] | None = None
+    limits: InputLimits = field(default_factory=InputLimits, compare=False)
 
     def __len__(self) -> int:
         return len(self.names)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from crossgap_fast.errors import InputError
 from crossgap_fast.pipeline.inputs.carried import check_keep, parse_keep
+from crossgap_fast.files import file_kind
 from crossgap_fast.pipeline.inputs.features import (
     FEATURE_EXTENSIONS,
     embedding_meta,
@@ -32,12 +33,12 @@ from crossgap_fast.pipeline.inputs.features import (
 )
 from crossgap_fast.pipeline.inputs.folders import (
     IMAGE_EXTENSIONS,
-    file_kind,
     images_items,
     read_image_list,
     scan_images,
 )
-from crossgap_fast.pipeline.inputs.items import InputItems
+from crossgap_fast.pipeline.inputs.items import InputItems, TarMember
+from crossgap_fast.pipeline.inputs.limits import DEFAULT_LIMITS, InputLimits
 from crossgap_fast.pipeline.inputs.parquet import parquet_items
 from crossgap_fast.pipeline.inputs.tars import (
     check_tar_path,
@@ -59,6 +60,7 @@ def load_input(
     context_length: int | None = None,
     column: str | None = None,
     keep_columns: str | Sequence[str] | None = None,
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> InputItems:
     """Resolve ``inputs`` for ``kind`` ("images" or "texts").
 
@@ -78,16 +80,37 @@ def load_input(
     are truncated).
     ``keep_columns`` picks the columns carried to the output's metadata ("all", the default,
     "none", or names; see :meth:`InputItems.columns`); a name the input lacks is refused.
+    ``limits`` bound what one item may cost to read, and with ``local_roots`` which local
+    paths may be read at all (see :class:`~crossgap_fast.pipeline.inputs.limits.InputLimits`);
+    they travel with the items.
     """
     keep = parse_keep(keep_columns)
-    gallery = _listed(inputs, kind, tokenizer, context_length, column, keep)
+    gallery = _listed(inputs, kind, tokenizer, context_length, column, keep, limits)
     check_keep(keep, gallery.column_names(), gallery.source)
     gallery.keep = keep
+    gallery.limits = limits
+    if gallery.kind == "images" and limits.local_roots is not None:
+        _refuse_outside_roots(gallery, limits)
     return gallery
 
 
+def _refuse_outside_roots(gallery: InputItems, limits: InputLimits) -> None:
+    """Image paths outside the allowed folders become errors with one reason, replacing what
+    listing found (a "not a regular file" would tell that the path exists)."""
+    for i, item in enumerate(gallery.items):
+        path = item.tar if isinstance(item, TarMember) else item
+        if not isinstance(path, str) or not path:
+            continue
+        try:
+            limits.check_local(path)
+        except OSError as err:
+            gallery.issues[i] = {"level": "error", "reason": str(err)}
+            if gallery.stamps is not None:
+                gallery.stamps[i] = None
+
+
 def _listed(inputs: Any, kind: str, tokenizer, context_length: int | None, column: str | None,
-            keep: tuple[str, ...] | None) -> InputItems:
+            keep: tuple[str, ...] | None, limits: InputLimits) -> InputItems:
     """The items of ``inputs`` (see :func:`load_input`)."""
     if kind not in ("images", "texts"):
         raise ValueError(f"kind must be 'images' or 'texts', got {kind!r}")
@@ -95,7 +118,7 @@ def _listed(inputs: Any, kind: str, tokenizer, context_length: int | None, colum
         _refuse_column(column, "a feature array")
         return features_items(inputs, "features")
     if isinstance(inputs, (str, os.PathLike)):
-        gallery = _path_items(os.fspath(inputs), kind, column, keep)
+        gallery = _path_items(os.fspath(inputs), kind, column, keep, limits)
         if gallery.kind != "texts":
             return gallery
     elif isinstance(inputs, Sequence):
@@ -127,14 +150,21 @@ def _listed(inputs: Any, kind: str, tokenizer, context_length: int | None, colum
     return gallery
 
 
-def _path_items(text: str, kind: str, column: str | None, keep: tuple[str, ...] | None) -> InputItems:
+def _path_items(text: str, kind: str, column: str | None, keep: tuple[str, ...] | None,
+                limits: InputLimits) -> InputItems:
     """The items of a path input (a file, a folder, or a webdataset shard pattern)."""
+    if not text.strip():  # Path("") is the working folder: an empty --input would invert it all
+        raise InputError("input path is empty: name a folder, list, text, feature, .tar or .parquet file")
     path = Path(text)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as err:  # a name too long, a loop of links
+        raise InputError(f"input {text!r} cannot be read ({err.strerror or err})") from None
+    if not exists:
         refuse_remote(text)
         if is_tar_pattern(text):
             _refuse_column(column, text)
-            return tar_items(text, expand_shards(text), kind, keep)
+            return tar_items(text, expand_shards(text), kind, keep, limits.max_bytes)
         raise InputError(f"input {str(path)!r} does not exist")
     mode = path.stat().st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
@@ -150,7 +180,7 @@ def _path_items(text: str, kind: str, column: str | None, keep: tuple[str, ...] 
     _refuse_column(column, text)
     if path.is_file() and (suffix.endswith(".tar") or is_compressed_tar(suffix)):
         check_tar_path(text, text)
-        return tar_items(text, [text], kind, keep)
+        return tar_items(text, [text], kind, keep, limits.max_bytes)
     if path.is_file() and path.suffix.lower() in FEATURE_EXTENSIONS:
         return features_items(read_features(path), str(path))
     if kind == "images":

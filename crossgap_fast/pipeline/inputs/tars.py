@@ -41,8 +41,10 @@ _COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".
 _OPEN_TARS: OrderedDict[tuple[int, str], int] = OrderedDict()  # (process, tar) -> descriptor
 
 
-def read_tar_member(item: TarMember) -> bytes:
-    """The bytes of a tar member (seek + read)."""
+def read_tar_member(item: TarMember, max_bytes: int | None = None) -> bytes:
+    """The bytes of a tar member (seek + read); a member over ``max_bytes`` is not read."""
+    if max_bytes is not None and item.size > max_bytes:
+        raise ItemReadError(f"tar member larger than {max_bytes} bytes ({item.size})")
     data = os.pread(_tar_fd(item.tar), item.size, item.offset)
     if len(data) != item.size:
         raise ItemReadError(f"tar member cut short ({len(data)} of {item.size} bytes; "
@@ -138,6 +140,8 @@ class TarSample:
     key: str
     tar: str
     members: dict[str, TarMember] = field(default_factory=dict)
+    #: suffix -> why that member cannot be read (a link, FIFO or device member): an item error
+    unreadable: dict[str, str] = field(default_factory=dict)
 
 
 def tar_samples(tars: Sequence[str], source: str) -> Iterator[TarSample]:
@@ -187,11 +191,12 @@ def _tar_samples(tar: str) -> Iterator[TarSample]:
                     break
                 last = info.name
                 tf.members = []  # headers already handled: keep memory flat on huge shards
-                if not info.isreg() or info.issparse() or _META_MEMBER_RE.match(info.name):
+                if info.isdir() or _META_MEMBER_RE.match(info.name):
                     continue
                 parts = split_key(info.name)
                 if parts is None:
                     continue
+                why = _unreadable_member(info)
                 key, suffix = parts
                 if current is None or key != current.key:
                     if current is not None:
@@ -200,7 +205,9 @@ def _tar_samples(tar: str) -> Iterator[TarSample]:
                 if suffix in current.members:
                     raise InputError(f"tar shard {tar!r}: sample {key!r} has two members with "
                                      f"suffix {suffix!r}")
-                current.members[suffix] = TarMember(tar, info.offset_data, info.size, info.name)
+                current.members[suffix] = TarMember(tar, info.offset_data, 0 if why else info.size, info.name)
+                if why:
+                    current.unreadable[suffix] = why
     except tarfile.TarError as err:
         raise InputError(f"tar shard {tar!r} is not a readable uncompressed tar file ({err})") from None
     except OSError as err:
@@ -209,12 +216,27 @@ def _tar_samples(tar: str) -> Iterator[TarSample]:
         yield current
 
 
-def read_members(members: Sequence[TarMember]) -> list[bytes | ItemReadError]:
-    """The data of small members (texts) of one or more tars, each file opened once."""
+def _unreadable_member(info: tarfile.TarInfo) -> str | None:
+    """Why a member is no file that can be read (a link, FIFO, device or sparse member), or
+    None: such members are recorded as item errors, never followed or opened."""
+    if info.isreg() and not info.issparse():
+        return None
+    kind = ("a symbolic link" if info.issym() else "a hard link" if info.islnk() else "a FIFO" if info.isfifo()
+            else "a character device" if info.ischr() else "a block device" if info.isblk()
+            else "a sparse file" if info.issparse() else "not a regular file")
+    return f"tar member {info.name!r} is {kind}; not read"
+
+
+def read_members(members: Sequence[TarMember], max_bytes: int | None = None) -> list[bytes | ItemReadError]:
+    """The data of small members (texts) of one or more tars, each file opened once; a member
+    over ``max_bytes`` is not read (an error instead)."""
     out: list[bytes | ItemReadError] = []
     handles: dict[str, Any] = {}
     try:
         for m in members:
+            if max_bytes is not None and m.size > max_bytes:
+                out.append(ItemReadError(f"tar member larger than {max_bytes} bytes ({m.size})"))
+                continue
             f = handles.get(m.tar)
             if f is None:
                 f = handles[m.tar] = open(m.tar, "rb")
@@ -229,40 +251,52 @@ def read_members(members: Sequence[TarMember]) -> list[bytes | ItemReadError]:
     return out
 
 
+def _pick(sample: TarSample, suffixes: list[str]) -> str | None:
+    """The first of ``suffixes`` whose member can be read, else the first (an item error)."""
+    return next((x for x in suffixes if x not in sample.unreadable), suffixes[0] if suffixes else None)
+
+
 def _is_image_suffix(suffix: str) -> bool:
     return "." + suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
 
 
-def tar_items(source: str, tars: list[str], kind: str, keep: Sequence[str] | None = None) -> InputItems:
+def tar_items(source: str, tars: list[str], kind: str, keep: Sequence[str] | None = None,
+              max_bytes: int | None = None) -> InputItems:
     """Images: one item per sample with an image member (its first, in tar order), named by
     the sample key; texts: the sample's ``.txt``, else ``.caption``, else a ``.json`` with a
     "text" / "caption" field (one line terminator at the end of a text file is dropped).
-    Samples without such a member are no item. The fields of each sample's ``.json`` (and,
-    for images, its ``.txt`` as ``caption``) are carried to the output (``keep`` ones only,
-    when given)."""
+    Samples without such a member are no item. A chosen member that is a link, FIFO or
+    device is an item error; a text member over ``max_bytes`` too (images are checked when
+    they are read). The fields of each sample's ``.json`` (and, for images, its ``.txt`` as
+    ``caption``) are carried to the output (``keep`` ones only, when given)."""
     samples = tar_samples(tars, source)
     names: list[str] = []
     jsons: list[TarMember | None] = []
+    known: dict[int, dict] = {}
     if kind == "images":
         items: list[TarMember] = []
         captions: list[TarMember | None] = []
         for sample in samples:
-            member = next((m for suffix, m in sample.members.items() if _is_image_suffix(suffix)), None)
-            if member is not None:
+            suffix = _pick(sample, [x for x in sample.members if _is_image_suffix(x)])
+            if suffix is not None:
+                if suffix in sample.unreadable:
+                    known[len(items)] = {"level": "error", "reason": sample.unreadable[suffix]}
                 names.append(sample.key)
-                items.append(member)
+                items.append(sample.members[suffix])
                 jsons.append(sample.members.get("json"))
                 captions.append(sample.members.get("txt"))
         if not items:
             raise InputError(f"webdataset input {source!r} has no sample with an image member "
                              f"({', '.join(sorted(IMAGE_EXTENSIONS))}) in {len(tars)} shard(s)")
-        gallery = images_items(source, names, items)
+        gallery = images_items(source, names, items, issues=known)
         gallery.meta = _sample_fields(jsons, captions, keep)
         return gallery
     picked: list[tuple[str, TarMember]] = []
     for sample in samples:
-        suffix = next((x for x in TAR_TEXT_SUFFIXES if x in sample.members), None)
+        suffix = _pick(sample, [x for x in TAR_TEXT_SUFFIXES if x in sample.members])
         if suffix is not None:
+            if suffix in sample.unreadable:
+                known[len(picked)] = {"level": "error", "reason": sample.unreadable[suffix]}
             names.append(sample.key)
             picked.append((suffix, sample.members[suffix]))
             jsons.append(sample.members.get("json"))
@@ -270,9 +304,9 @@ def tar_items(source: str, tars: list[str], kind: str, keep: Sequence[str] | Non
         raise InputError(f"webdataset input {source!r} has no sample with a text member "
                          f"({', '.join('.' + x for x in TAR_TEXT_SUFFIXES)}) in {len(tars)} shard(s)")
     texts: list[str | None] = []
-    issues: dict[int, dict] = {}
-    for i, ((suffix, _), data) in enumerate(zip(picked, read_members([m for _, m in picked]))):
-        text, reason = _member_text(suffix, data)
+    issues: dict[int, dict] = known
+    for i, ((suffix, _), data) in enumerate(zip(picked, read_members([m for _, m in picked], max_bytes))):
+        text, reason = (None, None) if i in known else _member_text(suffix, data)
         texts.append(text)
         if reason is not None:
             issues[i] = {"level": "error", "reason": reason}

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from crossgap_fast.defaults import DEFAULT_ENCODE_BATCH
 from crossgap_fast.inversion.config import InversionConfig
 from crossgap_fast.inversion.inverter import Inverter
+from crossgap_fast.pipeline.inputs.limits import InputLimits
 from crossgap_fast.pipeline.ray_engine.batches import ModelBatches, ModelSpec, passthrough
 from crossgap_fast.pipeline.settings import check_config
 
@@ -25,8 +26,9 @@ class EncodeBatches(ModelBatches):
     takes_features = False
 
     def __init__(self, model: ModelSpec, kind: str = "images", device: str | torch.device | None = "auto",
-                 *, encode_batch_size: int = DEFAULT_ENCODE_BATCH, column_map: dict[str, str] | None = None):
-        super().__init__(model, kind, device, encode_batch_size, column_map)
+                 *, encode_batch_size: int = DEFAULT_ENCODE_BATCH, column_map: dict[str, str] | None = None,
+                 limits: InputLimits | None = None):
+        super().__init__(model, kind, device, encode_batch_size, column_map, limits)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch, index, feats, errors = self._features(batch)
@@ -42,9 +44,10 @@ class InvertBatches(ModelBatches):
     :class:`~crossgap_fast.inversion.config.InversionConfig` or a dict for ``from_dict``; its method
     must be the kind's: OTI for "images", OVI for "texts"), ``kind``, ``device`` ("auto",
     "cpu", "cuda"; with Ray's ``num_gpus=1`` an actor sees its GPU as "cuda"),
-    ``encode_batch_size`` (items per encoder call), ``keep_loss_curve`` and ``column_map``
+    ``encode_batch_size`` (items per encoder call), ``keep_loss_curve``, ``column_map``
     ({a batch's column: ``features`` / ``image`` / ``item`` / ``text`` / ``index``}, for
-    columns named otherwise).
+    columns named otherwise) and ``limits`` (an
+    :class:`~crossgap_fast.pipeline.inputs.limits.InputLimits`: what reading one image may cost).
 
     Input columns: one of ``features`` (N, D), ``image`` (decoded HWC arrays as from
     ``ray.data.read_images``, PIL images, or encoded bytes), ``item`` (image paths) or
@@ -63,9 +66,9 @@ class InvertBatches(ModelBatches):
     def __init__(self, model: ModelSpec, config: InversionConfig | dict, kind: str = "images",
                  device: str | torch.device | None = "auto", *,
                  encode_batch_size: int = DEFAULT_ENCODE_BATCH, keep_loss_curve: bool = False,
-                 column_map: dict[str, str] | None = None):
+                 column_map: dict[str, str] | None = None, limits: InputLimits | None = None):
         config = check_config(config, kind, accept_dict=True)
-        super().__init__(model, kind, device, encode_batch_size, column_map)
+        super().__init__(model, kind, device, encode_batch_size, column_map, limits)
         self.keep_loss_curve = bool(keep_loss_curve)
         self.inverter = Inverter(self.model, config)
 

@@ -19,6 +19,7 @@ from crossgap_fast.inversion.config import InversionConfig, check_int
 from crossgap_fast.models import ClipModel, as_clip_model, frozen, load_named_model
 from crossgap_fast.pipeline.encode import encode_image_batch, encode_text_batch
 from crossgap_fast.pipeline.inputs import ImageDataset, unreadable_image
+from crossgap_fast.pipeline.inputs.limits import DEFAULT_LIMITS, InputLimits
 from crossgap_fast.pipeline.inputs.features import features_items
 from crossgap_fast.pipeline.placement import Place, resolve_device
 from crossgap_fast.pipeline.settings import method_of
@@ -153,13 +154,15 @@ class ModelBatches:
     takes_features = True  # a batch may hold features already (nothing to encode)
 
     def __init__(self, model: ModelSpec, kind: str, device: str | torch.device | None,
-                 encode_batch_size: int, column_map: dict[str, str] | None = None):
+                 encode_batch_size: int, column_map: dict[str, str] | None = None,
+                 limits: InputLimits | None = None):
         method_of(kind)
         if column_map is not None and not (isinstance(column_map, dict) and all(
                 isinstance(k, str) and v in INPUT_COLUMNS + ("index",) for k, v in column_map.items())):
             raise ValueError(f"column_map must map column names to {', '.join(INPUT_COLUMNS + ('index',))}, "
                              f"got {column_map!r}")
         self.column_map = column_map
+        self.limits = limits or DEFAULT_LIMITS  # what reading one image item may cost
         self.kind = kind
         self.encode_batch_size = check_int("encode_batch_size", encode_batch_size)
         cm = build_model(model)
@@ -228,7 +231,7 @@ class ModelBatches:
         decoded: list[tuple[int, Tensor]] = []
         if column == "item":
             # ImageDataset reports a failure as a reason string, exactly as the gallery records it
-            dataset = ImageDataset([Item.unwrap(v) for v in values], preprocess)
+            dataset = ImageDataset([Item.unwrap(v) for v in values], preprocess, self.limits)
             for i in range(len(dataset)):
                 _, image, why = dataset[i]
                 if image is None:

@@ -140,7 +140,8 @@ def run_ray(
     ds.context.execution_options.preserve_order = True  # shards complete one after another
     ds.context.enable_progress_bars = False  # ours counts items; Ray's counts blocks
     ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    kwargs: dict[str, Any] = {"kind": kind, "device": device, "encode_batch_size": encode_batch_size}
+    kwargs: dict[str, Any] = {"kind": kind, "device": device, "encode_batch_size": encode_batch_size,
+                              "limits": gallery.limits}
     if config is not None:
         fn, kwargs = InvertBatches, {"config": config, "keep_loss_curve": keep_loss_curve, **kwargs}
     else:

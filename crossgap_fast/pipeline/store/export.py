@@ -16,6 +16,7 @@ from typing import Sequence
 from crossgap_fast.errors import GalleryError, OutputExistsError
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.pipeline.store.folder import GalleryStore
+from crossgap_fast.pipeline.store.legacy import load_v1_shard
 from crossgap_fast.pipeline.store.manifest import CALIBRATION_FILE, INPUT_INDEX, MAP_FILE, SETTINGS_KEYS
 from crossgap_fast.pipeline.store.reader import open_store, pick_entry, shard_arrays
 from crossgap_fast.progress import Progress
@@ -62,9 +63,7 @@ def export_store(source: str | os.PathLike, target: str | os.PathLike, *,
         for shard in sorted(candidates):
             entry = pick_entry(src_root, shard, candidates[shard], verify=True)
             if manifest.get("version") == 1:
-                import torch  # version-1 shards are torch files
-
-                payload = torch.load(src_root / entry["file"], map_location="cpu", weights_only=True)
+                payload = load_v1_shard(src_root, entry)
             else:
                 payload = shard_arrays(src_root, entry)
                 payload["columns"] = _item_columns(src_root, entry)

@@ -8,7 +8,6 @@ made (:func:`load_inversions`) or a version-1 store is read, never on import."""
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from crossgap_fast.defaults import DEFAULT_READ_BATCH
 from crossgap_fast.errors import CorruptStoreError, GalleryError
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.pipeline.store.entries import entry_mismatch, shard_candidates
+from crossgap_fast.pipeline.store.legacy import load_v1_shard
 from crossgap_fast.pipeline.store.manifest import MANIFEST, read_manifest
 
 if TYPE_CHECKING:
@@ -105,8 +105,7 @@ def load_inversions(out_dir: str | os.PathLike, *, allow_partial: bool = False, 
     root, manifest, candidates, complete = open_store(out_dir, allow_partial)
     entries = [pick_entry(root, s, candidates[s], verify) for s in sorted(candidates)]
     if manifest.get("version") == 1:
-        parts = [torch.load(io.BytesIO((root / e["file"]).read_bytes()), map_location="cpu", weights_only=True)
-                 for e in entries]
+        parts = [load_v1_shard(root, e) for e in entries]
     else:
         parts = [shard_tensors(root, e) for e in entries]
     errors = list(manifest.get("input_problems") or []) + [r for e in entries for r in e.get("errors", [])]
@@ -225,9 +224,7 @@ def _join(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
 def _shard_views(root: Path, manifest: dict, entry: dict, columns: Sequence[str],
                  metadata_columns: Sequence[str] | None):
     if manifest.get("version") == 1:
-        import torch  # version-1 shards are torch files
-
-        part = torch.load(root / entry["file"], map_location="cpu", weights_only=True)
+        part = load_v1_shard(root, entry)
         arrays = {}
         for c in columns:
             if part.get(c) is None:
