@@ -10,7 +10,6 @@ the values of this process that move results at float-rounding level.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -23,6 +22,7 @@ from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS
 from crossgap_fast.models import ClipModel, model_name_id, pretrained_id
 from crossgap_fast.pipeline.encode import default_workers
 from crossgap_fast.pipeline.inputs import InputItems
+from crossgap_fast.pipeline.leases import check_lease_seconds
 from crossgap_fast.pipeline.store import schema as fmt
 
 ENGINES = ("local", "ray")
@@ -136,8 +136,7 @@ def pipeline_settings(shard_size, resume, worker, progress, workers, encode_batc
     check_int("encode_batch_size", encode_batch_size)
     if workers is not None:
         check_int("workers", workers, minimum=0)
-    if not (isinstance(lease_seconds, (int, float)) and 0 < lease_seconds < math.inf):
-        raise ValueError(f"lease_seconds must be a positive, finite number of seconds, got {lease_seconds!r}")
+    lease_seconds = check_lease_seconds(lease_seconds, "lease_seconds")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     check_int("ray_actors", ray_actors)
@@ -195,10 +194,22 @@ def run_values(config: InversionConfig | None, encode_batch_size: int, dev: torc
     }
 
 
+def resolve_input(inputs: Any) -> Any:
+    """``inputs`` as the run records it: a local path made absolute (so a worker or a resume
+    started in another directory reads the same files, or is refused because its path
+    differs); URLs, an empty path and inputs held in memory as given."""
+    if isinstance(inputs, (str, os.PathLike)):
+        text = os.fspath(inputs)
+        if isinstance(text, str) and text and "://" not in text:
+            return os.path.abspath(text)
+        return text
+    return inputs
+
+
 def source_name(inputs: Any) -> str | None:
-    """The input's path as given (what a joining worker must match); None for an input held
+    """The input's absolute path (what a joining worker must match); None for an input held
     in memory (a list, an array), which only a resume can compare, by its digest."""
-    return str(inputs) if isinstance(inputs, (str, os.PathLike)) else None
+    return str(resolve_input(inputs)) if isinstance(inputs, (str, os.PathLike)) else None
 
 
 def same_path(given: str, recorded: Any) -> bool:
