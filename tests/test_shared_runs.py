@@ -32,7 +32,8 @@ TIMEOUT = 150  # seconds any one process may take before the test fails (a hang)
 
 # Runs the CLI with hooks chosen by environment variables (each optional):
 #   CRASH_AFTER: exit at once (as if killed) after recording this many shards
-#   PAUSE_MARKER: at the first shard's results, write this file and sleep PAUSE_SECONDS
+#   PAUSE_MARKER: at the first shard's results, write this file, sleep PAUSE_SECONDS, then
+#                 wait for the file PAUSE_UNTIL (when given)
 #   DROP_LEASES: at the first shard's results, delete every shard lease file in this folder
 #   WRITE_MARKER: after the first file of a shard is published, write this file, sleep 1 s
 #   CLOCK_OFFSET: this process's clock runs this many seconds off
@@ -67,6 +68,9 @@ def payload(*args, **kwargs):
     if len(calls) == 1 and env.get("PAUSE_MARKER"):
         Path(env["PAUSE_MARKER"]).write_text(str(os.getpid()))
         time.sleep(float(env.get("PAUSE_SECONDS", "1")))
+        until = time.monotonic() + 300
+        while env.get("PAUSE_UNTIL") and not Path(env["PAUSE_UNTIL"]).exists() and time.monotonic() < until:
+            time.sleep(0.05)
     return out
 worker.shard_payload = payload
 real_replace = os.replace
@@ -277,3 +281,253 @@ def test_bad4_a_lease_expiring_far_in_the_future_is_treated_as_expired(feats, si
         assert f"on host {host!r}" in err and "treated as expired" in err, err
     assert "shard-00004.lease' cannot be read" in err
     same(out, single)
+
+
+# ---------------------------------------------------------------------------------- Bad 8
+def test_bad8_lease_seconds_1e12_is_one_line(feats, tmp_path):
+    for bad in ("1e12", "nan", "0"):
+        proc = run(crossgap_cmd() + ["invert", "images", "--input", str(feats), "--out", str(tmp_path / f"out-{bad}"),
+                                     "--lease-seconds", bad] + BASE)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "lease_seconds" in proc.stderr
+        assert not (tmp_path / f"out-{bad}").exists()
+
+
+def test_bad8_a_lease_with_null_expiry_is_expired_with_a_warning(tmp_path):
+    """Library level (the run is in the Bad 4 test): acquiring it warns and takes it; status
+    counts it as stale."""
+    from crossgap_fast.pipeline.leases import Leases, is_live
+
+    folder = tmp_path / "leases"
+    _foreign_lease(tmp_path, 0, host="null-host", renewed=time.time(), expires=None)
+    assert not is_live(json.loads((folder / "shard-00000.lease").read_text()))
+    w = Leases(folder, "w", seconds=30)
+    try:
+        with pytest.warns(UserWarning, match=r"on host 'null-host' has no valid expiry .*treated as expired"):
+            assert w.acquire("shard-00000")
+    finally:
+        w.close()
+
+
+def _finished_copy(single: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(single, src)
+    return src
+
+
+def test_bad8_export_of_a_manifest_with_an_unknown_method_is_one_line(single, tmp_path):
+    src = _finished_copy(single, tmp_path)
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["method"] = "xyz"
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    proc = run(crossgap_cmd() + ["export", str(src), "--to", str(tmp_path / "dst"), "--no-progress"])
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "method" in proc.stderr and "'xyz'" in proc.stderr
+    assert not (tmp_path / "dst").exists()
+
+
+def test_bad8_export_of_a_worker_log_naming_shard_999_is_one_line(single, tmp_path):
+    src = _finished_copy(single, tmp_path)
+    (log,) = (src / "workers").glob("*.jsonl")
+    entry = json.loads(log.read_text().splitlines()[0])
+    with open(log, "a") as f:
+        f.write(json.dumps({**entry, "shard": 999}) + "\n")
+    proc = run(crossgap_cmd() + ["export", str(src), "--to", str(tmp_path / "dst"), "--no-progress"])
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "shard 999" in proc.stderr and "6 shards" in proc.stderr
+    status = run(crossgap_cmd() + ["status", str(src)])
+    assert "13 of" not in status.stdout and "7 done" not in status.stdout
+
+
+# ---------------------------------------------------------------------------------- Weak
+def test_weak_sigterm_releases_the_lease_and_exits_like_sigint(feats, single, tmp_path):
+    out = tmp_path / "out"
+    mark = tmp_path / "holding"
+    proc = spawn(invert(feats, out, "--worker"), PAUSE_MARKER=str(mark), PAUSE_SECONDS="300")
+    try:
+        wait_for(mark, [proc])
+        assert list((out / "leases").glob("shard-*.lease"))  # it holds a shard
+        os.kill(proc.pid, signal.SIGTERM)
+        code, _, err = finish(proc)
+    finally:
+        kill(proc)
+    assert code == 143 and err.count("\n") == 1 and "terminated (SIGTERM)" in err and "--resume" in err, err
+    assert not list((out / "leases").glob("shard-*.lease"))  # released: nobody waits it out
+    code, _, err = finish(spawn(invert(feats, out, "--resume")))
+    assert code == 0, err
+    same(out, single)
+
+
+def test_weak_a_joining_worker_deletes_only_temp_files_whose_writer_is_gone(feats, single, tmp_path):
+    """A joining worker with a short lease keeps an old temporary file whose writer (a live
+    process on this host) may still be writing, and one of another host; it removes one whose
+    process is gone."""
+    out = tmp_path / "out"
+    code, _, err = finish(spawn(invert(feats, out, "--worker"), CRASH_AFTER="1"))
+    assert code == 9, err
+    host = socket.gethostname()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    tag = "".join(c if c.isalnum() or c in "_." else "_" for c in host)
+    live = out / "text_emb" / f".text_emb_00003.npy.tmp-{tag}-{os.getpid()}-abc123"
+    dead = out / "text_emb" / f".text_emb_00004.npy.tmp-{tag}-{int(gone.stdout)}-abc123"
+    foreign = out / "text_emb" / ".text_emb_00005.npy.tmp-far-away-host-77-abc123"
+    old = time.time() - 3600  # far older than 4 lease times
+    for p in (live, dead, foreign):
+        p.write_bytes(b"\x93NUMPY being written")
+        os.utime(p, (old, old))
+    code, _, err = finish(spawn(invert(feats, out, "--worker")))
+    assert code == 0, err
+    assert live.exists() and foreign.exists() and not dead.exists()
+    same(out, single)
+
+
+def test_weak_clock_skew_is_reported_instead_of_discarding_work(feats, single, tmp_path):
+    """A worker whose clock is 100 s behind holds shard 0 for longer than a lease time while
+    renewing it; the other worker sees the skew (reported once) and does not take the shard,
+    so nothing is dropped as "stalled"."""
+    out = tmp_path / "out"
+    mark = tmp_path / "holding"
+    release = tmp_path / "release"
+    slow = spawn(invert(feats, out, "--worker"), CLOCK_OFFSET="-100", PAUSE_MARKER=str(mark),
+                 PAUSE_SECONDS="0", PAUSE_UNTIL=str(release))
+    other = None
+    try:
+        wait_for(mark, [slow])
+        other = spawn(invert(feats, out, "--worker"))
+        deadline = time.monotonic() + TIMEOUT
+        while len(recorded_shards(out)) < ITEMS // SHARD - 1:  # the other does every other shard
+            assert other.poll() is None and time.monotonic() < deadline, other.communicate()[1][-3000:]
+            time.sleep(0.05)
+        time.sleep(float(LEASE) * 2)  # ... and looks at shard 0's lease, renewed 100 s "ago"
+        release.write_text("go")
+        code_o, _, err_o = finish(other)
+        code_s, _, err_s = finish(slow)
+    finally:
+        kill(slow, other)
+    assert code_o == 0 and code_s == 0, (err_o, err_s)
+    assert "took the shard over" not in err_s and "took the shard over" not in err_o
+    assert "100 s behind" in err_o and "synchronise the clocks" in err_o, err_o
+    assert recorded_shards(out) == list(range(ITEMS // SHARD))  # each made once
+    same(out, single)
+
+
+def test_weak_a_finished_shard_deleted_mid_run_is_redone(feats, single, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, err = finish(spawn(invert(feats, out, "--worker"),
+                                     DELETE_AFTER=str(out / "text_emb" / "text_emb_00000.npy")))
+    assert code == 0, err
+    assert "UNFINISHED" not in stdout and "shard 0: text_emb/text_emb_00000.npy is missing" in err, (stdout, err)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    same(out, single)
+
+
+def test_weak_a_ray_runs_auto_precision_does_not_block_a_local_resume(feats, single, tmp_path):
+    """A Ray run on "auto" devices records the precision as asked ("auto"); the local engine
+    resolves it (fp32 on the CPU). A local --resume / --worker of such a run is accepted."""
+    out = tmp_path / "out"
+    code, _, err = finish(spawn(invert(feats, out, "--worker"), CRASH_AFTER="1"))
+    assert code == 9, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engine"]["precision"] == "fp32"
+    manifest["engine"]["precision"] = "auto"  # what a Ray run with device "auto" records
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = finish(spawn(invert(feats, out, "--resume")))
+    assert code == 0, err
+    same(out, single)
+
+
+def test_weak_export_to_a_full_disk_does_not_suggest_resume(single, tmp_path, monkeypatch):
+    import errno
+
+    from crossgap_fast.errors import OutputWriteError
+    from crossgap_fast.pipeline.store import export as export_mod
+    from crossgap_fast.pipeline.store import folder
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(folder.GalleryStore, "_record", full)
+    with pytest.raises(OutputWriteError) as err:
+        export_mod.export_store(single, tmp_path / "dst", progress=False)
+    assert "--resume" not in str(err.value) and "export again" in str(err.value)
+    assert not (tmp_path / "dst").exists()
+
+
+def _store_copy(single: Path, tmp_path: Path, name: str) -> Path:
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(single, dst)
+    return dst
+
+
+def test_weak_iter_inversions_catches_damaged_files_cheaply(single, tmp_path):
+    """Without verify: two shards' feature files swapped (same sizes), one overwritten with
+    NaN, a damaged ``.npy`` header (named in the error), and an entry pointing outside the
+    store (``../other``) are each refused with CorruptStoreError naming the file."""
+    from crossgap_fast import iter_inversions
+    from crossgap_fast.errors import CorruptStoreError
+
+    swapped = _store_copy(single, tmp_path, "swapped")
+    a, b = swapped / "text_emb" / "text_emb_00000.npy", swapped / "text_emb" / "text_emb_00001.npy"
+    da, db = a.read_bytes(), b.read_bytes()
+    a.write_bytes(db)
+    b.write_bytes(da)
+    with pytest.raises(CorruptStoreError, match=r"text_emb_0000[01]\.npy does not match .*sampled bytes"):
+        list(iter_inversions(swapped))
+
+    nan = _store_copy(single, tmp_path, "nan")
+    path = nan / "text_emb" / "text_emb_00002.npy"
+    arr = np.load(path)
+    arr[:] = np.nan
+    np.save(path, arr)
+    with pytest.raises(CorruptStoreError, match=r"text_emb_00002\.npy does not match"):
+        list(iter_inversions(nan))
+
+    header = _store_copy(single, tmp_path, "header")
+    path = header / "text_emb" / "text_emb_00003.npy"
+    data = bytearray(path.read_bytes())
+    data[10:20] = b"{'descr': "[:10]  # the header's dict broken, same size
+    data[12] = ord("!")
+    path.write_bytes(bytes(data))
+    entry_file = next((header / "workers").glob("*.jsonl"))
+    # the damaged file recorded as it is (its entry's probe and sha256 match): the header check finds it
+    import hashlib
+
+    from crossgap_fast.pipeline.store.entries import probe_of_bytes
+    lines = []
+    for line in entry_file.read_text().splitlines():
+        e = json.loads(line)
+        rel = "text_emb/text_emb_00003.npy"
+        if rel in e["files"]:
+            e["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(bytes(data)).hexdigest(),
+                               "probe": probe_of_bytes(bytes(data))}
+        lines.append(json.dumps(e))
+    entry_file.write_text("\n".join(lines) + "\n")
+    manifest = json.loads((header / "manifest.json").read_text())
+    manifest["shards"] = []
+    (header / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptStoreError, match=r"text_emb_00003\.npy"):
+        list(iter_inversions(header))
+
+    away = _store_copy(single, tmp_path, "away")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.npy").write_bytes((away / "text_emb" / "text_emb_00000.npy").read_bytes())
+    manifest = json.loads((away / "manifest.json").read_text())
+    manifest["shards"] = []
+    (away / "manifest.json").write_text(json.dumps(manifest))
+    entry_file = next((away / "workers").glob("*.jsonl"))
+    lines = []
+    for line in entry_file.read_text().splitlines():
+        e = json.loads(line)
+        if e["shard"] == 0:
+            info = e["files"].pop("text_emb/text_emb_00000.npy")
+            e["files"]["../other/x.npy"] = info
+            e["columns"]["features"] = "../other/x.npy"
+        lines.append(json.dumps(e))
+    entry_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CorruptStoreError, match=r"'\.\./other/x\.npy' lies outside the output directory"):
+        list(iter_inversions(away))

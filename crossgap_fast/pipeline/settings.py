@@ -183,6 +183,18 @@ def run_settings(kind: str, method: str, cm: ClipModel, config: InversionConfig 
     return s
 
 
+def as_recorded(manifest: dict, settings: dict, config: InversionConfig | None) -> dict:
+    """``settings`` to compare with the run of ``manifest``: a run whose Ray actors resolved
+    precision "auto" each on its own device recorded it as asked; a joining worker that asks
+    for "auto" too is compared as asked (a local engine would otherwise record "fp32" against
+    it and could never resume or join a Ray run)."""
+    recorded, mine = manifest.get("engine"), settings.get("engine")
+    if (isinstance(recorded, dict) and recorded.get("precision") == "auto" and isinstance(mine, dict)
+            and config is not None and config.precision == "auto"):
+        return {**settings, "engine": {**mine, "precision": "auto"}}
+    return settings
+
+
 def run_values(config: InversionConfig | None, encode_batch_size: int, dev: torch.device) -> dict:
     """The values of :data:`~crossgap_fast.pipeline.store.manifest.RUN_KEYS` for this process:
     they can move results at float-rounding level, so the manifest and every shard entry

@@ -28,6 +28,7 @@ from crossgap_fast.pipeline.placement import Place
 from crossgap_fast.pipeline.results import shard_payload, warn_lost, write_results
 from crossgap_fast.pipeline.settings import (
     PipelineSettings,
+    as_recorded,
     resolve_input,
     run_settings,
     run_values,
@@ -140,12 +141,14 @@ def _open_items(place: Place, inputs, store: GalleryStore, leases: Leases, cm: C
         return gallery
 
     def join(manifest: dict) -> InputItems:
-        mine = run_settings(kind, method, cm, config, pipe, dev, warm, None, manifest.get("input"))
+        mine = as_recorded(manifest, run_settings(kind, method, cm, config, pipe, dev, warm, None,
+                                                  manifest.get("input")), config)
         store.check_settings(manifest, mine, [k for k in JOIN_KEYS if k != "input"])
         if pipe.resume and not pipe.worker and place.rank == 0:
             # a resume looks at the input again: a changed input is refused, not mixed in
             gallery = listed()
-            store.check_settings(manifest, run_settings(kind, method, cm, config, pipe, dev, warm, gallery, source))
+            store.check_settings(manifest, as_recorded(manifest, run_settings(
+                kind, method, cm, config, pipe, dev, warm, gallery, source), config))
         else:
             if source is not None and not same_path(source, manifest.get("input")):
                 store.check_settings(manifest, {**mine, "input": source}, ["input"])

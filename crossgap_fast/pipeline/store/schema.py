@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from crossgap_fast.defaults import DEFAULT_DTYPE, DEFAULT_STORE
+from crossgap_fast.errors import CorruptStoreError
 
 #: What ``--store`` can keep (losses are the metadata's ``loss`` column).
 STORE_COLUMNS = DEFAULT_STORE  # the default keeps every column there is
@@ -194,7 +195,13 @@ def column_files(entry: dict) -> dict[str, str]:
 
 
 def load_array(root: Path, rel: str, mmap: bool) -> np.ndarray:
-    return np.load(root / rel, mmap_mode="r" if mmap else None, allow_pickle=False)
+    """The ``.npy`` array ``root/rel``; CorruptStoreError naming the file when it cannot be
+    read as one (a damaged header, a cut body)."""
+    try:
+        return np.load(root / rel, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, EOFError, SyntaxError) as err:
+        raise CorruptStoreError(f"{str(root / rel)!r} is not a readable .npy array ({type(err).__name__}: "
+                                f"{str(err)[:120]}); resume the run (--resume) to redo it") from None
 
 
 def read_metadata(root: Path, rel: str, columns: Iterable[str] | None = None):

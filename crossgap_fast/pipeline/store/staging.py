@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple
 from crossgap_fast.errors import LeaseLostError
 from crossgap_fast.files import is_temp_file, temp_writer, writer_gone, writer_tag
 from crossgap_fast.pipeline.store import schema as fmt
+from crossgap_fast.pipeline.store.entries import probe_of_bytes
 
 
 class Staged(NamedTuple):
@@ -85,7 +86,8 @@ def publish(root: Path, index: int, files: dict[str, bytes], still_owner: Callab
                 if not stage.exists():  # revoked: the new owner publishes after this point
                     raise _lost(index, root) from None
                 raise
-            recorded[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            recorded[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                             "probe": probe_of_bytes(data)}
         return Staged(recorded, stage)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
