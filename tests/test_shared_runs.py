@@ -503,8 +503,8 @@ def test_weak_iter_inversions_catches_damaged_files_cheaply(single, tmp_path):
         e = json.loads(line)
         rel = "text_emb/text_emb_00003.npy"
         if rel in e["files"]:
-            e["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(bytes(data)).hexdigest(),
-                               "probe": probe_of_bytes(bytes(data))}
+            e["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(bytes(data)).hexdigest()}
+            e["probes"][rel] = probe_of_bytes(bytes(data))
         lines.append(json.dumps(e))
     entry_file.write_text("\n".join(lines) + "\n")
     manifest = json.loads((header / "manifest.json").read_text())

@@ -125,7 +125,7 @@ def outside(root: Path, rel: str) -> bool:
 def entry_mismatch(root: Path, entry: dict, verify: bool, digest=None, probe: bool = False) -> str | None:
     """Why ``entry``'s files do not match what is on disk (None when they do); ``digest(path,
     stat)`` gives a file's sha256 (default: hash it); ``probe`` compares the sampled blocks
-    of each file whose entry records them (cheap, see :data:`PROBE_BLOCKS`)."""
+    of each file whose entry records them (its "probes"; cheap, see :data:`PROBE_BLOCKS`)."""
     digest = digest or (lambda path, st: file_sha256(path))
     files = entry_files(entry)
     named = [r for r in list(files) + list((entry.get("columns") or {}).values()) if outside(root, r)]
@@ -140,7 +140,8 @@ def entry_mismatch(root: Path, entry: dict, verify: bool, digest=None, probe: bo
             st = path.stat()
             if st.st_size != info.get("bytes"):
                 return f"{rel} does not match its manifest entry (size differs): it was changed after it was written"
-            if probe and not verify and info.get("probe") and probe_of_file(path, st.st_size) != info["probe"]:
+            sampled = (entry.get("probes") or {}).get(rel) if probe and not verify else None
+            if sampled and probe_of_file(path, st.st_size) != sampled:
                 return (f"{rel} does not match its manifest entry (its sampled bytes differ): it was changed "
                         "after it was written")
             if verify and digest(path, st) != info.get("sha256"):

@@ -25,7 +25,7 @@ _STATE_KEYS = {"format", "version", "run_id", "status", "created", "shards", "nu
                "items_ok", "items_failed", "items_warned"}
 #: Entry keys written by the store itself (files, digests, who and when).
 _ENTRY_OWN = {"shard", "file", "files", "columns", "bytes", "sha256", "run_id", "rank", "worker", "host",
-              "finished"}
+              "finished", "probes"}
 
 
 def export_store(source: str | os.PathLike, target: str | os.PathLike, *,

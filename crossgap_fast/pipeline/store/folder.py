@@ -332,6 +332,7 @@ class GalleryStore:
                 "host": self.host,
                 "finished": time.time(),
                 "run_id": m["run_id"],
+                "probes": staged.probes,
             }
             if not staging.still_staged(staged):  # the shard's new owner revoked these files
                 raise LeaseLostError(f"shard {index} of {str(self.root)!r}: another worker took the shard "

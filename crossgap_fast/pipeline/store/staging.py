@@ -28,10 +28,13 @@ from crossgap_fast.pipeline.store.entries import probe_of_bytes
 
 
 class Staged(NamedTuple):
-    """A shard published from ``stage``: ``files`` {relative path: {"bytes", "sha256"}}."""
+    """A shard published from ``stage``: ``files`` {relative path: {"bytes", "sha256"}},
+    ``probes`` {relative path: the sha256 of its sampled blocks} (see
+    :func:`~crossgap_fast.pipeline.store.entries.probe_of_bytes`)."""
 
     files: dict[str, dict]
     stage: Path
+    probes: dict[str, str]
 
 
 def _stage_prefix(index: int) -> str:
@@ -86,9 +89,8 @@ def publish(root: Path, index: int, files: dict[str, bytes], still_owner: Callab
                 if not stage.exists():  # revoked: the new owner publishes after this point
                     raise _lost(index, root) from None
                 raise
-            recorded[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                             "probe": probe_of_bytes(data)}
-        return Staged(recorded, stage)
+            recorded[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return Staged(recorded, stage, {rel: probe_of_bytes(data) for rel, data in files.items()})
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
