@@ -64,16 +64,18 @@ def write_results(store: GalleryStore, gallery: InputItems, index: int, lo: int,
                   still_owner: Callable[[], bool] | None = None) -> None:
     """Write shard ``index`` (items ``[lo, hi)``) with its entry: counts, the failed items and
     warnings of the input listing and of loading, this process's run values, warm-start counts
-    (``still_owner``: see :meth:`GalleryStore.write_shard`)."""
+    (``still_owner``: see :meth:`GalleryStore.fence`)."""
     records = [r for r in (gallery.record(i) for i in range(lo, hi)) if r is not None]
     records += [{"index": i, "name": gallery.names[i], "level": "error", "reason": why} for i, why in load_errors]
     records.sort(key=lambda r: r["index"])
+    if still_owner is not None:
+        store.fence(index, still_owner)
     store.write_shard(index, payload, {
         "start": lo, "stop": hi, "count": len(idx),
         "failed": sum(r["level"] == "error" for r in records),
         "warnings": sum(r["level"] == "warning" for r in records),
         "errors": records, **run_values, **warm_counts(payload), "seconds": round(seconds, 3),
-    }, still_owner)
+    })
 
 
 def warn_lost(store: GalleryStore, index: int, lease_seconds: float) -> None:

@@ -99,6 +99,7 @@ class GalleryStore:
         self._reported: set[int] = set()  # shards already reported as failing verification
         self._read_to: dict[Path, int] = {}  # worker log -> bytes of it already read
         self._recorded: dict[int, float] = {}
+        self._fences: dict[int, Callable[[], bool]] = {}  # shard -> "does this worker still hold it?"
 
     # ---- paths -------------------------------------------------------------------------
     @property
@@ -302,14 +303,18 @@ class GalleryStore:
         return self._digests[key]
 
     # ---- writing -----------------------------------------------------------------------
-    def write_shard(self, index: int, payload: dict, entry: dict,
-                    still_owner: Callable[[], bool] | None = None) -> dict:
+    def fence(self, index: int, still_owner: Callable[[], bool]) -> None:
+        """Have the next :meth:`write_shard` of shard ``index`` ask ``still_owner()`` (whether
+        this worker still holds the shard's lease) right before its files go public."""
+        self._fences[index] = still_owner
+
+    def write_shard(self, index: int, payload: dict, entry: dict) -> dict:
         """Write shard ``index``'s files as a unit (the layout of
         :mod:`~crossgap_fast.pipeline.store.schema`, staged and published by
         :mod:`~crossgap_fast.pipeline.store.staging`), then record its entry in this worker's
-        log. ``still_owner()`` says whether this worker still holds the shard's lease, asked
-        right before the files go public; :class:`LeaseLostError` when it does not, or when
-        the worker that took the shard over revoked this one's files."""
+        log. :class:`LeaseLostError` when the shard's :meth:`fence` says this worker lost the
+        lease, or the worker that took the shard over revoked this one's files."""
+        still_owner = self._fences.pop(index, None)
         assert self.manifest is not None, "call create() or open() first"
         m = self.manifest
         out = m.get("output") or {}

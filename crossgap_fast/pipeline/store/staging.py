@@ -104,7 +104,10 @@ def still_staged(staged: Staged) -> bool:
 
 def done(staged: Staged) -> None:
     """Remove the (empty) staging folder once the entry is recorded."""
-    shutil.rmtree(staged.stage, ignore_errors=True)
+    try:
+        staged.stage.rmdir()  # empty: every file was moved out
+    except OSError:
+        shutil.rmtree(staged.stage, ignore_errors=True)
 
 
 def _revoke_others(root: Path, index: int, mine: Path) -> None:
