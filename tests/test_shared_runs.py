@@ -183,6 +183,29 @@ def test_bad1_relative_input_with_a_worker_in_another_directory(tmp_path):
     same(out, tmp_path / "ref")
 
 
+def test_bad1_a_run_recording_a_relative_input_is_not_joined(feats, single, tmp_path):
+    """A run made by an older crossgap recorded ``"input": "feats.npy"``: a worker (which
+    reads the recorded item list) is refused with the reason; --resume lists the input again
+    and finishes the run."""
+    import shutil
+
+    here = tmp_path / "here"
+    here.mkdir()
+    shutil.copy(feats, here / "feats.npy")
+    out = tmp_path / "out"
+    relative = ["feats.npy" if a == str(feats) else a for a in invert(feats, out)]
+    code, _, err = finish(spawn(relative + ["--worker"], cwd=here, CRASH_AFTER="1"))
+    assert code == 9, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["input"] = "feats.npy"  # as an older crossgap recorded it
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = finish(spawn(relative + ["--worker"], cwd=here))
+    assert code == 2 and err.count("\n") == 1 and "relative path 'feats.npy'" in err, err
+    code, _, err = finish(spawn(relative + ["--resume"], cwd=here))
+    assert code == 0, err
+    same(out, single)
+
+
 # ---------------------------------------------------------------------------------- Bad 2
 def test_bad2_a_deleted_lease_is_taken_again_by_its_worker(feats, single, tmp_path):
     """One worker whose lease files are deleted while it computes: nobody else holds the

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from crossgap_fast.defaults import DEFAULT_RAY_ACTORS, DEFAULT_STEPS
+from crossgap_fast.errors import SettingsMismatchError
 from crossgap_fast.inversion.config import InversionConfig, check_int
 from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS
 from crossgap_fast.models import ClipModel, model_name_id, pretrained_id
@@ -222,6 +223,17 @@ def source_name(inputs: Any) -> str | None:
     """The input's absolute path (what a joining worker must match); None for an input held
     in memory (a list, an array), which only a resume can compare, by its digest."""
     return str(resolve_input(inputs)) if isinstance(inputs, (str, os.PathLike)) else None
+
+
+def refuse_relative_record(root: Any, recorded: Any) -> None:
+    """Refuse to join a run that recorded its input as a relative path (made by an older
+    crossgap): its item paths name different files from each directory, so a worker could
+    silently read others. A resume lists the input again and compares it, so it may go on."""
+    if isinstance(recorded, str) and recorded and "://" not in recorded and not os.path.isabs(recorded):
+        raise SettingsMismatchError(
+            f"cannot join the run in {str(root)!r}: it records its input as the relative path {recorded!r} "
+            "(made by an older crossgap), whose files depend on the directory a worker starts in; "
+            "finish it with --resume (which lists the input again and checks it)")
 
 
 def same_path(given: str, recorded: Any) -> bool:

@@ -29,6 +29,7 @@ from crossgap_fast.pipeline.results import shard_payload, warn_lost, write_resul
 from crossgap_fast.pipeline.settings import (
     PipelineSettings,
     as_recorded,
+    refuse_relative_record,
     resolve_input,
     run_settings,
     run_values,
@@ -150,6 +151,7 @@ def _open_items(place: Place, inputs, store: GalleryStore, leases: Leases, cm: C
             store.check_settings(manifest, as_recorded(manifest, run_settings(
                 kind, method, cm, config, pipe, dev, warm, gallery, source), config))
         else:
+            refuse_relative_record(store.root, manifest.get("input"))
             if source is not None and not same_path(source, manifest.get("input")):
                 store.check_settings(manifest, {**mine, "input": source}, ["input"])
             gallery = read_index(store.index_path)
