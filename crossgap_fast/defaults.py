@@ -74,6 +74,15 @@ DEFAULT_ENCODE_BATCH = 128
 DEFAULT_MAX_FAILED_FRACTION = 0.5
 #: Seconds a shard lease lives without renewal; a dead worker's shard waits this long at most.
 DEFAULT_LEASE_SECONDS = 120.0
+#: The longest lease a worker may ask for (a week): a longer one could not be renewed (the
+#: renewal thread's wait overflows) and a lease claiming more is treated as damaged.
+MAX_LEASE_SECONDS = 7 * 24 * 3600.0
+#: Clocks of the hosts sharing a run may differ by this much before a lease is judged by the
+#: shared folder's file times instead of the expiry its writer wrote (and the skew reported).
+CLOCK_TOLERANCE_SECONDS = 2.0
+#: A temporary file of another host (whose writer cannot be checked) is removed by a joining
+#: worker only once it is this old (a day): no live writer keeps one open that long.
+FOREIGN_TEMP_MAX_AGE = 24 * 3600.0
 #: "local" (this process and its decoders) or "ray" (Ray Data actors).
 DEFAULT_ENGINE = "local"
 #: Ray actors (one Inverter each) of the Ray engine.

@@ -60,6 +60,12 @@ class CorruptStoreError(GalleryError):
     unreadable."""
 
 
+class LeaseLostError(GalleryError):
+    """This worker lost a shard's lease (it stalled past the lease time and another worker
+    took the shard over) before its files were published: its result for the shard is
+    dropped, and nothing of it is mixed into the other worker's shard."""
+
+
 class OutputWriteError(GalleryError, OSError):
     """Writing to the output directory failed (read-only, full disk, a path under a file);
     what was already finished is kept."""

@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -35,12 +37,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: A temporary name's writer: ``.tmp-HOST-PID-RANDOM`` (the random part has no dash).
+_WRITER_RE = re.compile(r"\.tmp-(?P<host>.+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+
+
+def writer_tag() -> str:
+    """``HOST-PID`` of this process, for temporary names: a cleaner can then tell whether
+    the writer of a leftover is gone (same host, no such process) or may still be writing."""
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def temp_writer(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the writer of the temporary file or folder ``name``; None when its name
+    does not say (written by an older version, or by hand)."""
+    m = _WRITER_RE.search(name)
+    return (m.group("host"), int(m.group("pid"))) if m else None
+
+
+def writer_gone(name: str) -> bool:
+    """Whether the writer of temporary ``name`` is provably gone: it ran on this host and its
+    process no longer exists."""
+    writer = temp_writer(name)
+    if writer is None or writer[0] != writer_tag().rsplit("-", 1)[0]:
+        return False
+    try:
+        os.kill(writer[1], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write ``path`` by calling ``write(f)`` on a temporary file in the same directory, then
     fsync and :func:`os.replace` it into place; on any error the temporary file is removed and
     ``path`` is untouched."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{writer_tag()}-", dir=path.parent)
     try:
         if hasattr(os, "fchmod"):
             os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions

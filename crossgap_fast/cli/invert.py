@@ -8,6 +8,9 @@ too many items failed, finished shards kept).
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
+from contextlib import contextmanager
 
 from crossgap_fast.cli.messages import EXIT_DEVICE, emit, fail, os_problem, printable
 from crossgap_fast.cli.options import add_model_option, fraction, non_negative, positive, positive_seconds
@@ -179,10 +182,31 @@ def _add_inversion_options(p: argparse.ArgumentParser, kind: str) -> None:
                    help="also store every item's loss at every step")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where SIGINT would raise KeyboardInterrupt: the run unwinds the same
+    way (leases released, decoders stopped, finished shards kept)."""
+
+
+@contextmanager
+def _sigterm_unwinds():
+    """While the run goes, SIGTERM (a scheduler's stop, ``kill``) ends it like Ctrl-C, so its
+    leases are released at once instead of waiting out their lease time on other hosts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace, model) -> int:
     """Run ``invert`` / ``encode`` with the loaded ``model``; print the summary; the exit code."""
-    from crossgap_fast.pipeline.run import encode_gallery, invert_gallery  # torch: only when running
-
     common = dict(
         kind=args.kind, shard_size=args.shard_size, resume=args.resume, device=args.device,
         progress=not args.no_progress, workers=args.workers, worker=args.worker,
@@ -191,15 +215,8 @@ def run(args: argparse.Namespace, model) -> int:
     )
     try:
         common["input_limits"] = _limits(args)
-        if args.command == "invert":
-            summary = invert_gallery(
-                args.input, args.out, model, config=_inversion_config(args), warm_start=args.warm_start,
-                calibration_steps=args.calibration_steps, encode_batch_size=args.encode_batch_size,
-                keep_loss_curve=args.keep_loss_curve, store=args.store, engine=args.engine,
-                ray_actors=args.ray_actors, **common,
-            )
-        else:
-            summary = encode_gallery(args.input, args.out, model, encode_batch_size=args.batch_size, **common)
+        with _sigterm_unwinds():
+            summary = _run_gallery(args, model, common)
     except (GalleryError, UnsupportedModelError) as err:
         return fail(str(err))
     except DeviceFailure as err:  # the finished shards are recorded: --resume redoes only the rest
@@ -208,11 +225,27 @@ def run(args: argparse.Namespace, model) -> int:
         return fail(f"invalid settings: {err}")
     except OSError as err:  # reading an input; the store reports its own write failures
         return fail(f"{os_problem(err)}; finished shards in {args.out!r} are kept")
+    except Terminated:
+        return fail(f"terminated (SIGTERM); finished shards in {args.out!r} are kept: rerun with --resume", 143)
     except KeyboardInterrupt:
         return fail(f"interrupted; finished shards in {args.out!r} are kept: rerun with --resume", 130)
     emit(printable(summary.format()))
     failure = summary.failure(args.max_failed_fraction)
     return fail(failure) if failure else 0
+
+
+def _run_gallery(args: argparse.Namespace, model, common: dict):
+    """The library call of ``invert`` / ``encode``."""
+    from crossgap_fast.pipeline.run import encode_gallery, invert_gallery  # torch: only when running
+
+    if args.command == "invert":
+        return invert_gallery(
+            args.input, args.out, model, config=_inversion_config(args), warm_start=args.warm_start,
+            calibration_steps=args.calibration_steps, encode_batch_size=args.encode_batch_size,
+            keep_loss_curve=args.keep_loss_curve, store=args.store, engine=args.engine,
+            ray_actors=args.ray_actors, **common,
+        )
+    return encode_gallery(args.input, args.out, model, encode_batch_size=args.batch_size, **common)
 
 
 def _inversion_config(args: argparse.Namespace) -> InversionConfig:

@@ -12,23 +12,31 @@ one it read, a renewal never writes over another worker's lease or back over a r
 and a lease file is never missing while it is live (a new lease is only created where there
 is none, which needs no guard).
 
-Clocks: expiry is compared with the reader's clock; workers on several hosts need clocks
-within a small fraction of the lease time (NTP gives milliseconds).
+Clocks: a lease records its writer's clock (``renewed``, ``expires``) and its lease time
+(``seconds``). A reader compares ``renewed`` with the file's modification time on the shared
+folder (against its own offset to that clock, measured on its own lease writes): a host whose
+clock is off by more than :data:`~crossgap_fast.defaults.CLOCK_TOLERANCE_SECONDS` is reported
+once, and its leases are judged by the folder's clock, so skew neither strands a shard nor
+drops a live worker's work. A lease that cannot be read, has no valid expiry, or expires later
+than now plus its own lease time (a wrong clock, a hand edit) is treated as expired, with a
+warning that names its host: no worker waits on it forever.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
-from crossgap_fast.defaults import DEFAULT_LEASE_SECONDS
+from crossgap_fast.defaults import CLOCK_TOLERANCE_SECONDS, DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS
 
 #: Renewals per lease time (a live worker renews well before expiry).
 RENEWALS = 4
@@ -57,19 +65,84 @@ def read_lease(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+class Verdict(NamedTuple):
+    """What a reader makes of a lease: whether it is live, what is wrong with it (None when
+    nothing is: it then counts as expired), and its writer's clock skew against the reader's
+    (seconds, None when within the tolerance or unknown)."""
+
+    live: bool
+    problem: str | None = None
+    skew: float | None = None
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def check_lease_seconds(seconds, what: str = "lease seconds") -> float:
+    """``seconds`` as a lease time: positive, finite and at most
+    :data:`~crossgap_fast.defaults.MAX_LEASE_SECONDS` (a longer wait overflows the renewal
+    thread's timer); ValueError naming ``what`` otherwise."""
+    value = _number(seconds)
+    if value is None or not 0 < value <= MAX_LEASE_SECONDS:
+        raise ValueError(f"{what} must be a positive number of seconds up to {MAX_LEASE_SECONDS:g} "
+                         f"(a week), got {seconds!r}")
+    return value
+
+
+def assess(lease: dict | None, now: float | None = None, *, mtime: float | None = None, offset: float = 0.0,
+           fallback_seconds: float = DEFAULT_LEASE_SECONDS) -> Verdict:
+    """Judge ``lease`` at ``now`` (the reader's clock). ``mtime``: the lease file's modification
+    time (the shared folder's clock), ``offset``: the reader's clock minus the folder's; with
+    both, a writer whose clock is off is judged by the folder's clock. ``fallback_seconds``:
+    the lease time of a lease that records none."""
+    now = time.time() if now is None else now
+    tol = CLOCK_TOLERANCE_SECONDS
+    if lease is None:
+        return Verdict(False, "cannot be read")
+    expires, renewed = _number(lease.get("expires")), _number(lease.get("renewed"))
+    if expires is None:
+        return Verdict(False, f"has no valid expiry (expires: {json.dumps(lease.get('expires'))[:40]})")
+    declared = _number(lease.get("seconds"))
+    if "seconds" in lease and (declared is None or not 0 < declared <= MAX_LEASE_SECONDS):
+        return Verdict(False, f"declares an invalid lease time ({json.dumps(lease.get('seconds'))[:40]} s)")
+    own = declared if declared is not None else (expires - renewed if renewed is not None else None)
+    if own is not None and own > MAX_LEASE_SECONDS + tol:
+        return Verdict(False, f"expires {own:.0f} s after its renewal, more than any lease time")
+    if declared is not None and renewed is not None and expires - renewed > declared + tol:
+        return Verdict(False, f"expires {expires - renewed:.0f} s after its renewal, more than its lease "
+                              f"time of {declared:g} s (a hand edit?)")
+    skew = None
+    if declared is not None and renewed is not None and mtime is not None:
+        skew = renewed - (mtime + offset)  # the writer's clock minus the reader's
+        if abs(skew) > tol:
+            expires -= skew  # judged by the shared folder's clock
+        else:
+            skew = None
+    limit = own if own is not None else fallback_seconds
+    if expires > now + limit + tol:
+        return Verdict(False, f"expires in {expires - now:.0f} s, later than now plus its lease time of "
+                              f"{limit:g} s (a wrong clock or a hand edit)", skew)
+    return Verdict(expires > now, None, skew)
+
+
 def is_live(lease: dict | None, now: float | None = None) -> bool:
-    return lease is not None and float(lease.get("expires", 0)) > (time.time() if now is None else now)
+    """Whether ``lease`` is live at ``now`` by its expiry (see :func:`assess`)."""
+    return assess(lease, now).live
 
 
 class Leases:
     """The leases one worker holds in ``folder``; renewed by a daemon thread."""
 
     def __init__(self, folder: str | os.PathLike, owner: str, seconds: float = DEFAULT_LEASE_SECONDS):
-        if not (isinstance(seconds, (int, float)) and 0 < seconds < float("inf")):
-            raise ValueError(f"lease seconds must be a positive, finite number, got {seconds!r}")
+        self.seconds = check_lease_seconds(seconds)
         self.folder = Path(folder)
         self.owner = owner
-        self.seconds = float(seconds)
+        self._offset = 0.0  # this process's clock minus the folder's (measured on each write)
+        self._told: set[str] = set()  # warnings given (one per host / lease problem)
         self.host = socket.gethostname()
         self._held: dict[str, float] = {}  # task -> acquired
         self._lock = threading.Lock()
@@ -83,13 +156,48 @@ class Leases:
         now = time.time()
         return json.dumps({
             "task": task, "owner": self.owner, "host": self.host, "pid": os.getpid(),
-            "acquired": acquired, "renewed": now, "expires": now + self.seconds,
+            "acquired": acquired, "renewed": now, "expires": now + self.seconds, "seconds": self.seconds,
         }).encode()
+
+    def _write_tmp(self, path: Path, data: bytes) -> Path:
+        """A full temporary file beside ``path``; measures this clock against the folder's."""
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        t0 = time.time()
+        tmp.write_bytes(data)
+        t1 = time.time()
+        try:
+            self._offset = (t0 + t1) / 2 - tmp.stat().st_mtime
+        except OSError:
+            pass
+        return tmp
+
+    def _judge(self, path: Path, lease: dict | None) -> Verdict:
+        """:func:`assess` of the lease read from ``path``, by the folder's clock where its
+        writer's is off; a problem or a skew is said once."""
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            mtime = None
+        verdict = assess(lease, mtime=mtime, offset=self._offset, fallback_seconds=self.seconds)
+        host = (lease or {}).get("host") if isinstance((lease or {}).get("host"), str) else "an unknown host"
+        if verdict.skew is not None and f"skew:{host}" not in self._told:
+            self._told.add(f"skew:{host}")
+            side = "ahead of" if verdict.skew > 0 else "behind"
+            warnings.warn(f"the clock of host {host!r} is about {abs(verdict.skew):.0f} s {side} this worker's "
+                          f"(measured against the file times of {str(self.folder)!r}); its leases are "
+                          "judged by the shared folder's clock: synchronise the clocks (NTP)",
+                          UserWarning, stacklevel=3)
+        if verdict.problem is not None and lease is not None:
+            key = f"problem:{path.name}:{verdict.problem}"
+            if key not in self._told:
+                self._told.add(key)
+                warnings.warn(f"the lease {str(path)!r} of {lease.get('owner')!r} on host {host!r} "
+                              f"{verdict.problem}: it is treated as expired", UserWarning, stacklevel=3)
+        return verdict
 
     def _write_new(self, path: Path, data: bytes) -> bool:
         """Create ``path`` with ``data`` unless it exists (atomic: link of a full file)."""
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-        tmp.write_bytes(data)
+        tmp = self._write_tmp(path, data)
         try:
             os.link(tmp, path)
             return True
@@ -113,12 +221,15 @@ class Leases:
             # being written by its creator (the link makes it whole, so this is a race with a
             # removal or a damaged file): a damaged file older than a lease time is broken
             try:
-                if time.time() - path.stat().st_mtime < self.seconds:
+                if time.time() - self._offset - path.stat().st_mtime < self.seconds:
                     return False
             except FileNotFoundError:
                 return False
-        elif is_live(seen) and not self._dead_here(seen):
-            return seen.get("owner") == self.owner and self._hold(task, float(seen.get("acquired", acquired)))
+            warnings.warn(f"the lease {str(path)!r} cannot be read (damaged): it is treated as expired",
+                          UserWarning, stacklevel=2)
+        elif self._judge(path, seen).live and not self._dead_here(seen):
+            mine = _number(seen.get("acquired"))
+            return seen.get("owner") == self.owner and self._hold(task, acquired if mine is None else mine)
         if not self._break(path, seen):
             return False
         acquired = time.time()
@@ -193,8 +304,9 @@ class Leases:
 
     def holder(self, task: str) -> dict | None:
         """The live lease on ``task`` (anyone's), or None."""
-        lease = read_lease(lease_path(self.folder, task))
-        return lease if is_live(lease) else None
+        path = lease_path(self.folder, task)
+        lease = read_lease(path)
+        return lease if lease is not None and self._judge(path, lease).live else None
 
     def release(self, task: str) -> None:
         """Give ``task`` up (after its result is recorded)."""
@@ -223,17 +335,20 @@ class Leases:
                     if not guarded or task not in self._held:
                         continue  # guard busy: the next round renews; released meanwhile
                 lease = read_lease(path)
+                if lease is None and not path.exists() and self._write_new(path, self._content(task, acquired)):
+                    continue  # removed by hand (nobody took it): this worker still holds it
                 if lease is None or lease.get("owner") != self.owner:
                     with self._lock:
                         self._held.pop(task, None)
                     self.lost.append(task)
                     continue
-                tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+                tmp = None
                 try:
-                    tmp.write_bytes(self._content(task, acquired))
+                    tmp = self._write_tmp(path, self._content(task, acquired))
                     os.replace(tmp, path)
                 except OSError:
-                    tmp.unlink(missing_ok=True)
+                    if tmp is not None:
+                        tmp.unlink(missing_ok=True)
 
     def _start(self) -> None:
         if self._thread is None or not self._thread.is_alive():

@@ -5,6 +5,7 @@ warnings."""
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,12 +60,16 @@ def shard_payload(gallery: InputItems, idx: list[int], feats: Tensor, inverter: 
 
 
 def write_results(store: GalleryStore, gallery: InputItems, index: int, lo: int, hi: int, idx: list[int],
-                  payload: dict, load_errors: list[tuple[int, str]], run_values: dict, seconds: float) -> None:
+                  payload: dict, load_errors: list[tuple[int, str]], run_values: dict, seconds: float,
+                  still_owner: Callable[[], bool] | None = None) -> None:
     """Write shard ``index`` (items ``[lo, hi)``) with its entry: counts, the failed items and
-    warnings of the input listing and of loading, this process's run values, warm-start counts."""
+    warnings of the input listing and of loading, this process's run values, warm-start counts
+    (``still_owner``: see :meth:`GalleryStore.fence`)."""
     records = [r for r in (gallery.record(i) for i in range(lo, hi)) if r is not None]
     records += [{"index": i, "name": gallery.names[i], "level": "error", "reason": why} for i, why in load_errors]
     records.sort(key=lambda r: r["index"])
+    if still_owner is not None:
+        store.fence(index, still_owner)
     store.write_shard(index, payload, {
         "start": lo, "stop": hi, "count": len(idx),
         "failed": sum(r["level"] == "error" for r in records),
@@ -75,7 +80,7 @@ def write_results(store: GalleryStore, gallery: InputItems, index: int, lo: int,
 
 def warn_lost(store: GalleryStore, index: int, lease_seconds: float) -> None:
     """Say that this worker's result for shard ``index`` is dropped: its lease was taken over."""
-    warnings.warn(
+    warnings.warn(  # said only when another live worker holds the lease (or revoked our files)
         f"shard {index} of {str(store.root)!r}: this worker stalled past its lease of {lease_seconds:g} s "
         "and another worker took the shard over; this worker's result for it is dropped",
         UserWarning,

@@ -10,7 +10,6 @@ the values of this process that move results at float-rounding level.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
@@ -18,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from crossgap_fast.defaults import DEFAULT_KEEP_COLUMNS, DEFAULT_NORMALIZE, DEFAULT_RAY_ACTORS, DEFAULT_STEPS, MAX_STEPS
+from crossgap_fast.errors import SettingsMismatchError
 from crossgap_fast.inversion.config import InversionConfig, check_int
 from crossgap_fast.inversion.warm_start import MIN_FIT_ITEMS
 from crossgap_fast.models import ClipModel, model_name_id, pretrained_id
@@ -25,6 +25,7 @@ from crossgap_fast.pipeline.inputs import InputItems
 from crossgap_fast.pipeline.inputs.carried import parse_keep
 from crossgap_fast.pipeline.kinds import ENGINES, method_of
 from crossgap_fast.pipeline.inputs.limits import InputLimits
+from crossgap_fast.pipeline.leases import check_lease_seconds
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.threads import default_workers
 
@@ -149,8 +150,7 @@ def pipeline_settings(shard_size, resume, worker, progress, workers, encode_batc
     check_int("encode_batch_size", encode_batch_size)
     if workers is not None:
         check_int("workers", workers, minimum=0)
-    if not (isinstance(lease_seconds, (int, float)) and 0 < lease_seconds < math.inf):
-        raise ValueError(f"lease_seconds must be a positive, finite number of seconds, got {lease_seconds!r}")
+    lease_seconds = check_lease_seconds(lease_seconds, "lease_seconds")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     check_int("ray_actors", ray_actors)
@@ -200,6 +200,18 @@ def run_settings(kind: str, method: str, cm: ClipModel, config: InversionConfig 
     return s
 
 
+def as_recorded(manifest: dict, settings: dict, config: InversionConfig | None) -> dict:
+    """``settings`` to compare with the run of ``manifest``: a run whose Ray actors resolved
+    precision "auto" each on its own device recorded it as asked; a joining worker that asks
+    for "auto" too is compared as asked (a local engine would otherwise record "fp32" against
+    it and could never resume or join a Ray run)."""
+    recorded, mine = manifest.get("engine"), settings.get("engine")
+    if (isinstance(recorded, dict) and recorded.get("precision") == "auto" and isinstance(mine, dict)
+            and config is not None and config.precision == "auto"):
+        return {**settings, "engine": {**mine, "precision": "auto"}}
+    return settings
+
+
 def run_values(config: InversionConfig | None, encode_batch_size: int, dev: torch.device) -> dict:
     """The values of :data:`~crossgap_fast.pipeline.store.manifest.RUN_KEYS` for this process:
     they can move results at float-rounding level, so the manifest and every shard entry
@@ -211,10 +223,33 @@ def run_values(config: InversionConfig | None, encode_batch_size: int, dev: torc
     }
 
 
+def resolve_input(inputs: Any) -> Any:
+    """``inputs`` as the run records it: a local path made absolute (so a worker or a resume
+    started in another directory reads the same files, or is refused because its path
+    differs); URLs, an empty path and inputs held in memory as given."""
+    if isinstance(inputs, (str, os.PathLike)):
+        text = os.fspath(inputs)
+        if isinstance(text, str) and text and "://" not in text:
+            return os.path.abspath(text)
+        return text
+    return inputs
+
+
 def source_name(inputs: Any) -> str | None:
-    """The input's path as given (what a joining worker must match); None for an input held
+    """The input's absolute path (what a joining worker must match); None for an input held
     in memory (a list, an array), which only a resume can compare, by its digest."""
-    return str(inputs) if isinstance(inputs, (str, os.PathLike)) else None
+    return str(resolve_input(inputs)) if isinstance(inputs, (str, os.PathLike)) else None
+
+
+def refuse_relative_record(root: Any, recorded: Any) -> None:
+    """Refuse to join a run that recorded its input as a relative path (made by an older
+    crossgap): its item paths name different files from each directory, so a worker could
+    silently read others. A resume lists the input again and compares it, so it may go on."""
+    if isinstance(recorded, str) and recorded and "://" not in recorded and not os.path.isabs(recorded):
+        raise SettingsMismatchError(
+            f"cannot join the run in {str(root)!r}: it records its input as the relative path {recorded!r} "
+            "(made by an older crossgap), whose files depend on the directory a worker starts in; "
+            "finish it with --resume (which lists the input again and checks it)")
 
 
 def same_path(given: str, recorded: Any) -> bool:

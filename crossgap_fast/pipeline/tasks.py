@@ -138,7 +138,8 @@ class ShardClaims:
     def finished(self) -> set[int]:
         """Shards finished so far, by any worker."""
         now = self.store.recorded()
-        return self._start | {i for i, t in now.items() if t > self._baseline.get(i, -1.0)}
+        known = range(len(self.ranges))  # an entry naming shard 999 of 12 is not the run's
+        return self._start | {i for i, t in now.items() if t > self._baseline.get(i, -1.0) and i in known}
 
     def all_finished(self) -> bool:
         return len(self.finished()) == len(self.ranges)
@@ -186,6 +187,35 @@ class ShardClaims:
         """Whether this worker still holds shard ``index``'s lease (it loses it only when it
         stalled past the lease time and another worker took the shard over)."""
         return self.leases.owns(shard_task(index))
+
+    def keep(self, index: int) -> bool:
+        """Whether this worker may record shard ``index`` now: it holds the lease, or takes it
+        again (its lease went missing or expired and no live worker holds it). When another
+        live worker holds it, the shard is given up here; it stays claimable by this worker
+        later (if that worker dies too), so no shard is stranded."""
+        task = shard_task(index)
+        return self.leases.owns(task) or self.leases.acquire(task)
+
+    def lost(self, index: int) -> None:
+        """This worker's result for shard ``index`` was dropped (another live worker holds
+        it): the shard stays claimable, here too, should that worker die as well."""
+        self.taken.discard(index)
+        if self.leases.owns(shard_task(index)):
+            self.leases.release(shard_task(index))
+
+    def recheck(self) -> list[int]:
+        """Shards recorded as finished whose files are now missing or changed (sizes): they
+        are made claimable again (to be redone); returns them."""
+        present = self.store.finished(verify=False)
+        finished = self.finished()
+        gone = sorted(i for i in finished if i not in present)
+        if gone:
+            now = self.store.recorded()
+            for i in gone:
+                self._start.discard(i)
+                self._baseline[i] = now.get(i, -1.0)
+                self.taken.discard(i)
+        return gone
 
     def _count_others(self, finished: set[int]) -> None:
         new = [i for i in finished if i not in self._counted and i not in self.taken]

@@ -16,7 +16,8 @@ from collections import Counter
 
 import torch
 
-from crossgap_fast.errors import InputError
+from crossgap_fast.defaults import FOREIGN_TEMP_MAX_AGE
+from crossgap_fast.errors import InputError, LeaseLostError
 from crossgap_fast.inversion.inverter import Inverter
 from crossgap_fast.models import ClipModel
 from crossgap_fast.pipeline.calibration import Calibration
@@ -25,7 +26,16 @@ from crossgap_fast.pipeline.inputs import InputItems, load_input, read_index, wr
 from crossgap_fast.pipeline.leases import Leases
 from crossgap_fast.pipeline.placement import Place
 from crossgap_fast.pipeline.results import shard_payload, warn_lost, write_results
-from crossgap_fast.pipeline.settings import PipelineSettings, run_settings, run_values, same_path, source_name
+from crossgap_fast.pipeline.settings import (
+    PipelineSettings,
+    as_recorded,
+    refuse_relative_record,
+    resolve_input,
+    run_settings,
+    run_values,
+    same_path,
+    source_name,
+)
 from crossgap_fast.pipeline.store import schema as fmt
 from crossgap_fast.pipeline.store.folder import GalleryStore
 from crossgap_fast.pipeline.store.manifest import INPUT_INDEX, JOIN_KEYS, shard_ranges
@@ -109,7 +119,7 @@ def _open_items(place: Place, inputs, store: GalleryStore, leases: Leases, cm: C
     source = source_name(inputs)
 
     def listed() -> InputItems:
-        gallery = load_input(inputs, kind, tokenizer=cm.tokenizer, context_length=cm.context_length,
+        gallery = load_input(resolve_input(inputs), kind, tokenizer=cm.tokenizer, context_length=cm.context_length,
                              column=pipe.column, keep_columns=pipe.output.keep_columns,
                              limits=pipe.limits)
         check_input(gallery, cm, method)
@@ -135,17 +145,21 @@ def _open_items(place: Place, inputs, store: GalleryStore, leases: Leases, cm: C
 
     def join(manifest: dict) -> InputItems:
         pipe.output = pipe.output.as_recorded(manifest.get("output"))  # an unasked default follows the run
-        mine = run_settings(kind, method, cm, config, pipe, dev, warm, None, manifest.get("input"))
+        mine = as_recorded(manifest, run_settings(kind, method, cm, config, pipe, dev, warm, None,
+                                                  manifest.get("input")), config)
         store.check_settings(manifest, mine, [k for k in JOIN_KEYS if k != "input"])
         if pipe.resume and not pipe.worker and place.rank == 0:
             # a resume looks at the input again: a changed input is refused, not mixed in
             gallery = listed()
-            store.check_settings(manifest, run_settings(kind, method, cm, config, pipe, dev, warm, gallery, source))
+            store.check_settings(manifest, as_recorded(manifest, run_settings(
+                kind, method, cm, config, pipe, dev, warm, gallery, source), config))
         else:
+            refuse_relative_record(store.root, manifest.get("input"))
             if source is not None and not same_path(source, manifest.get("input")):
                 store.check_settings(manifest, {**mine, "input": source}, ["input"])
             gallery = read_index(store.index_path)
-        store.remove_stale_temp_files(older_than_s=4 * pipe.lease_seconds)
+        # only leftovers whose writer is provably gone (or, unnamed, a day old): a slow writer's stay
+        store.remove_stale_temp_files(older_than_s=FOREIGN_TEMP_MAX_AGE)
         return gallery
 
     def joining(manifest: dict) -> bool:
@@ -167,7 +181,7 @@ def _local_passes(gallery: InputItems, claims: ShardClaims, store: GalleryStore,
         passing = claims.claim_now()
         first = next(passing, None)
         if first is None:  # nothing free now: no decoders are started for an empty pass
-            if claims.all_finished():
+            if claims.all_finished() and not claims.recheck():  # a recorded shard's files gone: redo it
                 return done_items, done_shards
             time.sleep(POLL_SECONDS)  # the shards left are leased by live workers: wait for them
             continue
@@ -180,10 +194,15 @@ def _local_passes(gallery: InputItems, claims: ShardClaims, store: GalleryStore,
                                     bar=bar, calibration=calibration)
             t1 = time.perf_counter()
             timer.optimise_s += t1 - t0
-            if not claims.holds(index):
+            try:
+                if not claims.keep(index):
+                    raise LeaseLostError(f"shard {index}")
+                write_results(store, gallery, index, lo, hi, idx, payload, load_errors, values, t1 - last,
+                              still_owner=lambda: claims.keep(index))
+            except LeaseLostError:
+                claims.lost(index)
                 warn_lost(store, index, pipe.lease_seconds)
                 continue
-            write_results(store, gallery, index, lo, hi, idx, payload, load_errors, values, t1 - last)
             claims.done(index)
             last = time.perf_counter()
             timer.write_s += last - t1
@@ -261,13 +280,18 @@ def run_on_ray(gallery: InputItems, cm: ClipModel, inverter: Inverter, store: Ga
     last = [time.perf_counter()]
 
     def write(index: int, payload: dict) -> None:
-        if not claims.holds(index):
-            warn_lost(store, index, pipe.lease_seconds)
-            return
         lo, hi = ranges[index]
         idx = payload["indices"].tolist()
         now = time.perf_counter()
-        write_results(store, gallery, index, lo, hi, idx, payload, payload.pop("errors", []), values, now - last[0])
+        try:
+            if not claims.keep(index):
+                raise LeaseLostError(f"shard {index}")
+            write_results(store, gallery, index, lo, hi, idx, payload, payload.pop("errors", []), values,
+                          now - last[0], still_owner=lambda: claims.keep(index))
+        except LeaseLostError:
+            claims.lost(index)
+            warn_lost(store, index, pipe.lease_seconds)
+            return
         last[0] = time.perf_counter()
         claims.done(index)
         done[0] += len(idx)

@@ -131,7 +131,8 @@ def _listed(inputs: Any, kind: str, tokenizer, context_length: int | None, colum
             bad = [i for i, p in enumerate(items) if not isinstance(p, (str, os.PathLike))]
             if bad:
                 raise InputError(f"the image list must hold file paths; entries {bad[:10]} are not")
-            return images_items("<list>", [str(p) for p in items], [str(p) for p in items])
+            # named as given, read by absolute path: a worker in another directory reads the same files
+            return images_items("<list>", [str(p) for p in items], [os.path.abspath(p) for p in items])
         issues = {}
         texts: list[str | None] = []
         for i, t in enumerate(items):

@@ -26,7 +26,7 @@ _STATE_KEYS = {"format", "version", "run_id", "status", "created", "shards", "nu
                "items_ok", "items_failed", "items_warned"}
 #: Entry keys written by the store itself (files, digests, who and when).
 _ENTRY_OWN = {"shard", "file", "files", "columns", "bytes", "sha256", "run_id", "rank", "worker", "host",
-              "finished"}
+              "finished", "probes"}
 
 
 def export_store(source: str | os.PathLike, target: str | os.PathLike, *,
@@ -49,6 +49,8 @@ def export_store(source: str | os.PathLike, target: str | os.PathLike, *,
     if Path(target).resolve() == src_root.resolve():
         raise OutputExistsError("export target and source are the same directory")
     out = GalleryStore(target)
+    # a failed export is discarded whole: it is started again, not resumed
+    out.retry_hint = "the partial export is removed: fix the target location (space, permissions) and export again"
     if out.listing():
         raise OutputExistsError(f"export target {str(target)!r} is not empty: choose a new directory")
     settings = {k: manifest.get(k) for k in SETTINGS_KEYS}

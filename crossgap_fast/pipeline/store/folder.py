@@ -24,7 +24,9 @@ Crash safety:
 
 * every file is written to a temporary file in the same directory (``.NAME.tmp-*``), flushed,
   fsync'ed and moved into place with :func:`os.replace` (then the directory is fsync'ed), so a
-  reader sees either the old or the new complete file, never half of one;
+  reader sees either the old or the new complete file, never half of one; a shard's files are
+  staged in a private folder and published as a unit (:mod:`~crossgap_fast.pipeline.store.staging`),
+  so a writer that lost its lease never mixes its files into another writer's shard;
 * a shard counts as finished only once its entry (with every file's size and sha256) is in a
   manifest, and the entry is written after the files. Files without an entry (a crash between
   the writes) or with other contents are ignored and the shard is redone;
@@ -39,7 +41,6 @@ from another run are ignored. Stores of version 1 (``shard-*.pt`` files written 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
@@ -48,11 +49,18 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
-from crossgap_fast.errors import CorruptStoreError, OutputExistsError, OutputWriteError, SettingsMismatchError
+from crossgap_fast.errors import (
+    CorruptStoreError,
+    LeaseLostError,
+    OutputExistsError,
+    OutputWriteError,
+    SettingsMismatchError,
+)
 from crossgap_fast.files import atomic_write_bytes, atomic_write_json, file_sha256, is_temp_file, read_json
 from crossgap_fast.pipeline.store import schema as fmt
+from crossgap_fast.pipeline.store import staging
 from crossgap_fast.pipeline.store.entries import parse_log, resolve_entries
 from crossgap_fast.pipeline.store.manifest import (
     CARD,
@@ -94,6 +102,7 @@ class GalleryStore:
         self._reported: set[int] = set()  # shards already reported as failing verification
         self._read_to: dict[Path, int] = {}  # worker log -> bytes of it already read
         self._recorded: dict[int, float] = {}
+        self._fences: dict[int, Callable[[], bool]] = {}  # shard -> "does this worker still hold it?"
 
     # ---- paths -------------------------------------------------------------------------
     @property
@@ -128,9 +137,12 @@ class GalleryStore:
                 f"{err.strerror or err}{f' ({err.filename!r})' if err.filename else ''}; {hint}"
             ) from err
 
+    #: What to do after a failed write (an export sets its own: it has no --resume).
+    retry_hint = ("finished shards are kept: fix the output location (space, permissions) and "
+                  "rerun with --resume (resume=True)")
+
     def _kept_hint(self) -> str:
-        return ("finished shards are kept: fix the output location (space, permissions) and "
-                "rerun with --resume (resume=True)")
+        return self.retry_hint
 
     # ---- start / join ------------------------------------------------------------------
     def listing(self) -> list[str]:
@@ -227,19 +239,11 @@ class GalleryStore:
                 stacklevel=3,
             )
 
-    def remove_stale_temp_files(self, older_than_s: float) -> None:
-        """Delete leftovers of interrupted writes older than ``older_than_s`` (a live worker's
-        temporary file is young: it is never taken from under it)."""
-        now = time.time()
-        for folder, _, files in os.walk(self.root):
-            for name in files:
-                if is_temp_file(name):
-                    p = Path(folder) / name
-                    try:
-                        if now - p.stat().st_mtime > older_than_s:
-                            p.unlink()
-                    except OSError:
-                        pass
+    def remove_stale_temp_files(self, older_than_s: float, foreign_after_s: float | None = None) -> None:
+        """Delete leftovers of interrupted writes whose writer is provably gone (see
+        :func:`~crossgap_fast.pipeline.store.staging.remove_stale_temp_files`): a live
+        worker's temporary file or staging folder is never taken from under it."""
+        staging.remove_stale_temp_files(self.root, older_than_s, foreign_after_s)
 
     def open(self) -> dict:
         """Read the manifest."""
@@ -304,9 +308,18 @@ class GalleryStore:
         return self._digests[key]
 
     # ---- writing -----------------------------------------------------------------------
+    def fence(self, index: int, still_owner: Callable[[], bool]) -> None:
+        """Have the next :meth:`write_shard` of shard ``index`` ask ``still_owner()`` (whether
+        this worker still holds the shard's lease) right before its files go public."""
+        self._fences[index] = still_owner
+
     def write_shard(self, index: int, payload: dict, entry: dict) -> dict:
-        """Write shard ``index``'s files atomically (the layout of
-        :mod:`~crossgap_fast.pipeline.store.schema`), then record its entry in this worker's manifest."""
+        """Write shard ``index``'s files as a unit (the layout of
+        :mod:`~crossgap_fast.pipeline.store.schema`, staged and published by
+        :mod:`~crossgap_fast.pipeline.store.staging`), then record its entry in this worker's
+        log. :class:`LeaseLostError` when the shard's :meth:`fence` says this worker lost the
+        lease, or the worker that took the shard over revoked this one's files."""
+        still_owner = self._fences.pop(index, None)
         assert self.manifest is not None, "call create() or open() first"
         m = self.manifest
         out = m.get("output") or {}
@@ -314,27 +327,28 @@ class GalleryStore:
                                  store=out.get("store") or fmt.DEFAULT_STORE,
                                  dtype=out.get("dtype") or fmt.DEFAULT_DTYPE,
                                  normalize=bool(out.get("normalize")))
-        recorded: dict[str, dict] = {}
         with self.writing(f"shard {index}", self._kept_hint()):
-            for rel, data in files.values():
-                path = self.root / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(path, data)
-                sha = hashlib.sha256(data).hexdigest()
-                st = path.stat()
-                self._digests[(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)] = sha
-                recorded[rel] = {"bytes": len(data), "sha256": sha}
+            staged = staging.publish(self.root, index, dict(files.values()), still_owner or (lambda: True))
+            for rel, info in staged.files.items():
+                st = (self.root / rel).stat()
+                self._digests[(str(self.root / rel), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)] = \
+                    info["sha256"]
             full = {
                 "shard": index,
                 "columns": {column: rel for column, (rel, _) in files.items()},
-                "files": recorded,
+                "files": staged.files,
                 **entry,
                 "worker": self.worker,
                 "host": self.host,
                 "finished": time.time(),
                 "run_id": m["run_id"],
+                "probes": staged.probes,
             }
+            if not staging.still_staged(staged):  # the shard's new owner revoked these files
+                raise LeaseLostError(f"shard {index} of {str(self.root)!r}: another worker took the shard "
+                                     "over while this one was writing it; this worker's result is dropped")
             self._record(full)
+            staging.done(staged)
         return full
 
     def _record(self, entry: dict) -> None:

@@ -71,7 +71,11 @@ def open_store(out_dir: str | os.PathLike, allow_partial: bool) -> tuple[Path, d
     if not path.is_file():
         raise GalleryError(f"{str(root)!r} has no {MANIFEST}: not a crossgap output directory")
     manifest = read_manifest(path)
-    candidates = shard_candidates(root, manifest)
+    if manifest.get("method") not in ("oti", "ovi", "encode") or manifest.get("kind") not in ("images", "texts"):
+        raise CorruptStoreError(f"{str(path)!r} records method {manifest.get('method')!r} and kind "
+                                f"{manifest.get('kind')!r}; a crossgap run has method oti, ovi or encode and "
+                                "kind images or texts: the manifest is damaged or was edited")
+    candidates = shard_candidates(root, manifest, strict=True)
     complete = len(candidates) == manifest["num_shards"]
     if not complete and not allow_partial:
         raise GalleryError(
@@ -81,11 +85,11 @@ def open_store(out_dir: str | os.PathLike, allow_partial: bool) -> tuple[Path, d
     return root, manifest, candidates, complete
 
 
-def pick_entry(root: Path, shard: int, options: list[dict], verify: bool) -> dict:
+def pick_entry(root: Path, shard: int, options: list[dict], verify: bool, probe: bool = False) -> dict:
     """The entry whose files are on disk as recorded; CorruptStoreError naming the file."""
     why = ""
     for e in options:
-        why = entry_mismatch(root, e, verify)
+        why = entry_mismatch(root, e, verify, probe=probe)
         if why is None:
             return e
     raise CorruptStoreError(f"shard {shard}: {why} (in {str(root)!r}); resume the run (--resume) to redo it")
@@ -178,7 +182,10 @@ def iter_inversions(
     Arrays are memory-mapped: a batch within one shard is a view of the file, a batch that
     spans shards a copy of its rows only; a batch holds the maps of the shards it spans, so memory
     stays bounded by the batch, not the store. ``verify`` hashes each file first (reads it
-    twice). Version-1 stores are read shard by shard through torch.
+    twice); without it every file's size, its sampled bytes (see
+    :data:`~crossgap_fast.pipeline.store.entries.PROBE_BLOCKS`, where the entry records them)
+    and the ``.npy`` headers of the arrays opened are checked, and an entry naming a file
+    outside ``out_dir`` is refused. Version-1 stores are read shard by shard through torch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -190,7 +197,8 @@ def iter_inversions(
     pending_meta: list = []
     held = 0
     for shard in sorted(candidates):
-        entry = pick_entry(root, shard, candidates[shard], verify)
+        # sizes, sampled bytes and the headers of the arrays opened: cheap, always
+        entry = pick_entry(root, shard, candidates[shard], verify, probe=True)
         arrays, table = _shard_views(root, manifest, entry, columns, metadata_columns)
         n, lo = table.num_rows, 0
         while lo < n:
@@ -245,6 +253,10 @@ def _shard_views(root: Path, manifest: dict, entry: dict, columns: Sequence[str]
             f"the run in {str(root)!r} did not store {', '.join(missing)} (it kept "
             f"{', '.join(k for k in cols if k != fmt.METADATA)})"
         )
+    for c in columns:
+        problem = fmt.npy_problem(root / cols[c])
+        if problem:
+            raise CorruptStoreError(f"{str(root / cols[c])!r}: {problem}; resume the run (--resume) to redo it")
     arrays = {c: fmt.load_array(root, cols[c], mmap=True) for c in columns}
     if metadata_columns is None:
         return arrays, fmt.read_metadata(root, cols[fmt.METADATA])

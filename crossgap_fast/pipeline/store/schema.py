@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from crossgap_fast.defaults import DEFAULT_DTYPE, DEFAULT_STORE
+from crossgap_fast.errors import CorruptStoreError
 
 #: What ``--store`` can keep (losses are the metadata's ``loss`` column).
 STORE_COLUMNS = DEFAULT_STORE  # the default keeps every column there is
@@ -196,7 +197,13 @@ def column_files(entry: dict) -> dict[str, str]:
 
 
 def load_array(root: Path, rel: str, mmap: bool) -> np.ndarray:
-    return np.load(root / rel, mmap_mode="r" if mmap else None, allow_pickle=False)
+    """The ``.npy`` array ``root/rel``; CorruptStoreError naming the file when it cannot be
+    read as one (a damaged header, a cut body)."""
+    try:
+        return np.load(root / rel, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, EOFError, SyntaxError) as err:
+        raise CorruptStoreError(f"{str(root / rel)!r} is not a readable .npy array ({type(err).__name__}: "
+                                f"{str(err)[:120]}); resume the run (--resume) to redo it") from None
 
 
 def read_metadata(root: Path, rel: str, columns: Iterable[str] | None = None):
@@ -213,3 +220,27 @@ def names_of(table) -> list[str]:
                   else [False] * len(raw))
         return [b.decode("utf-8", "surrogatepass") if p else os.fsdecode(b) for b, p in zip(raw, passed)]
     return table.column("name").to_pylist()
+
+
+def npy_problem(path: Path, size: int | None = None) -> str | None:
+    """What is wrong with the ``.npy`` file at ``path`` (None when nothing): its header must
+    parse, hold no Python objects, and (with the file's ``size``) describe exactly the bytes
+    that follow it. Cheap: it reads the header only."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            offset = f.tell()
+            end = f.seek(0, os.SEEK_END)
+    except (ValueError, OSError, SyntaxError, TypeError) as err:
+        return f"its .npy header is damaged ({type(err).__name__}: {str(err)[:120]})"
+    if dtype.hasobject:
+        return "its .npy header declares Python objects"
+    want = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if want != end or (size is not None and end != size):
+        return f"its .npy header describes {want} bytes, the file has {end}"
+    return None
+
