@@ -24,6 +24,8 @@ DEFAULT_WEIGHT_DECAY = 0.01
 DEFAULT_BETAS = (0.9, 0.999)
 DEFAULT_EPS = 1e-8
 DEFAULT_NUM_TOKENS = 1
+#: Arithmetic of the inversion's forward passes: "auto" is bf16 autocast on CUDA, fp32 on CPU.
+DEFAULT_PRECISION = "auto"
 #: Each sample's loss is divided by this (the paper's batch mean over 64 images).
 DEFAULT_LOSS_BATCH = 64
 #: Samples the reference backend optimises together (the paper's batch).
@@ -42,10 +44,14 @@ DEFAULT_IMAGE_BATCH = 256
 DEFAULT_TEXT_BATCH = 1024
 
 # ---------------------------------------------------------------------------------- the model
-#: The built-in default model: the demo CLIP trained here, whose weights ship with the package
-#: (``--pretrained`` may be left out for it; any other ``--model`` needs ``--pretrained``).
+#: The demo CLIP trained here, whose weights ship with the package (``--pretrained`` may be left
+#: out for it; any other ``--model`` needs ``--pretrained``). The default of ``selfcheck`` only:
+#: ``invert``, ``encode`` and ``eval`` require ``--model`` (``--model crossgap-demo`` for this one).
 DEFAULT_MODEL = DEMO_MODEL
 DEFAULT_PRETRAINED: str | None = None
+#: Seconds the command line waits for the host of weights it must download (the Hugging Face
+#: hub, or open_clip's URL) to answer before it says, in one line, that it cannot reach it.
+DEFAULT_HUB_TIMEOUT_S = 5.0
 
 # ------------------------------------------------------------------------------- the pipeline
 #: Items per shard of the output store (a shard is the unit of work, resume and leasing).
