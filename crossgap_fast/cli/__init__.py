@@ -28,6 +28,7 @@ import warnings
 from typing import Sequence
 
 from crossgap_fast.cli import evaluate, invert, tools
+from crossgap_fast.cli.hub import download_problem
 from crossgap_fast.cli.messages import fail, format_warning, os_problem
 from crossgap_fast.demo.assets import DEMO_MODEL
 from crossgap_fast.models import HF_HUB, LOCAL_DIR, load_named_model
@@ -75,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_with_model(args: argparse.Namespace) -> int:
     """Load ``--model`` / ``--pretrained``, then run ``eval``, ``invert`` or ``encode`` with it."""
+    problem = download_problem(args.model, args.pretrained)  # offline: one line, not minutes of retries
+    if problem:
+        return fail(f"cannot load model {args.model!r}: {problem}")
     try:
         model = load_named_model(args.model, args.pretrained)
     except (ValueError, RuntimeError, ImportError) as err:
