@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from typing import Any, Callable, Collection, Sequence
 
@@ -71,6 +72,18 @@ def _error_summary(err: Exception) -> str:
     return f"{type(err).__name__}: {first}"
 
 
+def start_ray() -> None:
+    """Start Ray (a local instance, or the cluster ``RAY_ADDRESS`` names) quietly: its INFO lines,
+    the core workers' log lines and the actors' forwarded output are not ours to print (they
+    read as alarms in a terminal); what goes wrong still reaches the caller as a RayError.
+    Settings the user made in the environment are left as they are."""
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # the C++ core workers' own lines
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    ray.init(logging_level="ERROR", log_to_driver=False)
+    for name in ("ray", "ray.data"):  # per-dataset INFO lines and block-conversion warnings
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def run_ray(
     gallery: InputItems,
     model: ModelSpec,
@@ -130,9 +143,7 @@ def run_ray(
         return
 
     if not ray.is_initialized():
-        # a local instance, or the cluster RAY_ADDRESS names; Ray's INFO lines are not ours to print
-        ray.init(logging_level="WARNING")
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset INFO lines
+        start_ray()
     gpu = _wants_gpu(device)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
     del rows
