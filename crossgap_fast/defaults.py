@@ -58,8 +58,8 @@ DEFAULT_HUB_TIMEOUT_S = 5.0
 DEFAULT_SHARD_SIZE = 4096
 #: Images or texts encoded per batch before inverting.
 DEFAULT_ENCODE_BATCH = 128
-#: A run in which more than this fraction of the items failed ends with an error (exit code 2
-#: on the command line); finished shards are kept.
+#: A run in which more than this fraction of the items failed ends with an error (exit code 4
+#: on the command line, ``EXIT_ITEMS_FAILED``); finished shards are kept.
 DEFAULT_MAX_FAILED_FRACTION = 0.5
 #: Seconds a shard lease lives without renewal; a dead worker's shard waits this long at most.
 DEFAULT_LEASE_SECONDS = 120.0

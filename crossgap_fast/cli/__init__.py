@@ -1,11 +1,11 @@
 """``crossgap``: invert or encode a whole gallery from the command line.
 
-    crossgap invert images --input DIR_OR_LIST --out OUTDIR --pretrained TAG_OR_PATH [...]
-    crossgap invert texts  --input FILE.txt|.jsonl|.csv --out OUTDIR --pretrained ... [...]
-    crossgap encode images|texts --input ... --out OUTDIR --pretrained ...
-    crossgap eval retrieval --dataset NAME --dataroot DIR --pretrained ... [--modes intra,oti,ovi]
-    crossgap eval zeroshot  --dataset NAME --dataroot DIR --pretrained ...
-    crossgap eval paper     --dataroot ROOT --pretrained ... [--datasets ...]  (the paper's table)
+    crossgap invert images --input DIR_OR_LIST --out OUTDIR --model ARCH --pretrained TAG_OR_PATH [...]
+    crossgap invert texts  --input FILE.txt|.jsonl|.csv --out OUTDIR --model ARCH --pretrained ... [...]
+    crossgap encode images|texts --input ... --out OUTDIR --model ARCH --pretrained ...
+    crossgap eval retrieval --dataset NAME --dataroot DIR --model ARCH --pretrained ... [--modes intra,oti,ovi]
+    crossgap eval zeroshot  --dataset NAME --dataroot DIR --model ARCH --pretrained ...
+    crossgap eval paper     --dataroot ROOT --model ARCH --pretrained ... [--datasets ...]  (the paper's table)
     crossgap status OUTDIR [--json]   (progress of a run: shards, items/s, ETA, failures)
     crossgap export OUTDIR --to DIR   (rewrite a run in the current store format)
     crossgap demo | selfcheck
@@ -16,9 +16,10 @@ group of commands lives in its own module: :mod:`.invert` (invert, encode), :mod
 them. Processes started with ``--worker`` (or the ranks of ``torchrun --nproc-per-node K``)
 share one run's shards through leases (see :mod:`crossgap_fast.pipeline.tasks`).
 
-``--pretrained random`` builds a randomly initialised model under
-``torch.manual_seed(RANDOM_MODEL_SEED)``, so that every process (a resumed run, each torchrun
-rank) builds the same weights.
+``--model`` is required by ``invert``, ``encode`` and ``eval`` (``--model crossgap-demo`` is the
+shipped demo model); exit codes are listed in :mod:`.messages`. ``--pretrained random`` builds
+a randomly initialised model under ``torch.manual_seed(RANDOM_MODEL_SEED)``, so that every
+process (a resumed run, each torchrun rank) builds the same weights.
 """
 
 from __future__ import annotations

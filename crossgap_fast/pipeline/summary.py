@@ -59,7 +59,7 @@ class GallerySummary:
 
     def failure(self, max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION) -> str | None:
         """A one-line message when every item failed, or more than ``max_failed_fraction``
-        of them did (the command line then exits with code 2); None otherwise."""
+        of them did (the command line then exits with code 4); None otherwise."""
         if not (self.all_failed or self.failed_fraction > max_failed_fraction):
             return None
         seen = self.items_ok + self.failed
