@@ -192,7 +192,7 @@ def test_a_rerun_shows_no_empty_bars_and_no_zero_rate(feats, tmp_path, capsys):
     assert cli.main(base + ["--resume"]) == 0
     captured = capsys.readouterr()
     assert "0/0" not in captured.err and "0.0 items/s" not in captured.out
-    assert "nothing to do: all 1 shard(s) were already finished" in captured.out
+    assert "inverted (OTI) 0 images: nothing to do, all 1 shard(s) were already finished" in captured.out
 
 
 # ------------------------------------------------------------------ worker / resume messages

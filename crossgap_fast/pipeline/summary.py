@@ -77,7 +77,8 @@ class GallerySummary:
     def _first_line(self, verb: str) -> str:
         """What this worker did; a call that found every shard finished says so, with no rate."""
         if self.items_done == 0 and self.shards_done == 0 and self.shards_skipped == self.num_shards:
-            return f"crossgap: nothing to do: all {self.num_shards} shard(s) were already finished -> {self.out_dir}"
+            return (f"crossgap: {verb} 0 {self.kind}: nothing to do, all {self.num_shards} shard(s) were "
+                    f"already finished -> {self.out_dir}")
         return (f"crossgap: {verb} {self.items_done} {self.kind} in {self.seconds:.1f} s "
                 f"({self.items_per_s:.1f} items/s) -> {self.out_dir}")
 
