@@ -209,6 +209,17 @@ def test_a_joining_worker_says_joined_not_resumed(feats, tmp_path, capsys):
     assert "resumed: skipped 3 finished shard(s) of an earlier run" in capsys.readouterr().out
 
 
+def test_shards_done_by_other_workers_meanwhile_are_said():
+    from crossgap_fast.pipeline.summary import GallerySummary
+
+    summary = GallerySummary(out_dir="o", kind="images", method="oti", total_items=10, items_done=4, items_ok=10,
+                             failed=0, warnings=0, shards_done=2, shards_skipped=1, num_shards=5, complete=True,
+                             resumed=True, seconds=2.0, items_per_s=2.0, joined=True)
+    text = summary.format()
+    assert "joined: 1 shard(s) already done by other workers" in text
+    assert "other workers: 2 shard(s) done meanwhile; this worker did 2" in text
+
+
 # -------------------------------------------------------------------- warm-start rates
 class _Clock:
     """The time module as the worker sees it, with a clock that jumps ahead on request: a

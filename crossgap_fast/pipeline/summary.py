@@ -103,6 +103,9 @@ class GallerySummary:
             lines.append(f"  model: {self.model} (pretrained {self.pretrained}) on {self.device}")
         if self.shards_skipped:
             lines.append(self._skipped_line())
+        others = self.num_shards - self.shards_done - self.shards_skipped
+        if self.complete and others > 0:  # finished by workers beside this one while it ran
+            lines.append(f"  other workers: {others} shard(s) done meanwhile; this worker did {self.shards_done}")
         lines.append(
             f"  output: {self.items_ok} of {self.total_items} items in {self.num_shards} shard(s)"
             + ("" if self.complete else " (UNFINISHED: run again with --resume)")
