@@ -14,7 +14,6 @@ import socket
 from urllib.parse import urlparse
 
 from crossgap_fast.defaults import DEFAULT_HUB_TIMEOUT_S
-from crossgap_fast.models import HF_HUB, LOCAL_DIR
 
 #: The file names open_clip tries for a hub repository's weights (safetensors first).
 _HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -26,6 +25,8 @@ def _needed(model: str, pretrained: str | None) -> tuple[str, str, tuple[str, ..
     """(kind, where, files) of the download ``model`` / ``pretrained`` needs: ("hub", repo id,
     file names) or ("url", url, ()); None when nothing is downloaded (a local file or folder,
     random weights, the shipped demo weights, a tag open_clip does not know: it says so)."""
+    from crossgap_fast.models import HF_HUB, LOCAL_DIR  # only when a model is loaded: --help stays light
+
     if model.startswith(LOCAL_DIR):
         return None
     if model.startswith(HF_HUB):
