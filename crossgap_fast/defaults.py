@@ -27,6 +27,8 @@ DEFAULT_WEIGHT_DECAY = 0.01
 DEFAULT_BETAS = (0.9, 0.999)
 DEFAULT_EPS = 1e-8
 DEFAULT_NUM_TOKENS = 1
+#: Arithmetic of the inversion's forward passes: "auto" is bf16 autocast on CUDA, fp32 on CPU.
+DEFAULT_PRECISION = "auto"
 #: Each sample's loss is divided by this (the paper's batch mean over 64 images).
 DEFAULT_LOSS_BATCH = 64
 #: Samples the reference backend optimises together (the paper's batch).
@@ -45,8 +47,9 @@ DEFAULT_IMAGE_BATCH = 256
 DEFAULT_TEXT_BATCH = 1024
 
 # ---------------------------------------------------------------------------------- the model
-#: The built-in default model: the demo CLIP trained here, whose weights ship with the package
-#: (``--pretrained`` may be left out for it; any other ``--model`` needs ``--pretrained``).
+#: The demo CLIP trained here, whose weights ship with the package (``--pretrained`` may be left
+#: out for it; any other ``--model`` needs ``--pretrained``). The default of ``selfcheck`` only:
+#: ``invert``, ``encode`` and ``eval`` require ``--model`` (``--model crossgap-demo`` for this one).
 DEFAULT_MODEL = DEMO_MODEL
 DEFAULT_PRETRAINED: str | None = None
 #: Seed under which ``--pretrained random`` builds its weights (``torch.manual_seed``), so that
@@ -63,14 +66,17 @@ DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
 DEFAULT_CPU_THREADS: int | None = None
 #: Most image decoding processes when ``--workers`` is not given (fewer on fewer CPUs).
 DEFAULT_MAX_DECODE_WORKERS = 4
+#: Seconds the command line waits for the host of weights it must download (the Hugging Face
+#: hub, or open_clip's URL) to answer before it says, in one line, that it cannot reach it.
+DEFAULT_HUB_TIMEOUT_S = 5.0
 
 # ------------------------------------------------------------------------------- the pipeline
 #: Items per shard of the output store (a shard is the unit of work, resume and leasing).
 DEFAULT_SHARD_SIZE = 4096
 #: Images or texts encoded per batch before inverting.
 DEFAULT_ENCODE_BATCH = 128
-#: A run in which more than this fraction of the items failed ends with an error (exit code 2
-#: on the command line); finished shards are kept.
+#: A run in which more than this fraction of the items failed ends with an error (exit code 4
+#: on the command line, ``EXIT_ITEMS_FAILED``); finished shards are kept.
 DEFAULT_MAX_FAILED_FRACTION = 0.5
 #: Seconds a shard lease lives without renewal; a dead worker's shard waits this long at most.
 DEFAULT_LEASE_SECONDS = 120.0

@@ -8,19 +8,32 @@ from tqdm.auto import tqdm
 
 
 class Progress:
-    """A thin tqdm wrapper that accepts fractional updates (items part-way through steps)."""
+    """A thin tqdm wrapper that accepts fractional updates (items part-way through steps).
+
+    The bar never goes past its total: an update that would overshoot (float rounding of
+    fractional updates, or a caller counting an item twice) is clamped here, so tqdm never
+    clamps (``TqdmWarning: clamping frac``) nor shows a negative time left. A bar with nothing
+    to do (total 0: every shard already finished) is not shown at all.
+    """
 
     def __init__(self, total: int, desc: str, enabled: bool = True, unit: str = "item"):
+        self.total = total
+        self.done = 0.0
         self.bar = (
             tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
                  bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
-            if enabled
+            if enabled and total > 0
             else None
         )
 
     def update(self, amount: float) -> None:
+        """Advance by ``amount`` items, never past the total."""
+        step = min(float(amount), self.total - self.done)
+        if step <= 0:
+            return
+        self.done += step
         if self.bar is not None:
-            self.bar.update(amount)
+            self.bar.update(step)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -73,7 +73,7 @@ def paper_root(tmp_path):
 
 def _args(root, out, cache, steps=4):
     return ["eval", "paper", "--dataroot", str(root), "--out", str(out), "--cache", str(cache),
-            "--steps", str(steps), "--device", "cpu", "--no-progress"]
+            "--model", "crossgap-demo", "--steps", str(steps), "--device", "cpu", "--no-progress"]
 
 
 def test_eval_paper_end_to_end_and_resume(paper_root, tmp_path, capsys, monkeypatch):

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from crossgap_fast import cli, encode_gallery, invert_gallery, load_inversions, load_model
+from crossgap_fast.cli.messages import EXIT_ITEMS_FAILED
 from crossgap_fast.models import RANDOM_MODEL_SEED
 from crossgap_fast.pipeline import encode as encode_mod
 from crossgap_fast.pipeline import store as store_mod
@@ -320,7 +321,7 @@ def test_flipped_byte_in_finished_shard_is_redone(tiny, tmp_path):
 # --------------------------------------------------------------------------------------------
 # runs in which (too many) items failed
 # --------------------------------------------------------------------------------------------
-def test_every_image_unreadable_exits_2(tmp_path, capsys):
+def test_every_image_unreadable_exits_items_failed(tmp_path, capsys):
     root = tmp_path / "g"
     for i in range(3):
         corrupt(root / f"{i}.png")
@@ -328,18 +329,18 @@ def test_every_image_unreadable_exits_2(tmp_path, capsys):
     code = cli.main(["invert", "images", "--input", str(root), "--out", str(out), "--steps", "1",
                      "--workers", "0"] + TINY)
     captured = capsys.readouterr()
-    assert code == 2
+    assert code == EXIT_ITEMS_FAILED  # the run ran: not the "nothing ran" code 2
     assert "that is ALL of them" in captured.out  # the summary still says what happened
     (line,) = error_lines(captured.err)
     assert "every item failed: 3 of 3" in line and "unreadable image" in line and "errors.jsonl" in line
     assert len(list(store_mod.iter_error_records(out / "errors.jsonl"))) == 3
 
 
-def test_csv_given_as_image_list_exits_2(tmp_path, capsys):
+def test_csv_given_as_image_list_exits_items_failed(tmp_path, capsys):
     src = tmp_path / "captions.csv"
     src.write_text("id,text\n1,a dog\n2,a cat\n")
     code = cli.main(["encode", "images", "--input", str(src), "--out", str(tmp_path / "o"), "--workers", "0"] + TINY)
-    assert code == 2
+    assert code == EXIT_ITEMS_FAILED
     line = one_line_error(capsys)
     assert "every item failed" in line and "'id,text': file not found" in line
 
@@ -361,7 +362,7 @@ def test_max_failed_fraction(tmp_path, capsys):
     corrupt(root / "b.png")
     corrupt(root / "c.png")
     args = ["encode", "images", "--input", str(root), "--workers", "0", "--shard-size", "2"] + TINY
-    assert cli.main(args + ["--out", str(tmp_path / "o1")]) == 2  # 2 of 3 > 0.5 (the default)
+    assert cli.main(args + ["--out", str(tmp_path / "o1")]) == EXIT_ITEMS_FAILED  # 2 of 3 > 0.5 (the default)
     line = one_line_error(capsys)
     assert "67% of the items failed, more than the allowed 50%" in line
     assert "the finished shards in" in line and load_inversions(tmp_path / "o1").names == ["a.png"]

@@ -1,11 +1,11 @@
 """``crossgap``: invert or encode a whole gallery from the command line.
 
-    crossgap invert images --input DIR_OR_LIST --out OUTDIR --pretrained TAG_OR_PATH [...]
-    crossgap invert texts  --input FILE.txt|.jsonl|.csv --out OUTDIR --pretrained ... [...]
-    crossgap encode images|texts --input ... --out OUTDIR --pretrained ...
-    crossgap eval retrieval --dataset NAME --dataroot DIR --pretrained ... [--modes intra,oti,ovi]
-    crossgap eval zeroshot  --dataset NAME --dataroot DIR --pretrained ...
-    crossgap eval paper     --dataroot ROOT --pretrained ... [--datasets ...]  (the paper's table)
+    crossgap invert images --input DIR_OR_LIST --out OUTDIR --model ARCH --pretrained TAG_OR_PATH [...]
+    crossgap invert texts  --input FILE.txt|.jsonl|.csv --out OUTDIR --model ARCH --pretrained ... [...]
+    crossgap encode images|texts --input ... --out OUTDIR --model ARCH --pretrained ...
+    crossgap eval retrieval --dataset NAME --dataroot DIR --model ARCH --pretrained ... [--modes intra,oti,ovi]
+    crossgap eval zeroshot  --dataset NAME --dataroot DIR --model ARCH --pretrained ...
+    crossgap eval paper     --dataroot ROOT --model ARCH --pretrained ... [--datasets ...]  (the paper's table)
     crossgap status OUTDIR [--json]   (progress of a run: shards, items/s, ETA, failures)
     crossgap export OUTDIR --to DIR   (rewrite a run in the current store format)
     crossgap demo | selfcheck
@@ -16,9 +16,10 @@ group of commands lives in its own module: :mod:`.invert` (invert, encode), :mod
 them. Processes started with ``--worker`` (or the ranks of ``torchrun --nproc-per-node K``)
 share one run's shards through leases (see :mod:`crossgap_fast.pipeline.tasks`).
 
-``--pretrained random`` builds a randomly initialised model under
-``torch.manual_seed(RANDOM_MODEL_SEED)``, so that every process (a resumed run, each torchrun
-rank) builds the same weights.
+``--model`` is required by ``invert``, ``encode`` and ``eval`` (``--model crossgap-demo`` is the
+shipped demo model); exit codes are listed in :mod:`.messages`. ``--pretrained random`` builds
+a randomly initialised model under ``torch.manual_seed(RANDOM_MODEL_SEED)``, so that every
+process (a resumed run, each torchrun rank) builds the same weights.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import warnings
 from typing import Sequence
 
 from crossgap_fast.cli import evaluate, invert, tools
+from crossgap_fast.cli.hub import download_problem
 from crossgap_fast.cli.messages import ClosedOutput, fail, format_warning, os_problem
 from crossgap_fast.demo.assets import DEMO_MODEL
 from crossgap_fast.threads import configure_cpu_threads
@@ -123,6 +125,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _run_with_model(args: argparse.Namespace) -> int:
     """Load ``--model`` / ``--pretrained``, then run ``eval``, ``invert`` or ``encode`` with it."""
+    problem = download_problem(args.model, args.pretrained)  # offline: one line, not minutes of retries
+    if problem:
+        return fail(f"cannot load model {args.model!r}: {problem}")
     from crossgap_fast.models import load_named_model
 
     try:

@@ -1,8 +1,8 @@
 """How the command line reports: one-line errors (exit code 2), warnings, printable text.
 
 Every command reports a failure through :func:`fail`: one line on stderr, ``crossgap: error:``
-and what went wrong (under a launcher's ranks, which rank says it), and an exit code (2 unless
-told otherwise). Text that comes from the file system is passed through :func:`printable` first,
+and what went wrong (under a launcher's ranks, which rank says it), and an exit code
+(:data:`EXIT_BAD_INPUT` unless told otherwise; the codes are listed below). Text that comes from the file system is passed through :func:`printable` first,
 so reporting a name that is not UTF-8 never raises.
 """
 
@@ -13,9 +13,14 @@ import re
 import sys
 
 
+#: Exit code when nothing ran: bad input, options, model or device (one line says which).
+EXIT_BAD_INPUT = 2
 #: Exit code when the GPU failed mid-run (an illegal memory access, a device-side assert): not
 #: the input's fault, and nothing could fall back in the process; finished work is kept.
 EXIT_DEVICE = 3
+#: Exit code when a run finished but too many of its items failed (more than
+#: ``--max-failed-fraction``, or all of them): the output holds the rest, ``errors.jsonl`` why.
+EXIT_ITEMS_FAILED = 4
 
 
 def rank_label() -> str:
@@ -42,7 +47,7 @@ def emit(text: str) -> None:
         raise ClosedOutput() from None
 
 
-def fail(message: str, code: int = 2) -> int:
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     """Print ``message`` as the command's one-line error and return the exit code ``code``."""
     print(f"crossgap: error{rank_label()}: {shorten(printable(message))}", file=sys.stderr)
     return code

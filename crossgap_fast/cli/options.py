@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from crossgap_fast.defaults import DEFAULT_MODEL
+from crossgap_fast.defaults import DEFAULT_MODEL, DEFAULT_PRECISION
+from crossgap_fast.demo.assets import DEMO_MODEL
+from crossgap_fast.inversion.config import PRECISIONS
 
 
 def positive(text: str) -> int:
@@ -42,6 +44,19 @@ def fraction(text: str) -> float:
     return v
 
 
-def add_model_option(p: argparse.ArgumentParser) -> None:
-    """``--model``: the open_clip architecture (the built-in demo model by default)."""
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"open_clip architecture (default {DEFAULT_MODEL})")
+def add_model_option(p, required: bool = True) -> None:
+    """``--model``: the open_clip architecture. Required where a run's results depend on it
+    (a forgotten ``--model`` must not silently run the toy demo model); ``selfcheck`` keeps the
+    demo model as its default."""
+    if required:
+        p.add_argument("--model", required=True,
+                       help=f"open_clip architecture, e.g. ViT-B-32 (required; {DEMO_MODEL} is the shipped demo model)")
+    else:
+        p.add_argument("--model", default=DEFAULT_MODEL, help=f"open_clip architecture (default {DEFAULT_MODEL})")
+
+
+def add_precision_option(p) -> None:
+    """``--precision``: the inversion's arithmetic (see InversionConfig.precision)."""
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help=f"arithmetic of the model's forward passes (default {DEFAULT_PRECISION}: bf16 "
+                   "autocast on CUDA, fp32 on CPU)")

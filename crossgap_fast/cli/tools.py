@@ -11,6 +11,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from crossgap_fast.cli.hub import download_problem
 from crossgap_fast.cli.messages import emit, fail, os_problem, printable
 from crossgap_fast.cli.options import add_model_option, positive
 from crossgap_fast.defaults import DEFAULT_FAILURES_SHOWN, DEFAULT_STEPS
@@ -60,7 +61,7 @@ def add_selfcheck_parser(top) -> None:
         "them with the reference (fp32), then time the reference against the fast engine. Exit code 0 "
         "only when every stage that ran agreed.")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
-    add_model_option(p)
+    add_model_option(p, required=False)
     p.add_argument("--pretrained", default=None,
                    help=f"pretrained tag or checkpoint (default: the shipped weights for {DEMO_MODEL}, "
                    "random weights for any other model: parity does not need trained weights)")
@@ -101,6 +102,9 @@ def selfcheck(args: argparse.Namespace) -> int:
     except ValueError as err:
         return fail(str(err))
     pretrained = args.pretrained or ("demo" if args.model == DEMO_MODEL else "random")
+    problem = download_problem(args.model, pretrained)  # offline: one line, not minutes of retries
+    if problem:
+        return fail(problem)
     try:
         stages = parse_stages(args.stages, device) if args.stages else None
         model = load_named_model(args.model, pretrained).to(device)

@@ -20,6 +20,7 @@ from crossgap_fast.defaults import (
     DEFAULT_LOSS_BATCH,
     DEFAULT_LR,
     DEFAULT_NUM_TOKENS,
+    DEFAULT_PRECISION,
     DEFAULT_SEED,
     DEFAULT_STEPS,
     DEFAULT_TEMPLATE,
@@ -120,7 +121,7 @@ class InversionConfig:
     loss_batch: int = DEFAULT_LOSS_BATCH
     seed: int = DEFAULT_SEED
     backend: str = "fast"
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
     compile: bool | None = None
     cuda_graph: bool | None = None
     use_kernels: bool | None = None

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from crossgap_fast.defaults import DEFAULT_MAX_FAILED_FRACTION
@@ -39,6 +39,12 @@ class GallerySummary:
     error_examples: list[str] = field(default_factory=list)  # "'name': reason" of a few failed items
     #: with ``warm_start``: calibration / warm item counts, steps and mean final losses
     warm_start: dict | None = None
+    model: str = ""  # the architecture, as the manifest records it
+    pretrained: str | None = None  # its weights: a pretrained tag or a checkpoint's file name
+    device: str = ""  # where this worker ran
+    #: this worker joined a run that other processes started (``worker=True``, a launcher's
+    #: ranks), so the shards already finished are theirs, not an earlier run's
+    joined: bool = False
 
     @property
     def failed_fraction(self) -> float:
@@ -53,7 +59,7 @@ class GallerySummary:
 
     def failure(self, max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION) -> str | None:
         """A one-line message when every item failed, or more than ``max_failed_fraction``
-        of them did (the command line then exits with code 2); None otherwise."""
+        of them did (the command line then exits with code 4); None otherwise."""
         if not (self.all_failed or self.failed_fraction > max_failed_fraction):
             return None
         seen = self.items_ok + self.failed
@@ -64,6 +70,25 @@ class GallerySummary:
         return (f"{what}: {self.failed} of {seen}{examples}; all are listed in {self.errors_path}; "
                 f"the finished shards in {self.out_dir!r} are kept")
 
+    def to_json(self) -> dict:
+        """Every field, plus ``failed_fraction``, as one JSON-ready dict (``--json``)."""
+        return {**asdict(self), "failed_fraction": self.failed_fraction}
+
+    def _first_line(self, verb: str) -> str:
+        """What this worker did; a call that found every shard finished says so, with no rate."""
+        if self.items_done == 0 and self.shards_done == 0 and self.shards_skipped == self.num_shards:
+            return (f"crossgap: {verb} 0 {self.kind}: nothing to do, all {self.num_shards} shard(s) were "
+                    f"already finished -> {self.out_dir}")
+        return (f"crossgap: {verb} {self.items_done} {self.kind} in {self.seconds:.1f} s "
+                f"({self.items_per_s:.1f} items/s) -> {self.out_dir}")
+
+    def _skipped_line(self) -> str:
+        """Where the shards finished before this call came from: an earlier run (resume) or
+        the other workers of a shared run."""
+        if self.joined:
+            return f"  joined: {self.shards_skipped} shard(s) already done by other workers"
+        return f"  resumed: skipped {self.shards_skipped} finished shard(s) of an earlier run"
+
     @property
     def shares(self) -> dict:
         """Fractions of the busy time spent waiting for data, encoding, optimising, writing."""
@@ -73,12 +98,14 @@ class GallerySummary:
     def format(self) -> str:
         """The summary printed at the end of a run."""
         verb = {"oti": "inverted (OTI)", "ovi": "inverted (OVI)", "encode": "encoded"}[self.method]
-        lines = [
-            f"crossgap: {verb} {self.items_done} {self.kind} in {self.seconds:.1f} s "
-            f"({self.items_per_s:.1f} items/s) -> {self.out_dir}"
-        ]
+        lines = [self._first_line(verb)]
+        if self.model:
+            lines.append(f"  model: {self.model} (pretrained {self.pretrained}) on {self.device}")
         if self.shards_skipped:
-            lines.append(f"  resumed: skipped {self.shards_skipped} finished shard(s)")
+            lines.append(self._skipped_line())
+        others = self.num_shards - self.shards_done - self.shards_skipped
+        if self.complete and others > 0:  # finished by workers beside this one while it ran
+            lines.append(f"  other workers: {others} shard(s) done meanwhile; this worker did {self.shards_done}")
         lines.append(
             f"  output: {self.items_ok} of {self.total_items} items in {self.num_shards} shard(s)"
             + ("" if self.complete else " (UNFINISHED: run again with --resume)")

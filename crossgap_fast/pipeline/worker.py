@@ -19,7 +19,7 @@ import torch
 from crossgap_fast.defaults import FOREIGN_TEMP_MAX_AGE
 from crossgap_fast.errors import InputError, LeaseLostError
 from crossgap_fast.inversion.inverter import Inverter
-from crossgap_fast.models import ClipModel
+from crossgap_fast.models import ClipModel, pretrained_label
 from crossgap_fast.pipeline.calibration import Calibration
 from crossgap_fast.pipeline.encode import Timer, group_features
 from crossgap_fast.pipeline.inputs import InputItems, load_input, read_index, write_index
@@ -70,18 +70,22 @@ def work(place: Place, inputs, store: GalleryStore, leases: Leases, cm: ClipMode
     skipped = len(finished)
     timer = Timer()
     calibration = None
+    # the calibration is part of this worker's run: its time counts in the summary's rate and
+    # in the first shard's recorded seconds (what ``crossgap status`` rates by)
+    run0 = time.perf_counter()
     if warm:
         calibration = calibrate(gallery, store, leases, inverter, warm, cm, dev, pipe, timer, show)
     bar = Progress(sum(hi - lo for i, (lo, hi) in enumerate(ranges) if i not in finished),
                    desc={"oti": "OTI", "ovi": "OVI", "encode": "encode"}[method] + f" {kind}", enabled=show)
     claims = ShardClaims(store, leases, len(gallery), pipe.shard_size, finished, on_others=bar.update)
     done_items = done_shards = 0
-    run0 = last = time.perf_counter()
+    last = run0
     try:
         if pipe.engine == "ray":
+            ray0 = time.perf_counter()
             done_items, done_shards = run_on_ray(gallery, cm, inverter, store, claims, pipe, bar, values)
             last = time.perf_counter()
-            timer.optimise_s += last - run0  # decoding, encoding and optimising, in the actors
+            timer.optimise_s += last - ray0  # decoding, encoding and optimising, in the actors
         items, shards = _local_passes(gallery, claims, store, cm, dev, inverter, calibration, pipe, bar, timer,
                                       values, since=last)
         done_items, done_shards = done_items + items, done_shards + shards
@@ -106,6 +110,9 @@ def work(place: Place, inputs, store: GalleryStore, leases: Leases, cm: ClipMode
         problems=len(manifest.get("input_problems") or []),
         error_examples=error_examples(store.errors_path),
         warm_start=manifest.get("warm_start_result"),
+        model=str(cm.name), pretrained="random" if cm.pretrained is None else pretrained_label(cm.pretrained),
+        device=f"ray actors ({pipe.ray_device})" if pipe.engine == "ray" else str(dev),
+        joined=bool(resumed) and (pipe.worker or not pipe.resume),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 import re
 from typing import Any, Callable, Collection, Sequence
 
@@ -71,6 +72,34 @@ def _error_summary(err: Exception) -> str:
     return f"{type(err).__name__}: {first}"
 
 
+def _map_batches(ds, fn, **options):
+    """``ds.map_batches(fn, **options)`` on actors that are not restarted.
+
+    Ray Data passes the actors' constructor arguments (the model) through the object store, and
+    with restarts allowed Ray's core worker prints an error-level line about that for every
+    actor. A failed actor ends the run with RayRunError anyway (finished shards are kept and
+    ``--resume`` does the rest), so restarts are not relied on. Ray 2.60 takes ``max_restarts``
+    only as a deprecated remote option: its warning is silenced, and a Ray that no longer takes
+    it runs with its default (and the line).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return ds.map_batches(fn, max_restarts=0, **options)
+    except TypeError:
+        return ds.map_batches(fn, **options)
+
+
+def start_ray() -> None:
+    """Start Ray (a local instance, or the cluster ``RAY_ADDRESS`` names) quietly: its INFO lines,
+    warnings about block conversions and the actors' forwarded output are not ours to print
+    (they read as alarms in a terminal); what goes wrong still reaches the caller as a
+    RayError. (``RAY_BACKEND_LOG_LEVEL`` is left alone: setting it prints a line of its own.)"""
+    ray.init(logging_level="ERROR", log_to_driver=False)
+    for name in ("ray", "ray.data"):  # per-dataset INFO lines and block-conversion warnings
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def run_ray(
     gallery: InputItems,
     model: ModelSpec,
@@ -130,9 +159,7 @@ def run_ray(
         return
 
     if not ray.is_initialized():
-        # a local instance, or the cluster RAY_ADDRESS names; Ray's INFO lines are not ours to print
-        ray.init(logging_level="WARNING")
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset INFO lines
+        start_ray()
     gpu = _wants_gpu(device)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
     del rows
@@ -146,8 +173,8 @@ def run_ray(
         fn, kwargs = InvertBatches, {"config": config, "keep_loss_curve": keep_loss_curve, **kwargs}
     else:
         fn = EncodeBatches
-    out = ds.map_batches(
-        fn, fn_constructor_kwargs={"model": model, **kwargs}, batch_size=batch_size,
+    out = _map_batches(
+        ds, fn, fn_constructor_kwargs={"model": model, **kwargs}, batch_size=batch_size,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         num_gpus=1 if gpu else 0,
     )
