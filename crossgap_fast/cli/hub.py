@@ -78,7 +78,7 @@ def download_problem(model: str, pretrained: str | None, timeout: float = DEFAUL
     try:
         if _cached(kind, where, files):
             return None
-    except ImportError:  # no huggingface_hub: open_clip reports that itself
+    except (ImportError, ValueError):  # no huggingface_hub, or a name it refuses: the loader says why
         return None
     what = f"the weights of --model {model} --pretrained {pretrained} are not in the local cache"
     if kind == "hub":
