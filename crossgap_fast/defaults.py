@@ -110,6 +110,9 @@ DEFAULT_READ_BATCH = 65536
 DEFAULT_DOWNLOAD_TIMEOUT_S = 30.0
 DEFAULT_MAX_ITEM_BYTES = 64 << 20
 DEFAULT_MAX_REDIRECTS = 5
+#: Further tries of a download that failed for a passing reason (refused or reset connection,
+#: HTTP 429 / 5xx), all within the one download deadline, after 0.5 s, 1 s, 2 s ... pauses.
+DEFAULT_DOWNLOAD_RETRIES = 2
 #: Failures listed by ``crossgap status`` (the most recent ones).
 DEFAULT_FAILURES_SHOWN = 5
 

@@ -20,7 +20,12 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from crossgap_fast.defaults import DEFAULT_DOWNLOAD_TIMEOUT_S, DEFAULT_MAX_ITEM_BYTES, DEFAULT_MAX_REDIRECTS
+from crossgap_fast.defaults import (
+    DEFAULT_DOWNLOAD_RETRIES,
+    DEFAULT_DOWNLOAD_TIMEOUT_S,
+    DEFAULT_MAX_ITEM_BYTES,
+    DEFAULT_MAX_REDIRECTS,
+)
 from crossgap_fast.errors import ItemReadError
 
 #: The reason recorded for a path outside ``local_roots`` (one text whether or not it exists).
@@ -34,6 +39,8 @@ class InputLimits:
     ``timeout_s``: seconds for a whole download (connect, headers, body, redirects);
     ``max_bytes``: the largest image read (download, tar member or local file);
     ``max_redirects``: redirects one download follows (to http/https only);
+    ``retries``: further tries of a download that failed for a passing reason (within the
+    same deadline);
     ``allowed_hosts``: when given, the only host names downloads (and their redirects) may
     reach; ``local_roots``: when given, the only folders local path items may lie under.
     """
@@ -43,12 +50,13 @@ class InputLimits:
     max_redirects: int = DEFAULT_MAX_REDIRECTS
     allowed_hosts: tuple[str, ...] | None = None
     local_roots: tuple[str, ...] | None = None
+    retries: int = DEFAULT_DOWNLOAD_RETRIES
 
     def __post_init__(self) -> None:
         t = self.timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
             raise ValueError(f"download timeout must be a positive, finite number of seconds, got {t!r}")
-        for name in ("max_bytes", "max_redirects"):
+        for name in ("max_bytes", "max_redirects", "retries"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "max_bytes" else 0):
                 raise ValueError(f"{name} must be an integer >= {1 if name == 'max_bytes' else 0}, got {v!r}")

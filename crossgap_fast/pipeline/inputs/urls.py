@@ -18,6 +18,7 @@ from urllib.parse import urljoin, urlsplit
 from crossgap_fast.defaults import DEFAULT_DOWNLOAD_TIMEOUT_S, DEFAULT_MAX_ITEM_BYTES
 from crossgap_fast.errors import InputError, ItemReadError
 from crossgap_fast.pipeline.inputs.limits import DEFAULT_LIMITS, InputLimits
+from crossgap_fast.version import __version__
 
 #: How long an image download may take (seconds), and how large it may be (the defaults of
 #: :class:`~crossgap_fast.pipeline.inputs.limits.InputLimits`).
@@ -25,6 +26,9 @@ URL_TIMEOUT_S = DEFAULT_DOWNLOAD_TIMEOUT_S
 URL_MAX_BYTES = DEFAULT_MAX_ITEM_BYTES
 #: The schemes of image URLs that are fetched.
 URL_SCHEMES = ("http://", "https://")
+
+#: Who is asking, in every download's request (servers and their logs can tell the tool).
+USER_AGENT = f"crossgap-fast/{__version__}"
 
 _REMOTE_RE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.\-]*://|pipe:)")
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -35,11 +39,32 @@ def fetch_url(url: str, timeout: float | None = None, max_bytes: int | None = No
     """GET ``url`` under ``limits`` (``timeout`` / ``max_bytes`` override theirs): one deadline
     covers connecting, the response headers, the body and every redirect, so a server
     trickling bytes anywhere is cut off; redirects are followed up to ``max_redirects`` times,
-    to http(s) URLs only, and only to allowed hosts. Any failure (HTTP status, network,
-    deadline, too large, a body shorter than its announced length) raises ItemReadError."""
+    to http(s) URLs only, and only to allowed hosts. A failure that may pass (a refused or
+    reset connection, HTTP 429 / 5xx) is tried again up to ``limits.retries`` times inside the
+    same deadline. Any failure (HTTP status, network, deadline, too large, a body shorter than
+    its announced length) raises ItemReadError."""
     timeout = limits.timeout_s if timeout is None else timeout
     max_bytes = limits.max_bytes if max_bytes is None else max_bytes
     deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        try:
+            return _follow(url, deadline, timeout, max_bytes, limits)
+        except _Passing as err:
+            pause = 0.5 * 2 ** attempt
+            if attempt >= limits.retries or time.monotonic() + pause >= deadline:
+                raise ItemReadError(str(err)) from None
+            time.sleep(pause)
+            attempt += 1
+
+
+class _Passing(ItemReadError):
+    """A download failure that another try may not meet: a refused or reset connection, or
+    HTTP 429 / 5xx."""
+
+
+def _follow(url: str, deadline: float, timeout: float, max_bytes: int, limits: InputLimits) -> bytes:
+    """One try of :func:`fetch_url`: the GET and its redirects."""
     for _ in range(limits.max_redirects + 1):
         status, location, body = _get_once(url, deadline, timeout, max_bytes, limits)
         if status not in _REDIRECTS:
@@ -98,12 +123,13 @@ def _get_once(url: str, deadline: float, timeout: float, max_bytes: int,
     timer.daemon = True
     timer.start()
     try:
-        conn.request("GET", target, headers={"Accept-Encoding": "identity", "User-Agent": "crossgap-fast"})
+        conn.request("GET", target, headers={"Accept-Encoding": "identity", "User-Agent": USER_AGENT})
         resp = conn.getresponse()
         if resp.status in _REDIRECTS:
             return resp.status, resp.getheader("Location"), b""
         if resp.status != 200:
-            raise ItemReadError(f"download failed (HTTP {resp.status} {resp.reason})")
+            passing = resp.status == 429 or resp.status >= 500
+            raise (_Passing if passing else ItemReadError)(f"download failed (HTTP {resp.status} {resp.reason})")
         announced = resp.length
         if announced is not None and announced > max_bytes:
             raise ItemReadError(f"download larger than {max_bytes} bytes")
@@ -123,7 +149,8 @@ def _get_once(url: str, deadline: float, timeout: float, max_bytes: int,
     except (OSError, ValueError, http.client.HTTPException) as err:  # timeouts, resets, bad replies
         if expired.is_set() or isinstance(err, TimeoutError):
             raise ItemReadError(f"download took longer than {timeout:g} s") from None
-        raise ItemReadError(f"download failed ({type(err).__name__}: {err})") from None
+        passing = isinstance(err, (ConnectionError, http.client.RemoteDisconnected))
+        raise (_Passing if passing else ItemReadError)(f"download failed ({type(err).__name__}: {err})") from None
     finally:
         timer.cancel()
         conn.close()
