@@ -1,5 +1,5 @@
 """OTI on CPU with a competing busy process: the command line's thread set-up against fixed
-thread settings (issue 23: OpenMP workers that spin collapse when cores are shared).
+thread settings (OpenMP workers that spin collapse when cores are shared).
 
     python benchmarks/measure_threads.py [--items 48] [--steps 50] [--repeats 3] [--model crossgap-demo]
 

@@ -3,8 +3,8 @@
 torch's CPU kernels run on an OpenMP pool whose idle workers, by default, spin for a while
 before they sleep. When another process shares the cores (a laptop with a browser open, a
 shared machine), spinning workers steal the cycles the busy ones need: OTI on two cores with
-one of them busy ran 8-30x slower with spinning workers than with sleeping ones (issue 23;
-``benchmarks/threads.py`` measures it). The policy is read once, when torch loads, so
+one of them busy ran 8-30x slower with spinning workers than with sleeping ones
+(``benchmarks/measure_threads.py`` measures it). The policy is read once, when torch loads, so
 :func:`configure_cpu_threads` must run before ``import torch``; the command line calls it
 first thing. Library users get the same with one line before importing torch::
 

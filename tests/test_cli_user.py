@@ -1,4 +1,4 @@
-"""The command line as a new user meets it (issue 23): a required ``--model``, a summary that
+"""The command line as a new user meets it: a required ``--model``, a summary that
 names the model and device, ``--precision``, grouped help, exit codes that tell "nothing ran"
 from "too many items failed", ``--json``, one line for an unreachable hub, progress bars that
 never overshoot, messages that say what happened, rates that count the calibration, a quiet

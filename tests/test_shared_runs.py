@@ -1,5 +1,6 @@
-"""Issue 22, the store / lease half: workers in other directories, leases that cannot strand
-a shard, shards published as a unit, damaged and foreign leases, SIGTERM, clock skew.
+"""Many workers sharing one run (the hardening campaign's store / lease cases): workers in
+other directories, leases that cannot strand a shard, shards published as a unit, damaged and
+foreign leases, SIGTERM, clock skew.
 
 Each test runs real ``crossgap invert`` processes (tiny model, precomputed features or a few
 small images, short leases) and ends equal to one uninterrupted run, or refused with a named

@@ -1,5 +1,5 @@
-"""Untrusted inputs, hostile servers and crafted pickles (issue 22): each test is named after
-the case it builds ("bad5_..." for the issue's "Bad" item 5, "weak_..." for its "Weak" list).
+"""Untrusted inputs, hostile servers and crafted pickles: each test is named after the case
+of the hardening campaign it builds ("bad5_..." for its "Bad" item 5, "weak_..." for its "Weak" list).
 
 Crafted pickles ask to run ``touch MARKER``: the marker file must never appear. Anything that
 could hang runs under a deadline (a subprocess timeout, or ``deadline`` in-process), never a
