@@ -12,6 +12,7 @@ naming the file and the global it asked for, and the file's code never runs.
 from __future__ import annotations
 
 import _compat_pickle
+import codecs
 import io
 import os
 import pickle
@@ -39,6 +40,17 @@ def _plain_bytes(*args: Any) -> bytes:
     return bytes(*args)
 
 
+def _numpy_global(name: str) -> Any:
+    """numpy's rebuild function ``name`` from whichever module this numpy keeps it in."""
+    for mod in ("numpy._core.multiarray", "numpy._core.numeric", "numpy.core.multiarray", "numpy.core.numeric"):
+        try:
+            module = __import__(mod, fromlist=[name])
+            return getattr(module, name)
+        except (ImportError, AttributeError):
+            continue
+    raise AttributeError(name)
+
+
 _NUMPY_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
                   "numpy._core.numeric")
 _ALLOWED: dict[tuple[str, str], Any] = {
@@ -49,24 +61,14 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "bytes"): _plain_bytes,
     ("builtins", "complex"): complex,
     # Protocol 2 pickles of bytes (numpy's array buffers) go through this encoder; it runs no code.
-    ("_codecs", "encode"): __import__("codecs").encode,
-    # numpy's rebuild functions, resolved from whichever module this numpy has (see find_class)
-    **{(m, f): None for m in _NUMPY_MODULES for f in ("_reconstruct", "scalar", "_frombuffer")},
+    ("_codecs", "encode"): codecs.encode,
+    # numpy's rebuild functions, under every module name a numpy version pickles them with
+    **{(m, f): _numpy_global(f) for m in _NUMPY_MODULES for f in ("_reconstruct", "scalar", "_frombuffer")},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     **{(m, "Bunch"): _PlainDict for m in ("sklearn.utils", "sklearn.utils._bunch", "sklearn.datasets.base",
                                           "sklearn.datasets._base")},
 }
-
-
-def _numpy_global(name: str) -> Any:
-    for mod in ("numpy._core.multiarray", "numpy._core.numeric", "numpy.core.multiarray", "numpy.core.numeric"):
-        try:
-            module = __import__(mod, fromlist=[name])
-            return getattr(module, name)
-        except (ImportError, AttributeError):
-            continue
-    raise AttributeError(name)
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -83,8 +85,6 @@ class _PlainUnpickler(pickle.Unpickler):
             raise UnsafePickleError(
                 f"{self._source}: refused to load: the pickle asks for {module}.{name}, and only plain "
                 "containers, numbers, strings and numpy arrays are read (never code)")
-        if module in _NUMPY_MODULES and name in ("_reconstruct", "scalar", "_frombuffer"):
-            return _numpy_global(name)
         return _ALLOWED[key]
 
 
